@@ -1,0 +1,59 @@
+"""`cmacc`: the user's door to everything.
+
+Exit codes: 0 success, 1 failure (the work was attempted and failed), 2 bad usage or an
+invalid config. Errors are one line on stderr that names the field, file or URI.
+
+This module must import neither torch nor ray: the CLI answers at once, and commands that
+need the heavy stack import it inside their handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from service.commands import config as config_commands
+from service.commands.common import Failure, UsageError
+from service.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other usage error
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cmacc",
+        description="Cross-Modal Active Contrastive Coding: pretrain audio and video encoders on Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    config_commands.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler = getattr(args, "handler", None)
+        if handler is None:
+            if args.command is None:
+                parser.print_help()
+                return 2
+            raise UsageError(f"cmacc {args.command}: a subcommand is required (see cmacc {args.command} --help)")
+        return handler(args)
+    except (UsageError, ConfigError) as err:
+        print(f"cmacc: error: {err}", file=sys.stderr)
+        return 2
+    except (Failure, OSError) as err:  # storage and file errors already name their URI
+        print(f"cmacc: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cmacc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

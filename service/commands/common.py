@@ -1,0 +1,25 @@
+"""Pieces shared by the command modules: errors with exit codes, common arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible (exit code 2)."""
+
+
+class Failure(Exception):
+    """The command was valid but its work failed (exit code 1)."""
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="demo", help="recipe name in jobs/recipes/ or a TOML path (default: demo)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field, e.g. --set optim.lr=0.1 (repeatable)",
+    )

@@ -1,0 +1,238 @@
+"""Every persistent path is a URI; this module maps URIs to filesystems.
+
+* `s3://bucket/prefix`: s3fs (fsspec) for data, `pyarrow.fs.S3FileSystem` for Ray Train.
+  The endpoint comes from the argument, else `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`,
+  else AWS itself. Credentials come from the standard AWS chain and are never printed.
+* A local path or `file://` URI: the local filesystem (relative paths become absolute).
+* `memory://`: fsspec's in-memory filesystem (unit tests).
+* Any other `scheme://` is handed to fsspec as it is.
+
+Paths stay `str` so `s3://` is never mangled by `pathlib`. Transient errors (connection
+reset or refused, time-outs, HTTP 5xx, throttling) are retried with exponential backoff;
+the error that finally escapes is a `StorageError` naming the URI.
+
+Imported by the CLI: fsspec, s3fs and pyarrow are imported lazily, never torch or ray.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_ATTEMPTS = 4
+DEFAULT_BASE_DELAY_S = 0.25
+
+
+class StorageError(OSError):
+    """An object-store or filesystem operation failed; the message names the URI."""
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """`s3://b/p` -> ("s3", "b/p"); `./x` -> ("file", "/abs/x"); `memory://x` -> ("memory", "/x")."""
+    if not isinstance(uri, str) or not uri:
+        raise StorageError(f"expected a storage URI, got {uri!r}")
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return "file", os.path.abspath(os.path.expanduser(uri))
+    scheme = scheme.lower()
+    if scheme == "file":
+        return "file", os.path.abspath(rest)
+    if scheme == "memory":
+        return "memory", "/" + rest.lstrip("/")
+    if scheme in ("s3", "s3a"):
+        rest = rest.strip("/")
+        if not rest:
+            raise StorageError(f"{uri!r} names no bucket")
+        return "s3", rest
+    return scheme, rest
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/', keeping its scheme."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def is_local(uri: str) -> bool:
+    return split_uri(uri)[0] == "file"
+
+
+def s3_endpoint(endpoint_url: str = "") -> str | None:
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
+    """An fsspec filesystem and the path inside it for `uri`."""
+    scheme, path = split_uri(uri)
+    import fsspec
+
+    if scheme == "s3":
+        import s3fs
+
+        endpoint = s3_endpoint(endpoint_url)
+        # botocore's own retries are kept short: retries happen here, with the URI in hand.
+        fs = s3fs.S3FileSystem(
+            endpoint_url=endpoint,
+            config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 60},
+        )
+        return fs, path
+    if scheme == "file":
+        return fsspec.filesystem("file"), path
+    return fsspec.filesystem(scheme), path
+
+
+def arrow_filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
+    """A `pyarrow.fs.FileSystem` and the path inside it, as Ray Train's `storage_filesystem`
+    and `storage_path` want them (no `s3://` in the path)."""
+    import pyarrow.fs as pafs
+
+    scheme, path = split_uri(uri)
+    if scheme == "s3":
+        endpoint = s3_endpoint(endpoint_url)
+        kwargs: dict[str, Any] = {
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+            "connect_timeout": 5,
+            "request_timeout": 60,
+        }
+        if endpoint:
+            scheme_part, _, host = endpoint.partition("://")
+            kwargs["endpoint_override"] = host or scheme_part
+            kwargs["scheme"] = scheme_part if host else "https"
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), path
+    if scheme == "file":
+        return pafs.LocalFileSystem(), path
+    import fsspec
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme))), path
+
+
+# --- retries --------------------------------------------------------------------------------
+
+_HTTP_5XX = re.compile(r"\b50[0234]\b")
+_TRANSIENT_WORDS = (
+    "connection reset",
+    "connection refused",
+    "connection aborted",
+    "could not connect",
+    "connect timeout",
+    "timed out",
+    "timeout",
+    "throttl",
+    "slowdown",
+    "slow down",
+    "service unavailable",
+    "internal error",
+    "internalerror",
+    "broken pipe",
+    "temporarily",
+)
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors worth retrying: network failures, 5xx responses and throttling."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(err).__name__} {err}".lower()
+    if "endpointconnectionerror" in text or "connecttimeout" in text or "readtimeout" in text:
+        return True
+    return any(word in text for word in _TRANSIENT_WORDS) or _HTTP_5XX.search(text) is not None
+
+
+def retry(
+    op: str,
+    uri: str,
+    fn: Callable[[], T],
+    *,
+    attempts: int = DEFAULT_ATTEMPTS,
+    base_delay_s: float = DEFAULT_BASE_DELAY_S,
+) -> T:
+    """Run `fn`, retrying transient failures with exponential backoff and jitter.
+
+    A missing object raises `FileNotFoundError` naming the URI at once; any other failure
+    that survives the retries raises `StorageError` naming the operation and the URI.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{op}: no such file or object: {uri}") from None
+        except Exception as err:
+            if not is_transient(err) or attempt == attempts:
+                tries = f" after {attempt} attempts" if attempt > 1 else ""
+                raise StorageError(f"{op} {uri} failed{tries}: {type(err).__name__}: {err}") from err
+            time.sleep(base_delay_s * 2 ** (attempt - 1) * (1 + random.random() / 2))
+    raise AssertionError("unreachable")
+
+
+# --- small helpers every caller needs -------------------------------------------------------
+
+
+def read_bytes(uri: str, *, endpoint_url: str = "") -> bytes:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    return retry("read", uri, lambda: fs.cat_file(path))
+
+
+def read_range(uri: str, start: int, length: int, *, endpoint_url: str = "") -> bytes:
+    """Bytes [start, start + length) of an object."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    return retry("read range of", uri, lambda: fs.cat_file(path, start=start, end=start + length))
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str = "") -> None:
+    """Write an object whole. Local files are written to a temporary name, then renamed,
+    so a reader never sees half a file."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+
+    def write() -> None:
+        if split_uri(uri)[0] == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+
+    retry("write", uri, write)
+
+
+def exists(uri: str, *, endpoint_url: str = "") -> bool:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    return retry("check", uri, lambda: fs.exists(path))
+
+
+def list_dir(uri: str, *, endpoint_url: str = "") -> list[str]:
+    """Names (not paths) directly under a folder URI, sorted; [] when it does not exist."""
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+
+    def ls() -> list[str]:
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
+    return retry("list", uri, ls)
+
+
+def remove(uri: str, *, recursive: bool = False, endpoint_url: str = "") -> None:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    retry("delete", uri, lambda: fs.rm(path, recursive=recursive))
+
+
+def size(uri: str, *, endpoint_url: str = "") -> int:
+    fs, path = filesystem(uri, endpoint_url=endpoint_url)
+    return retry("stat", uri, lambda: int(fs.size(path)))

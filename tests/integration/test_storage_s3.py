@@ -1,0 +1,98 @@
+"""Storage through `s3://` against a real S3 endpoint on loopback (moto's server)."""
+
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from service import storage
+from service.storage import StorageError
+
+pytestmark = pytest.mark.integration
+
+
+def test_fsspec_write_read_list_range_delete(s3_bucket):
+    uri = storage.join(s3_bucket, "runs", "a", "blob.bin")
+    payload = bytes(range(256)) * 64
+    storage.write_bytes(uri, payload)
+
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == payload
+    assert storage.size(uri) == len(payload)
+    assert storage.read_range(uri, 1000, 300) == payload[1000:1300]
+    storage.write_bytes(storage.join(s3_bucket, "runs", "b", "x"), b"x")
+    assert storage.list_dir(storage.join(s3_bucket, "runs")) == ["a", "b"]
+
+    storage.remove(storage.join(s3_bucket, "runs", "a"), recursive=True)
+    assert not storage.exists(uri)
+    assert storage.list_dir(storage.join(s3_bucket, "runs")) == ["b"]
+    with pytest.raises(FileNotFoundError, match=uri):
+        storage.read_bytes(uri)
+
+
+def test_pyarrow_filesystem_writes_what_fsspec_reads_and_back(s3_bucket):
+    fs, path = storage.arrow_filesystem(storage.join(s3_bucket, "ckpt"))
+    assert not path.startswith("s3://")
+    assert path == s3_bucket.removeprefix("s3://") + "/ckpt"
+
+    fs.create_dir(f"{path}/step-1")
+    with fs.open_output_stream(f"{path}/step-1/model.pt") as out:
+        out.write(b"weights" * 1000)
+    assert storage.read_bytes(storage.join(s3_bucket, "ckpt", "step-1", "model.pt")) == b"weights" * 1000
+
+    storage.write_bytes(storage.join(s3_bucket, "ckpt", "other.txt"), b"hello world")
+    with fs.open_input_file(f"{path}/other.txt") as f:
+        assert f.read_at(5, 6) == b"world"
+    names = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    assert names == ["model.pt", "other.txt", "step-1"]
+    fs.delete_file(f"{path}/other.txt")
+    assert fs.get_file_info(f"{path}/other.txt").type == pafs.FileType.NotFound
+
+
+def test_stopped_endpoint_fails_with_the_uri_after_bounded_retries(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    server.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{host}:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+    uri = "s3://gone-bucket/some/object.bin"
+    started = time.perf_counter()
+    with pytest.raises(StorageError) as info:
+        storage.read_bytes(uri)
+    elapsed = time.perf_counter() - started
+    message = str(info.value)
+    assert uri in message
+    assert f"after {storage.DEFAULT_ATTEMPTS} attempts" in message
+    assert "testing" not in message  # credentials never appear in errors
+    assert elapsed < 30, f"gave up only after {elapsed:.1f} s"
+
+
+def test_transient_errors_are_retried_then_succeed():
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    assert storage.retry("read", "s3://b/k", flaky, base_delay_s=0.001) == "ok"
+    assert len(calls) == 3
+
+
+def test_permanent_errors_are_not_retried():
+    calls = []
+
+    def denied() -> None:
+        calls.append(1)
+        raise PermissionError("Access Denied")
+
+    with pytest.raises(StorageError, match="s3://b/k"):
+        storage.retry("read", "s3://b/k", denied, base_delay_s=0.001)
+    assert len(calls) == 1

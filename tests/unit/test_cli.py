@@ -1,0 +1,87 @@
+"""The `cmacc` command as a user meets it: a real subprocess, real exit codes and output."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def cmacc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_config_show_json_applies_the_override():
+    result = cmacc("config", "show", "--recipe", "demo", "--set", "optim.lr=0.1", "--json")
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["optim"]["lr"] == 0.1
+    assert resolved["recipe"] == "demo"
+
+
+def test_config_show_text_lists_dotted_fields():
+    result = cmacc("config", "show", "--recipe", "paper")
+    assert result.returncode == 0, result.stderr
+    assert 'method.sampler = "active"' in result.stdout
+    assert "method.dictionary_size = 16384" in result.stdout
+
+
+def test_invalid_value_exits_2_naming_the_field():
+    result = cmacc("config", "show", "--recipe", "demo", "--set", "optim.lr=abc")
+    assert result.returncode == 2
+    assert "optim.lr" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_key_exits_2_and_suggests():
+    result = cmacc("config", "show", "--set", "optim.lrr=0.1")
+    assert result.returncode == 2
+    assert "did you mean 'optim.lr'" in result.stderr
+
+
+def test_validate_accepts_a_good_file_and_rejects_a_bad_one(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[train]\nsteps = 5\n[method]\nsampler = "random"\n')
+    result = cmacc("config", "validate", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = -5\n")
+    result = cmacc("config", "validate", str(bad))
+    assert result.returncode == 2
+    assert "train.steps" in result.stderr
+
+    result = cmacc("config", "validate", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2
+    assert "missing.toml" in result.stderr
+
+
+def test_bad_usage_exits_2():
+    assert cmacc("no-such-command").returncode == 2
+    assert cmacc("config").returncode == 2
+    assert cmacc().returncode == 2
+
+
+def test_help_answers_quickly():
+    started = time.perf_counter()
+    result = cmacc("--help")
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0
+    assert "config" in result.stdout
+    assert elapsed < 1.0, f"cmacc --help took {elapsed:.2f} s"
+
+
+def test_importing_the_cli_loads_neither_torch_nor_ray():
+    code = (
+        "import sys, service.cli, service.config, service.storage\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'pyarrow', 's3fs') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == ""

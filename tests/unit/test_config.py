@@ -1,0 +1,109 @@
+import json
+
+import pytest
+
+from service import config
+from service.config import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_every_recipe_loads_and_validates():
+    assert {"demo", "paper"} <= set(config.recipe_names())
+    for name in config.recipe_names():
+        cfg = config.load_recipe(name)
+        assert cfg.recipe == name
+
+
+def test_paper_recipe_matches_the_paper_setup():
+    cfg = config.load_recipe("paper")
+    assert cfg.model.video.arch == "r3d_18"
+    assert (cfg.model.video.frames, cfg.model.video.size) == (16, 112)
+    assert cfg.train.batch_size == 128
+    assert cfg.method.dictionary_size == 16384
+    assert cfg.method.temperature == pytest.approx(0.07)
+    assert cfg.resources.use_gpu
+
+
+def test_set_overrides_convert_to_the_field_type():
+    cfg = config.load_recipe(
+        "demo",
+        ["optim.lr=0.1", "train.steps=7", "method.sampler=random", "resources.use_gpu=true", "data.uri=s3://b/x"],
+    )
+    assert cfg.optim.lr == 0.1 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.method.sampler == "random"
+    assert cfg.resources.use_gpu is True
+    assert cfg.data.uri == "s3://b/x"
+
+
+def test_integer_literals_are_accepted_for_float_fields():
+    assert config.from_dict({"optim": {"lr": 1}}).optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "field_name", "words"),
+    [
+        ("optim.lr=abc", "optim.lr", "expected a number"),
+        ("optim.lr=-1", "optim.lr", "must be > 0"),
+        ("train.steps=2.5", "train.steps", "expected an integer"),
+        ("method.sampler=activ", "method.sampler", "did you mean 'active'"),
+        ("resources.use_gpu=maybe", "resources.use_gpu", "true or false"),
+        ("model.video.size=4", "model.video.size", ">= 16"),
+        ("checkpoint.every_steps=0", "checkpoint.every_steps", ">= 1"),
+    ],
+)
+def test_bad_values_name_the_field(override, field_name, words):
+    with pytest.raises(ConfigError) as info:
+        config.load_recipe("demo", [override])
+    assert info.value.field == field_name
+    assert str(info.value).startswith(f"{field_name}: ")
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [("optim.lrr", "optim.lr"), ("train.step", "train.steps"), ("methd.sampler", "method.sampler")],
+)
+def test_unknown_keys_suggest_the_closest_name(key, suggestion):
+    with pytest.raises(ConfigError) as info:
+        config.load_recipe("demo", [f"{key}=1"])
+    assert f"did you mean {suggestion!r}" in str(info.value)
+
+
+def test_unknown_key_in_a_recipe_file_is_rejected(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[optim]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim.learning_rate: unknown config key"):
+        config.load_file(path)
+
+
+def test_cross_field_check_names_the_field():
+    with pytest.raises(ConfigError, match=r"^method.pseudo_classes: must be <= the global batch"):
+        config.from_dict(
+            {"train": {"batch_size": 8}, "resources": {"num_workers": 2}, "method": {"pseudo_classes": 17}}
+        )
+    assert config.from_dict(
+        {"train": {"batch_size": 8}, "resources": {"num_workers": 2}, "method": {"pseudo_classes": 16}}
+    )
+
+
+def test_set_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        config.load_recipe("demo", ["optim.lr"])
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="did you mean 'demo'"):
+        config.load_recipe("dmeo")
+
+
+def test_config_round_trips_through_json():
+    cfg = config.load_recipe("demo", ["optim.lr=0.3"])
+    again = config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_field_names_cover_the_names_later_issues_rely_on():
+    names = set(config.field_names())
+    assert {"optim.lr", "train.steps", "method.sampler", "data.uri", "checkpoint.every_steps"} <= names

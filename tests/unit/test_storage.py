@@ -1,0 +1,61 @@
+import pyarrow.fs as pafs
+import pytest
+
+from service import storage
+from service.storage import StorageError
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/a/b/", ("s3", "bucket/a/b")),
+        ("memory://x/y", ("memory", "/x/y")),
+        ("file:///tmp/x", ("file", "/tmp/x")),
+        ("/abs/path", ("file", "/abs/path")),
+    ],
+)
+def test_split_uri(uri, expected):
+    assert storage.split_uri(uri) == expected
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.split_uri("runs/x") == ("file", str(tmp_path / "runs" / "x"))
+
+
+def test_bad_uris_are_rejected_by_name():
+    with pytest.raises(StorageError, match="no bucket"):
+        storage.split_uri("s3://")
+    with pytest.raises(StorageError, match="expected a storage URI"):
+        storage.split_uri("")
+
+
+def test_join_keeps_the_scheme():
+    assert storage.join("s3://b/runs/", "r1", "/ckpt") == "s3://b/runs/r1/ckpt"
+
+
+@pytest.mark.parametrize("root_kind", ["local", "memory"])
+def test_round_trip_on_local_and_memory(root_kind, tmp_path):
+    root = str(tmp_path) if root_kind == "local" else "memory://unit-test-root"
+    uri = storage.join(root, "d", "f.bin")
+    storage.write_bytes(uri, b"0123456789")
+    assert storage.read_bytes(uri) == b"0123456789"
+    assert storage.read_range(uri, 2, 3) == b"234"
+    assert storage.list_dir(storage.join(root, "d")) == ["f.bin"]
+    assert storage.list_dir(storage.join(root, "nothing-here")) == []
+    storage.remove(uri)
+    assert not storage.exists(uri)
+
+
+def test_local_arrow_filesystem(tmp_path):
+    fs, path = storage.arrow_filesystem(str(tmp_path))
+    assert isinstance(fs, pafs.LocalFileSystem)
+    assert path == str(tmp_path)
+
+
+def test_missing_local_file_names_the_path(tmp_path):
+    uri = str(tmp_path / "absent.bin")
+    with pytest.raises(FileNotFoundError, match=r"absent\.bin"):
+        storage.read_bytes(uri)
