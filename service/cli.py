@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     config_commands.register(commands)
+    data_group = commands.add_parser("data", help="make, prepare and inspect clip-shard data sets")
+    data_commands = data_group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    del data_commands  # the data command modules register here
     return parser
 
 

@@ -99,7 +99,7 @@ def render(
     # Sound: one note per beat, class timbre, random loudness and noise floor.
     f0, weights = _timbre(label)
     f0 *= rng.uniform(0.97, 1.03)
-    ts = np.arange(int(round(seconds * sample_rate)), dtype=np.float64) / sample_rate
+    ts = np.arange(round(seconds * sample_rate), dtype=np.float64) / sample_rate
     tone = sum(w * np.sin(2 * np.pi * (k + 1) * f0 * ts) for k, w in enumerate(weights))
     envelope = ((1 + np.cos(2 * np.pi * speed * ts + phase)) / 2) ** 3
     audio = rng.uniform(0.3, 0.8) * envelope * tone + rng.normal(0, rng.uniform(0.01, 0.05), size=ts.shape)
