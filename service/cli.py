@@ -14,7 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from service.commands import config as config_commands
-from service.commands.common import Failure, UsageError
+from service.commands import data as dataset_commands
+from service.commands import prepare as prepare_commands
+from service.commands.common import Failure, InputError, UsageError
 from service.config import ConfigError
 
 
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands.register(commands)
     data_group = commands.add_parser("data", help="make, prepare and inspect clip-shard data sets")
     data_commands = data_group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-    del data_commands  # the data command modules register here
+    dataset_commands.register(data_commands)
+    prepare_commands.register(data_commands)
     return parser
 
 
@@ -50,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError) as err:
         print(f"cmacc: error: {err}", file=sys.stderr)
         return 2
-    except (Failure, OSError) as err:  # storage and file errors already name their URI
+    except (Failure, InputError, OSError) as err:  # storage, file and data errors already name their URI
         print(f"cmacc: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from service import storage
+from service.commands.common import InputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -43,8 +45,11 @@ SCHEMA = pa.schema(
 )
 
 
-class DataError(ValueError):
-    """A data set, shard or row is missing, corrupt or inconsistent; the message names it."""
+class DataError(InputError, ValueError):
+    """A data set, shard or row is missing, corrupt or inconsistent; the message names it.
+
+    The CLI answers it with exit code 1 through its torch-free base `InputError`.
+    """
 
 
 @dataclass(kw_only=True)
@@ -123,17 +128,96 @@ class Manifest:
             raise DataError(f"{uri}: not a valid manifest ({type(err).__name__}: {err})") from None
 
 
-def read_manifest(dataset_uri: str) -> Manifest:
+def read_manifest(dataset_uri: str, *, endpoint_url: str = "") -> Manifest:
     """The manifest of a data set; a clear error naming the URI when there is none."""
     uri = storage.join(dataset_uri, MANIFEST_NAME)
     try:
-        text = storage.read_bytes(uri).decode()
+        text = storage.read_bytes(uri, endpoint_url=endpoint_url).decode()
     except FileNotFoundError:
         raise DataError(f"no data set at {dataset_uri}: {MANIFEST_NAME} is missing") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{uri}: not a valid manifest (not UTF-8 text)") from None
     manifest = Manifest.from_json(text, uri)
     if manifest.num_clips == 0:
         raise DataError(f"data set {dataset_uri} holds no clips")
     return manifest
+
+
+def shard_uri(dataset_uri: str, shard: ShardInfo) -> str:
+    """The URI of one shard of the data set at `dataset_uri`."""
+    return storage.join(dataset_uri, shard.name)
+
+
+def check_shard_bytes(uri: str, shard: ShardInfo, data: bytes) -> None:
+    """Raise `DataError` naming `uri` unless `data` has the size and sha256 the manifest lists."""
+    if len(data) != shard.bytes:
+        raise DataError(f"shard {uri} is {len(data)} bytes, the manifest says {shard.bytes}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != shard.sha256:
+        raise DataError(f"shard {uri} fails its checksum: sha256 {digest} differs from the manifest's {shard.sha256}")
+
+
+def read_shard_bytes(dataset_uri: str, shard: ShardInfo, *, endpoint_url: str = "") -> bytes:
+    """A shard's bytes, checked against the manifest; `DataError` naming its URI when it is
+    missing or differs."""
+    uri = shard_uri(dataset_uri, shard)
+    try:
+        data = storage.read_bytes(uri, endpoint_url=endpoint_url)
+    except FileNotFoundError:
+        raise DataError(f"shard {uri} is missing (listed in {MANIFEST_NAME})") from None
+    check_shard_bytes(uri, shard, data)
+    return data
+
+
+def read_shard(dataset_uri: str, shard: ShardInfo, *, endpoint_url: str = "") -> pa.Table:
+    """A whole shard as an Arrow table, fetched in one read and checked against the manifest
+    (size, sha256, row count)."""
+    uri = shard_uri(dataset_uri, shard)
+    data = read_shard_bytes(dataset_uri, shard, endpoint_url=endpoint_url)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"shard {uri} is not a readable Parquet file: {err}") from None
+    if table.num_rows != shard.rows:
+        raise DataError(f"shard {uri} holds {table.num_rows} rows, the manifest says {shard.rows}")
+    return table
+
+
+def read_shard_columns(dataset_uri: str, shard: ShardInfo, columns: list[str], *, endpoint_url: str = "") -> pa.Table:
+    """Some columns of a shard, read by range (only those column chunks travel); not hashed."""
+    uri = shard_uri(dataset_uri, shard)
+    fs, path = storage.filesystem(uri, endpoint_url=endpoint_url)
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    try:
+        table = storage.retry("read columns of", uri, read)
+    except FileNotFoundError:
+        raise DataError(f"shard {uri} is missing (listed in {MANIFEST_NAME})") from None
+    except storage.StorageError as err:
+        if isinstance(err.__cause__, pa.ArrowException):
+            raise DataError(f"shard {uri} is not a readable Parquet file: {err.__cause__}") from None
+        raise
+    if table.num_rows != shard.rows:
+        raise DataError(f"shard {uri} holds {table.num_rows} rows, the manifest says {shard.rows}")
+    return table
+
+
+def clip_from_row(row: dict[str, Any]) -> Clip:
+    """A `Clip` from one row as `pyarrow.Table.to_pylist()` gives it."""
+    return Clip(**{name: row[name] for name in SCHEMA.names})
+
+
+def iter_clips(dataset_uri: str, *, endpoint_url: str = "") -> Iterator[Clip]:
+    """Every clip of a data set in manifest order (each shard fetched whole and checked)."""
+    manifest = read_manifest(dataset_uri, endpoint_url=endpoint_url)
+    for shard in manifest.shards:
+        table = read_shard(dataset_uri, shard, endpoint_url=endpoint_url)
+        for batch in table.to_batches():
+            for row in batch.to_pylist():
+                yield clip_from_row(row)
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
@@ -172,10 +256,12 @@ class DatasetWriter:
         made_by: dict[str, Any],
         target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES,
         rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+        endpoint_url: str = "",
     ):
-        if storage.exists(storage.join(uri, MANIFEST_NAME)):
+        if storage.exists(storage.join(uri, MANIFEST_NAME), endpoint_url=endpoint_url):
             raise DataError(f"{uri} already holds a data set (manifest.json exists); choose another folder")
         self.uri = uri
+        self.endpoint_url = endpoint_url
         self.label_names = list(label_names)
         self.made_by = {**made_by, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         self.target_shard_bytes = target_shard_bytes
@@ -223,7 +309,9 @@ class DatasetWriter:
             made_by=self.made_by,
             splits=self.splits,
         )
-        storage.write_bytes(storage.join(self.uri, MANIFEST_NAME), manifest.to_json().encode())
+        storage.write_bytes(
+            storage.join(self.uri, MANIFEST_NAME), manifest.to_json().encode(), endpoint_url=self.endpoint_url
+        )
         return manifest
 
     def _flush_group(self) -> None:
@@ -248,7 +336,7 @@ class DatasetWriter:
         try:
             with open(self._tmp_path, "rb") as f:
                 data = f.read()
-            storage.write_bytes(storage.join(self.uri, name), data)
+            storage.write_bytes(storage.join(self.uri, name), data, endpoint_url=self.endpoint_url)
         finally:
             os.remove(self._tmp_path)
         digest = hashlib.sha256(data).hexdigest()

@@ -157,6 +157,7 @@ def write_synthetic(
     sample_rate: int = 16000,
     target_shard_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
+    endpoint_url: str = "",
 ) -> Manifest:
     """Generate a data set at `uri`. `progress(n)` is called after each clip."""
     params = {
@@ -173,6 +174,7 @@ def write_synthetic(
         uri,
         label_names=class_names(num_classes),
         made_by={"generator": "synth", "source": "procedural", "params": params},
+        endpoint_url=endpoint_url,
         **extra,
     )
     for clip in synth_clips(

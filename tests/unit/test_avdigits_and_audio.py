@@ -1,0 +1,226 @@
+"""Audio files and labels (class folders, ESC-50 CSVs), UCF101/HMDB51 split files, the
+AV-digits set from the real FSDD and UCI digits, and the CLI's answers to bad usage."""
+
+import hashlib
+import re
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from service.cli import main
+from workers.data.audio_folders import csv_labels, decode_audio, folder_labels, read_audio_clips
+from workers.data.avdigits import write_av_digits
+from workers.data.format import DataError, decode_pcm
+from workers.data.splits import read_hmdb51, read_splits, read_ucf101
+from workers.data.video import ClipOptions, MediaError
+
+pytestmark = pytest.mark.unit
+
+ENCODERS = {"wav": "pcm_s16le", "flac": "flac", "ogg": "libopus", "mp3": "libmp3lame"}
+
+
+def write_audio(path: Path, *, seconds: float, freq: float = 440.0, rate: int = 44100, channels: int = 2) -> Path:
+    """A sine of `freq` Hz, the same on every channel, encoded by the file's extension."""
+    layout = "stereo" if channels == 2 else "mono"
+    t = np.arange(round(seconds * rate)) / rate
+    wave = np.tile((0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), (channels, 1))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(ENCODERS[path.suffix[1:]], rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def dominant_hz(wave: np.ndarray, rate: int = 16000) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(wave))) * rate / wave.size)
+
+
+@pytest.mark.parametrize(("ext", "rate"), [("wav", 22050), ("flac", 44100), ("ogg", 48000), ("mp3", 44100)])
+def test_audio_files_decode_to_mono_16khz_at_the_same_pitch_and_level(tmp_path, ext, rate):
+    wave, start = decode_audio(str(write_audio(tmp_path / f"a.{ext}", seconds=1.5, rate=rate)), rate=16000)
+    assert wave.dtype == np.float32
+    assert wave.size == pytest.approx(24000, abs=50)  # 1.5 s at 16 kHz
+    assert start == pytest.approx(0.0, abs=0.03)  # mp3 without gapless info starts at its priming
+    assert dominant_hz(wave) == pytest.approx(440, abs=2)
+    # Both channels carry the tone at 0.5: their mean is 0.5, not a clipped sum.
+    assert np.sqrt(np.mean(wave[2000:-2000] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
+
+
+def test_audio_clips_are_audio_only_windows_and_short_files_are_padded(tmp_path):
+    options = ClipOptions(clip_seconds=1.0, clips_per_video=3)
+    long = read_audio_clips(str(write_audio(tmp_path / "long.flac", seconds=5.0)), options=options, source="long.flac")
+    assert [c.clip_id for c in long] == ["long.flac#000", "long.flac#001", "long.flac#002"]
+    assert [round(c.start_s, 3) for c in long] == [0.333, 2.0, 3.667]  # centres of three equal parts
+    for clip in long:
+        assert (clip.frames, clip.height, clip.width, clip.fps, clip.sample_rate) == ([], 0, 0, 0.0, 16000)
+        assert len(decode_pcm(clip.audio)) == 16000
+
+    (short,) = read_audio_clips(
+        str(write_audio(tmp_path / "short.wav", seconds=0.4, channels=1)), options=options, source="short.wav", label=2
+    )
+    wave = decode_pcm(short.audio)
+    assert wave.size == 16000 and short.label == 2
+    assert np.abs(wave[:6000]).max() > 0.4 and np.abs(wave[6500:]).max() == 0  # 0.4 s of sound, then silence
+
+
+def test_a_file_without_audio_or_not_media_is_refused_naming_it(tmp_path):
+    bogus = tmp_path / "bogus.ogg"
+    bogus.write_bytes(b"OggS but nothing else")
+    with pytest.raises(MediaError, match=re.escape("bogus.ogg")):
+        decode_audio(str(bogus), rate=16000)
+
+
+def test_class_folders_label_files_and_the_root_is_unlabelled():
+    table = folder_labels(["rain/1.wav", "dog/2.wav", "dog/sub/3.wav", "loose.wav"])
+    assert table.label_names == ["dog", "rain"]
+    assert table.labels == {"rain/1.wav": 1, "dog/2.wav": 0, "dog/sub/3.wav": 0, "loose.wav": None}
+
+
+def test_an_esc50_csv_gives_category_labels_and_folds_as_splits(tmp_path):
+    csv_path = tmp_path / "esc50.csv"
+    csv_path.write_text(
+        "filename,fold,target,category,esc10,src_file,take\n"
+        "1-100038-A-14.wav,1,14,chirping_birds,False,100038,A\n"
+        "1-100032-A-0.wav,1,0,dog,True,100032,A\n"
+        "2-101676-A-10.wav,2,10,rain,True,101676,A\n"
+        "5-9032-A-0.wav,5,0,dog,True,9032,A\n"
+    )
+    files = ["audio/1-100032-A-0.wav", "audio/1-100038-A-14.wav", "audio/2-101676-A-10.wav", "audio/extra.wav"]
+    table = csv_labels(str(csv_path), files)
+    assert table.label_names == ["chirping_birds", "dog", "rain"]
+    assert table.labels == {"audio/1-100038-A-14.wav": 0, "audio/1-100032-A-0.wav": 1, "audio/2-101676-A-10.wav": 2}
+    assert table.splits["audio/2-101676-A-10.wav"] == "fold2"
+    assert table.unlisted == ["audio/extra.wav"]
+    assert table.missing == ["5-9032-A-0.wav"]
+
+
+def test_a_headerless_csv_is_filename_label_fold_and_numbers_sort_as_numbers(tmp_path):
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("a/x.wav,10\na/y.wav,2,test\nb/z.wav,2\n")
+    table = csv_labels(str(csv_path), ["a/x.wav", "a/y.wav", "b/z.wav"])
+    assert table.label_names == ["2", "10"]
+    assert table.labels == {"a/x.wav": 1, "a/y.wav": 0, "b/z.wav": 0}
+    assert table.splits == {"a/x.wav": None, "a/y.wav": "test", "b/z.wav": None}
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a/x.wav,1\nonly-a-name\n")
+    with pytest.raises(DataError, match=re.escape(f"{bad}:2: expected filename,label[,fold]")):
+        csv_labels(str(bad), ["a/x.wav"])
+
+
+def _ucf101_lists(folder: Path, k: int, train: list[str], test: list[str]) -> None:
+    (folder / f"trainlist{k:02d}.txt").write_text("".join(f"{v} {v.split('/')[0][:1]}\r\n" for v in train))
+    (folder / f"testlist{k:02d}.txt").write_text("".join(f"{v}\r\n" for v in test))
+
+
+def test_ucf101_split_files_map_videos_to_train_and_test(tmp_path):
+    _ucf101_lists(
+        tmp_path,
+        1,
+        train=["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "HandstandPushups/v_HandStandPushups_g08_c01.avi"],
+        test=["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi"],
+    )
+    _ucf101_lists(tmp_path, 2, train=["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi"], test=[])
+    (tmp_path / "classInd.txt").write_text("1 ApplyEyeMakeup\n")
+
+    table = read_splits(str(tmp_path))
+    assert (table.dataset, table.split_index, len(table)) == ("ucf101", 1, 3)
+    assert table.split_of("UCF-101/ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi") == "train"
+    assert table.split_of("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi") == "test"
+    assert table.split_of("handstandpushups/v_HandStandPushups_g08_c01.avi") == "train"  # case differs
+    assert table.split_of("v_ApplyEyeMakeup_g08_c01.avi") == "train"  # found without its folder
+    assert table.split_of("Other/v_Other_g01_c01.avi") is None
+    assert read_ucf101(str(tmp_path), split_index=2).split_of("v_ApplyEyeMakeup_g01_c01.avi") == "train"
+    with pytest.raises(DataError, match=re.escape("trainlist03.txt: UCF101 split file not found")):
+        read_splits(str(tmp_path), split_index=3)
+
+
+def test_hmdb51_split_files_map_1_2_0_to_train_test_unused(tmp_path):
+    (tmp_path / "brush_hair_test_split1.txt").write_text(
+        "April_09_brush_hair_u_nm_np1_ba_goo_0.avi 1 \nBrushing_2.avi 2 \n"
+    )
+    (tmp_path / "cartwheel_test_split1.txt").write_text("Cartwheel_1.avi 0 \n")
+    (tmp_path / "cartwheel_test_split2.txt").write_text("Cartwheel_1.avi 2 \n")
+
+    table = read_splits(str(tmp_path))
+    assert (table.dataset, len(table)) == ("hmdb51", 3)
+    assert table.split_of("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_0.avi") == "train"
+    assert table.split_of("hmdb51/brush_hair/Brushing_2.avi") == "test"
+    assert table.split_of("cartwheel/Cartwheel_1.avi") == "unused"
+    assert read_hmdb51(str(tmp_path), split_index=2).split_of("cartwheel/Cartwheel_1.avi") == "test"
+
+    (tmp_path / "cartwheel_test_split3.txt").write_text("Cartwheel_1.avi 7\n")
+    with pytest.raises(DataError, match=r"cartwheel_test_split3.txt:1: expected 'video.avi 0\|1\|2'"):
+        read_splits(str(tmp_path), split_index=3)
+    with pytest.raises(DataError, match="neither UCF101"):
+        read_splits(str(tmp_path / ".."))
+
+
+def _shard_rows(out: Path) -> list[dict]:
+    return [row for shard in sorted(out.glob("shard-*.parquet")) for row in pq.read_table(shard).to_pylist()]
+
+
+def test_av_digits_pairs_each_spoken_digit_with_the_same_written_digit_and_holds_out_a_speaker(shared_data, tmp_path):
+    inputs = {"fsdd_dir": str(shared_data / "fsdd"), "digits_csv": str(shared_data / "digits" / "digits.csv.gz")}
+    progress = []
+    manifest = write_av_digits(
+        str(tmp_path / "a"),
+        **inputs,
+        max_takes=2,
+        frames=4,
+        size=32,
+        test_speaker="theo",
+        progress=lambda done, total: progress.append((done, total)),
+    )
+
+    assert manifest.num_clips == 120 and progress[-1] == (120, 120)  # 10 digits x 6 speakers x 2 takes
+    assert manifest.label_names == [str(d) for d in range(10)]
+    assert manifest.splits == {"train": 100, "test": 20}
+    rows = _shard_rows(tmp_path / "a")
+    speakers = {split: {r["clip_id"].split("_")[1] for r in rows if r["split"] == split} for split in ("train", "test")}
+    assert speakers["test"] == {"theo"} and "theo" not in speakers["train"] and len(speakers["train"]) == 5
+    images = {
+        split: {r["source"].split("digits:")[1] for r in rows if r["split"] == split} for split in ("train", "test")
+    }
+    assert not images["train"] & images["test"]  # the handwriting is held out too
+    for row in rows:
+        assert row["label"] == int(row["clip_id"].removeprefix("avdigits-")[0])  # label = spoken digit
+        assert len(row["frames"]) == 4 and (row["height"], row["width"]) == (32, 32)
+        wave = decode_pcm(row["audio"])
+        assert wave.size == 16000 and np.abs(wave).max() > 0.05  # 1 s at 16 kHz holding the word
+
+    again = write_av_digits(str(tmp_path / "b"), **inputs, max_takes=2, frames=4, size=32)
+    other = write_av_digits(str(tmp_path / "c"), **inputs, max_takes=2, frames=4, size=32, seed=1)
+
+    def digest(out: str) -> str:
+        return hashlib.sha256((tmp_path / out / "shard-00000.parquet").read_bytes()).hexdigest()
+
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards] == [digest("a")]
+    assert [s.sha256 for s in other.shards] != [s.sha256 for s in manifest.shards]
+
+
+def test_cli_answers_bad_usage_with_exit_2_naming_the_problem(tmp_path, capsys):
+    cases = [
+        (["data", "prepare", str(tmp_path / "nowhere"), str(tmp_path / "out")], "nowhere is not a folder"),
+        (["data", "prepare", str(tmp_path), str(tmp_path / "out"), "--labels", "missing.csv"], "missing.csv"),
+        (["data", "prepare", str(tmp_path), str(tmp_path / "out"), "--clip-seconds", "0"], "--clip-seconds"),
+        (["data", "prepare", str(tmp_path), str(tmp_path / "out"), "--fps", "x"], "--fps"),
+        (["data", "av-digits", str(tmp_path / "out"), "--fsdd", str(tmp_path), "--digits", "nope.csv"], "nope.csv"),
+        (["data", "av-digits", str(tmp_path / "out"), "--digits", "x"], "--fsdd"),
+    ]
+    for argv, named in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_refuses_an_unknown_test_speaker(shared_data, tmp_path, capsys):
+    digits = str(shared_data / "digits" / "digits.csv.gz")
+    argv = ["data", "av-digits", str(tmp_path / "out"), "--fsdd", str(shared_data / "fsdd"), "--digits", digits]
+    assert main([*argv, "--test-speaker", "nobody"]) == 2
+    assert "'nobody' is not an FSDD speaker" in capsys.readouterr().err

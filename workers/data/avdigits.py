@@ -1,0 +1,236 @@
+"""AV-digits: real spoken digits paired with real handwritten digits moving over a background.
+
+Each clip pairs one recording of the Free Spoken Digit Dataset (8 kHz WAV, resampled to
+16 kHz, placed in or cut to the clip) with a UCI handwritten image of the same digit
+(8x8, 0..16, upscaled) that moves in a straight line over a textured background. The
+digit is the only factor both modalities share; voice, loudness, colours, texture and
+motion are distractors that only one of them sees.
+
+The split is speaker-disjoint: every recording of `test_speaker` is `test`, the others
+`train`. The handwritten images are split too (a fixed share of each digit's images only
+appears in test clips), so test clips are new to both modalities. Deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import storage
+from workers.data.audio_folders import decode_audio
+from workers.data.format import Clip, DataError, DatasetWriter, Manifest, encode_jpeg, encode_pcm
+
+LABEL_NAMES = [str(d) for d in range(10)]
+TEST_IMAGE_FRACTION = 0.2  # share of each digit's images kept for test clips
+DIGIT_SCALE = 0.5  # side of the upscaled digit, as a fraction of the frame side
+PEAK_LEVEL = (0.3, 0.9)  # range of the random peak amplitude of each clip's recording
+_FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[a-z]+)_(?P<take>\d+)\.wav$")
+
+
+@dataclass(kw_only=True, frozen=True)
+class Recording:
+    """One FSDD recording, `{digit}_{speaker}_{take}.wav`."""
+
+    path: str
+    digit: int
+    speaker: str
+    take: int
+
+
+def find_recordings(fsdd_dir: str) -> list[Recording]:
+    """The FSDD recordings in `fsdd_dir` (or in its `recordings/` folder)."""
+    folder = os.path.join(fsdd_dir, "recordings")
+    if not os.path.isdir(folder):
+        folder = fsdd_dir
+    if not os.path.isdir(folder):
+        raise DataError(f"{fsdd_dir}: FSDD folder not found")
+    recordings = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".wav"):
+            continue
+        match = _FSDD_NAME.match(name)
+        if match is None:
+            raise DataError(f"{os.path.join(folder, name)}: not an FSDD name {{digit}}_{{speaker}}_{{take}}.wav")
+        recordings.append(
+            Recording(
+                path=os.path.join(folder, name),
+                digit=int(match["digit"]),
+                speaker=match["speaker"],
+                take=int(match["take"]),
+            )
+        )
+    if not recordings:
+        raise DataError(f"{folder}: no FSDD recordings (*.wav)")
+    return recordings
+
+
+def read_digit_images(digits_csv: str) -> tuple[np.ndarray, np.ndarray]:
+    """UCI handwritten digits: images (N x 8 x 8 float32 in 0..1) and labels (N int64), from a
+    CSV (optionally gzipped, any URI) of 64 pixel values 0..16 followed by the label."""
+    raw = storage.read_bytes(digits_csv)
+    if digits_csv.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{digits_csv}: not a readable gzip file ({err})") from None
+    try:
+        table = np.loadtxt(raw.decode().splitlines(), delimiter=",", ndmin=2)
+    except ValueError as err:
+        raise DataError(f"{digits_csv}: not a CSV of numbers ({err})") from None
+    if table.shape[1] != 65:
+        raise DataError(f"{digits_csv}: expected 65 columns (64 pixels, label), got {table.shape[1]}")
+    pixels, labels = table[:, :64], table[:, 64].astype(np.int64)
+    if pixels.min() < 0 or pixels.max() > 16 or not set(labels.tolist()) <= set(range(10)):
+        raise DataError(f"{digits_csv}: pixels must be 0..16 and labels 0..9")
+    return (pixels / 16.0).reshape(-1, 8, 8).astype(np.float32), labels
+
+
+def _image_pools(labels: np.ndarray, *, seed: int) -> dict[tuple[str, int], np.ndarray]:
+    """Indices of the images each (split, digit) may draw from; test and train disjoint."""
+    rng = np.random.default_rng([seed, 8])
+    pools = {}
+    for digit in range(10):
+        indices = rng.permutation(np.flatnonzero(labels == digit))
+        if indices.size < 2:
+            raise DataError(f"the digit images hold {indices.size} image(s) of {digit}; need at least 2")
+        num_test = max(1, round(TEST_IMAGE_FRACTION * indices.size))
+        pools["test", digit] = indices[:num_test]
+        pools["train", digit] = indices[num_test:]
+    return pools
+
+
+def _upscale(image: np.ndarray, side: int) -> np.ndarray:
+    """An 8x8 image in 0..1 resized to side x side with bilinear interpolation."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image.astype(np.float32)).resize((side, side), Image.BILINEAR)).clip(0.0, 1.0)
+
+
+def render_frames(image: np.ndarray, rng: np.random.Generator, *, frames: int, size: int) -> np.ndarray:
+    """T x size x size x 3 uint8: the digit moving in a straight line over a textured background."""
+    grid = (np.arange(size) + 0.5) / size
+    angle = rng.uniform(0, np.pi)
+    freq = rng.uniform(2, 6)
+    along = np.cos(angle) * grid[None, :] + np.sin(angle) * grid[:, None]
+    texture = 0.5 + 0.25 * np.sin(2 * np.pi * freq * along) + 0.1 * rng.standard_normal((size, size))
+    background = rng.uniform(0.2, 0.8, size=3)[None, None, :] * (0.6 + 0.8 * texture[:, :, None])
+    # The digit's colour contrasts with the background's brightness, so it stays visible.
+    bright = float(background.mean()) < 0.5
+    ink = rng.uniform(0.75, 1.0, size=3) if bright else rng.uniform(0.0, 0.25, size=3)
+
+    side = max(8, round(DIGIT_SCALE * size))
+    alpha = _upscale(image, side)[:, :, None]
+    start, end = rng.uniform(0, size - side, size=(2, 2))
+    video = np.empty((frames, size, size, 3), dtype=np.float32)
+    for t in range(frames):
+        x, y = np.round(start + (end - start) * (t / max(frames - 1, 1))).astype(int)
+        frame = background.copy()
+        patch = frame[y : y + side, x : x + side]
+        frame[y : y + side, x : x + side] = (1 - alpha) * patch + alpha * ink
+        video[t] = frame + 0.02 * rng.standard_normal(frame.shape)
+    return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def fit_audio(wave: np.ndarray, rng: np.random.Generator, *, num_samples: int) -> np.ndarray:
+    """A recording scaled to a random peak level, then placed at a random offset in
+    `num_samples` of silence or, when longer, cut to its loudest `num_samples` (where the
+    spoken digit is)."""
+    # FSDD speakers recorded at very different levels (theo's median peak is 0.03, jackson's
+    # 0.43): a random level per clip keeps loudness from telling speakers, and so splits, apart.
+    peak = float(np.abs(wave).max()) if wave.size else 0.0
+    wave = wave * (rng.uniform(*PEAK_LEVEL) / peak) if peak > 0 else wave
+    if wave.size <= num_samples:
+        out = np.zeros(num_samples, dtype=np.float32)
+        offset = int(rng.integers(0, num_samples - wave.size + 1))
+        out[offset : offset + wave.size] = wave
+        return out
+    energy = np.concatenate([[0.0], np.cumsum(wave.astype(np.float64) ** 2)])
+    window = energy[num_samples:] - energy[:-num_samples]
+    first = int(np.argmax(window))
+    return wave[first : first + num_samples].astype(np.float32)
+
+
+def write_av_digits(
+    out: str,
+    *,
+    fsdd_dir: str,
+    digits_csv: str,
+    test_speaker: str = "theo",
+    frames: int = 8,
+    size: int = 64,
+    seconds: float = 1.0,
+    seed: int = 0,
+    sample_rate: int = 16000,
+    max_takes: int | None = None,
+    target_shard_bytes: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """Write the AV-digits set to `out` (any URI): one clip per FSDD recording (or per
+    recording with take < `max_takes`), `frames` frames of `size` x `size` pixels over
+    `seconds`, mono audio at `sample_rate` Hz. `progress(done, total)` after each clip."""
+    if frames < 1 or size < 16 or seconds <= 0 or sample_rate < 1000:
+        raise ValueError(
+            f"need frames >= 1, size >= 16, seconds > 0, sample_rate >= 1000; "
+            f"got frames={frames}, size={size}, seconds={seconds}, sample_rate={sample_rate}"
+        )
+    recordings = find_recordings(fsdd_dir)
+    speakers = sorted({r.speaker for r in recordings})
+    if test_speaker not in speakers:
+        raise DataError(f"test speaker {test_speaker!r} is not in {fsdd_dir} (speakers: {', '.join(speakers)})")
+    if max_takes is not None:
+        recordings = [r for r in recordings if r.take < max_takes]
+    # Neighbouring rows vary in speaker and digit, so a bounded shuffle buffer mixes well.
+    recordings.sort(key=lambda r: (r.take, r.speaker, r.digit))
+    images, image_labels = read_digit_images(digits_csv)
+    pools = _image_pools(image_labels, seed=seed)
+    num_samples = round(seconds * sample_rate)
+
+    params = {
+        "test_speaker": test_speaker,
+        "frames": frames,
+        "size": size,
+        "seconds": seconds,
+        "seed": seed,
+        "sample_rate": sample_rate,
+        "max_takes": max_takes,
+    }
+    extra = {} if target_shard_bytes is None else {"target_shard_bytes": target_shard_bytes}
+    writer = DatasetWriter(
+        out,
+        label_names=LABEL_NAMES,
+        made_by={
+            "generator": "av-digits",
+            "source": f"{os.path.abspath(fsdd_dir)} + {digits_csv}",
+            "params": params,
+        },
+        **extra,
+    )
+    for done, rec in enumerate(recordings, start=1):
+        split = "test" if rec.speaker == test_speaker else "train"
+        rng = np.random.default_rng([seed, rec.digit, speakers.index(rec.speaker), rec.take])
+        image_index = int(rng.choice(pools[split, rec.digit]))
+        wave, _ = decode_audio(rec.path, rate=sample_rate)
+        video = render_frames(images[image_index], rng, frames=frames, size=size)
+        writer.add(
+            Clip(
+                clip_id=f"avdigits-{rec.digit}_{rec.speaker}_{rec.take}",
+                source=f"fsdd:{os.path.basename(rec.path)}+digits:{image_index}",
+                start_s=0.0,
+                fps=frames / seconds,
+                frames=[encode_jpeg(f) for f in video],
+                height=size,
+                width=size,
+                audio=encode_pcm(fit_audio(wave, rng, num_samples=num_samples)),
+                sample_rate=sample_rate,
+                label=rec.digit,
+                split=split,
+            )
+        )
+        if progress is not None:
+            progress(done, len(recordings))
+    return writer.close()
