@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from service.commands import bench as bench_commands
 from service.commands import config as config_commands
 from service.commands import data as dataset_commands
 from service.commands import prepare as prepare_commands
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     config_commands.register(commands)
+    bench_commands.register(commands)
     data_group = commands.add_parser("data", help="make, prepare and inspect clip-shard data sets")
     data_commands = data_group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     dataset_commands.register(data_commands)

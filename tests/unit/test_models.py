@@ -1,0 +1,204 @@
+"""Encoders, the EMA key update and the single-process trainer's step (DESIGN.md sections 2, 6)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from service.config import from_dict
+from workers.models import build_encoders, make_key_encoder, momentum_update
+from workers.trainer import (
+    NonFiniteLossError,
+    build_dictionaries,
+    build_train_state,
+    lr_factor,
+    train,
+    train_step,
+)
+
+pytestmark = pytest.mark.unit
+
+BATCH = 4
+
+
+def tiny_config(**method):
+    return from_dict(
+        {
+            "model": {
+                "video": {"width": 0.125, "frames": 4, "size": 16},
+                "audio": {"width": 0.125, "n_mels": 16},
+                "embed_dim": 8,
+                "head_hidden": 16,
+            },
+            "method": {"dictionary_size": 16, "momentum": 0.9, **method},
+            "optim": {"name": "sgd", "lr": 0.1, "warmup_steps": 2},
+            "train": {"steps": 4, "batch_size": BATCH},
+        }
+    )
+
+
+def make_batch(step, *, batch=BATCH, num_clips=12):
+    generator = torch.Generator().manual_seed(step)
+    index = (torch.arange(batch) + step * batch) % num_clips
+    return {
+        "video": torch.randn(batch, 3, 4, 16, 16, generator=generator),
+        "audio": torch.randn(batch, 1, 16, 20, generator=generator),
+        "index": index,
+        "label": index % 3,
+    }
+
+
+def batches(start=0):
+    step = start
+    while True:
+        yield make_batch(step)
+        step += 1
+
+
+# --- encoders -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["r3d_18", "r2plus1d_18"])
+def test_encoders_give_unit_embeddings_and_pooled_features(arch):
+    cfg = tiny_config()
+    cfg.model.video.arch = arch
+    model = build_encoders(cfg.model)
+    batch = make_batch(0)
+    z_v, z_a = model(batch["video"], batch["audio"])
+    assert z_v.shape == (BATCH, 8) and z_a.shape == (BATCH, 8)
+    torch.testing.assert_close(z_v.norm(dim=1), torch.ones(BATCH))
+    torch.testing.assert_close(z_a.norm(dim=1), torch.ones(BATCH))
+    assert model.video.features(batch["video"]).shape == (BATCH, 64)  # 512 x 0.125
+    assert model.audio.features(batch["audio"]).shape == (BATCH, 64)
+
+
+def test_width_multiplier_scales_every_stage():
+    cfg = tiny_config()
+    narrow = build_encoders(cfg.model)
+    cfg.model.video.width = cfg.model.audio.width = 0.25
+    wide = build_encoders(cfg.model)
+    assert wide.video.backbone.out_features == 128 and narrow.video.backbone.out_features == 64
+    narrow_params = sum(p.numel() for p in narrow.video.backbone.parameters())
+    wide_params = sum(p.numel() for p in wide.video.backbone.parameters())
+    assert 3.5 < wide_params / narrow_params < 4.1  # convolutions grow with width squared
+
+
+# --- EMA ------------------------------------------------------------------------------------
+
+
+class Wrapper(nn.Module):
+    """Like DDP: the encoder under `module.`, so parameter names carry a prefix."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_momentum_update_matches_its_formula_and_copies_buffers():
+    query = build_encoders(tiny_config().model)
+    key = make_key_encoder(query)
+    with torch.no_grad():
+        for p in query.parameters():
+            p.add_(torch.randn_like(p))
+        for b in query.buffers():
+            b.add_(1)
+    before = [p.clone() for p in key.parameters()]
+    momentum_update(key, Wrapper(query), 0.9)
+    for k_new, k_old, q in zip(key.parameters(), before, query.parameters(), strict=True):
+        torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q)
+        assert not k_new.requires_grad
+    for k_buf, q_buf in zip(key.buffers(), query.buffers(), strict=True):
+        assert torch.equal(k_buf, q_buf)
+
+
+# --- the training step ----------------------------------------------------------------------
+
+
+def test_lr_warms_up_then_follows_a_half_cosine():
+    factors = [lr_factor(s, total_steps=10, warmup_steps=4, schedule="cosine") for s in range(10)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0
+    assert factors[7] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+    short = [lr_factor(s, total_steps=3, warmup_steps=10, schedule="cosine") for s in range(3)]
+    assert short == [0.1, 0.2, pytest.approx(0.3)]  # a run shorter than the warm-up warms up throughout
+
+
+def test_step_trains_the_query_encoder_and_moves_the_key_encoder_by_ema():
+    cfg = tiny_config()
+    state = build_train_state(cfg, device=torch.device("cpu"))
+    dictionaries = build_dictionaries(cfg, device=torch.device("cpu"))
+    query_before = [p.clone() for p in state.query.parameters()]
+    key_before = [p.clone() for p in state.key.parameters()]
+    out = train_step(
+        state,
+        make_batch(0),
+        dictionary_v=dictionaries.dictionary_v,
+        dictionary_a=dictionaries.dictionary_a,
+        method=cfg.method,
+    )
+    assert set(out.losses) == {"loss_va", "loss_av", "loss"}
+    assert out.keys_v.shape == (BATCH, 8) and not out.keys_v.requires_grad
+    assert state.step == 1
+    assert any(not torch.equal(a, b) for a, b in zip(query_before, state.query.parameters(), strict=True))
+    for k_new, k_old, q in zip(state.key.parameters(), key_before, state.query.parameters(), strict=True):
+        torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q)
+
+
+def test_non_finite_loss_stops_before_the_optimiser_step_with_weights_unchanged():
+    cfg = tiny_config()
+    state = build_train_state(cfg, device=torch.device("cpu"))
+    dictionaries = build_dictionaries(cfg, device=torch.device("cpu"))
+    batch = make_batch(0)
+    batch["audio"][1] = float("nan")
+    query_before = [p.clone() for p in state.query.parameters()]
+    key_before = [p.clone() for p in state.key.parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"step 0: the loss is not finite .* before the optimiser step"):
+        train_step(
+            state,
+            batch,
+            dictionary_v=dictionaries.dictionary_v,
+            dictionary_a=dictionaries.dictionary_a,
+            method=cfg.method,
+        )
+    assert state.step == 0
+    assert state.optimizer.state_dict()["state"] == {}  # the optimiser never stepped
+    for a, b in zip(query_before, state.query.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(key_before, state.key.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampler", ["active", "random"])
+def test_train_fills_the_dictionary_with_keys_of_past_clips(sampler):
+    cfg = tiny_config(sampler=sampler)
+    result = train(cfg, batches(), num_steps=3)
+    assert [m["step"] for m in result.metrics] == [1.0, 2.0, 3.0]
+    assert all(math.isfinite(m["loss"]) and m["select_ms"] >= 0 and m["clips_per_s"] > 0 for m in result.metrics)
+    ids = result.dictionaries.dictionary_a.ids
+    real = set(ids[ids >= 0].tolist())
+    if sampler == "random":
+        assert (ids >= 0).sum() == 3 * BATCH and real == set(range(12))
+    else:  # an empty pool at step 1; later the current batch is excluded and joins the pool after
+        assert (ids >= 0).sum() == 2 * BATCH and real <= set(range(8))
+
+
+def test_resumed_training_equals_uninterrupted_training():
+    cfg = tiny_config()
+    whole = train(cfg, batches(), num_steps=4)
+
+    first = train(cfg, batches(), num_steps=2)
+    saved = {"train": first.state.state_dict(), "dictionaries": first.dictionaries.state_dict()}
+    fresh = build_train_state(tiny_config(), device=torch.device("cpu"))
+    fresh_dictionaries = build_dictionaries(tiny_config(), device=torch.device("cpu"))
+    torch.manual_seed(1234)  # a resumed run must not depend on the global generator
+    fresh.load_state_dict(saved["train"])
+    fresh_dictionaries.load_state_dict(saved["dictionaries"])
+    resumed = train(cfg, batches(start=2), num_steps=4, state=fresh, dictionaries=fresh_dictionaries)
+
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in whole.metrics[2:]]
+    for a, b in zip(whole.state.query.parameters(), resumed.state.query.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(whole.dictionaries.dictionary_v.keys, resumed.dictionaries.dictionary_v.keys)

@@ -1,0 +1,249 @@
+"""The samplers against slow, obviously correct references written here (DESIGN.md section 2)."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from workers.sampler import (
+    Sampler,
+    factorised_sq_distances,
+    gradient_embedding_factors,
+    gradient_embedding_norms,
+    resolve_pseudo_classes,
+    select,
+)
+
+pytestmark = pytest.mark.unit
+
+TAU = 0.07
+
+
+def unit_rows(n, d, seed, dtype=torch.float64):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=1)
+
+
+def make_inputs(*, n=40, d=8, batch=12, seed=0, dtype=torch.float64):
+    """A pool with some repeated clip ids and a batch whose clips partly overlap the pool."""
+    ids = torch.arange(n) % (n - 5)  # the last 5 rows repeat the clips of the first 5
+    batch_ids = torch.tensor([3, 7, 11, 100, 101, 102, 103, 104, 105, 106, 107, 108])[:batch]
+    return {
+        "pool_keys": unit_rows(n, d, seed, dtype),
+        "pool_ids": ids,
+        "queries": unit_rows(batch, d, seed + 1, dtype),
+        "batch_keys": unit_rows(batch, d, seed + 2, dtype),
+        "batch_ids": batch_ids,
+        "exclude_ids": batch_ids,
+    }
+
+
+def run(name, inputs, *, num_picks, seed, num_pseudo_classes=0):
+    return select(
+        name,
+        **inputs,
+        num_picks=num_picks,
+        temperature=TAU,
+        num_pseudo_classes=num_pseudo_classes,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# --- references -----------------------------------------------------------------------------
+
+
+def materialised_gradient_embeddings(candidates, pseudo_classes, tau):
+    """g = (p - onehot(y)) (outer) u for every candidate, one at a time."""
+    rows = []
+    for u in candidates:
+        p = torch.softmax(pseudo_classes @ u / tau, dim=0)
+        a = p.clone()
+        a[int(p.argmax())] -= 1.0
+        rows.append(torch.outer(a, u).flatten())
+    return torch.stack(rows)
+
+
+def reference_kmeans_pp(embeddings, ids, excluded, num_picks, uniforms, *, first_largest):
+    """k-means++ seeding by the book on materialised embeddings, with Python loops.
+
+    Draw t takes the first row whose running sum of weights exceeds uniforms[t] x total
+    (the inverse-CDF draw the sampler uses), so both consume the same random numbers.
+    """
+    n = embeddings.shape[0]
+    available = [int(ids[i]) not in excluded for i in range(n)]
+    picks = []
+    for t in range(num_picks):
+        if not any(available):
+            break
+        if t == 0 and first_largest:
+            norms = [float(embeddings[i] @ embeddings[i]) if available[i] else -1.0 for i in range(n)]
+            row = max(range(n), key=lambda i: norms[i])
+        else:
+            weights = []
+            for i in range(n):
+                if not available[i] or not picks:
+                    weights.append(0.0)
+                else:
+                    weights.append(min(float(((embeddings[i] - embeddings[j]) ** 2).sum()) for j in picks))
+            if sum(weights) == 0:
+                weights = [1.0 if available[i] else 0.0 for i in range(n)]
+            target = float(uniforms[t]) * sum(weights)
+            running, row = 0.0, None
+            for i in range(n):
+                running += weights[i]
+                if running > target:
+                    row = i
+                    break
+        picks.append(row)
+        available = [available[i] and int(ids[i]) != int(ids[row]) for i in range(n)]
+    return picks
+
+
+def reference_active(inputs, *, num_picks, seed, num_pseudo_classes):
+    generator = torch.Generator().manual_seed(seed)
+    queries = inputs["queries"]
+    num_classes = resolve_pseudo_classes(num_pseudo_classes, queries.shape[0])
+    if num_classes < queries.shape[0]:  # the sampler draws its pseudo-classes first
+        queries = queries[torch.randperm(queries.shape[0], generator=generator)[:num_classes]]
+    uniforms = torch.rand(num_picks, generator=generator, dtype=torch.float64)
+    g = materialised_gradient_embeddings(inputs["pool_keys"], queries, TAU)
+    excluded = set(inputs["exclude_ids"].tolist())
+    return reference_kmeans_pp(g, inputs["pool_ids"], excluded, num_picks, uniforms, first_largest=True)
+
+
+# --- the gradient embedding -----------------------------------------------------------------
+
+
+def test_gradient_embedding_is_the_gradient_of_the_pseudo_label_loss():
+    candidates, pseudo_classes = unit_rows(6, 5, 0), unit_rows(4, 5, 1)
+    a = gradient_embedding_factors(candidates, pseudo_classes, TAU)
+    for i, u in enumerate(candidates):
+        q = pseudo_classes.clone().requires_grad_(True)
+        logits = q @ u / TAU
+        F.cross_entropy(logits[None], logits.argmax()[None]).backward()
+        # d CE / d Q = (p - onehot(y)) u^T / tau
+        torch.testing.assert_close(q.grad * TAU, torch.outer(a[i], u))
+
+
+def test_factorised_distances_equal_distances_between_materialised_embeddings():
+    candidates, pseudo_classes = unit_rows(30, 16, 2), unit_rows(10, 16, 3)
+    candidates = candidates * torch.linspace(0.5, 2.0, 30, dtype=torch.float64)[:, None]  # not only unit norms
+    a = gradient_embedding_factors(candidates, pseudo_classes, TAU)
+    g = materialised_gradient_embeddings(candidates, pseudo_classes, TAU)
+    torch.testing.assert_close(factorised_sq_distances(a, candidates, a, candidates), torch.cdist(g, g) ** 2)
+    torch.testing.assert_close(gradient_embedding_norms(a, candidates), (g * g).sum(dim=1))
+
+
+# --- active ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("num_pseudo_classes", [0, 5])
+def test_active_picks_equal_the_brute_force_reference(seed, num_pseudo_classes):
+    inputs = make_inputs(seed=seed)
+    got = run("active", inputs, num_picks=12, seed=seed, num_pseudo_classes=num_pseudo_classes)
+    want = reference_active(inputs, num_picks=12, seed=seed, num_pseudo_classes=num_pseudo_classes)
+    assert got.indices.tolist() == want
+    torch.testing.assert_close(got.keys, inputs["pool_keys"][want])
+    assert got.ids.tolist() == inputs["pool_ids"][want].tolist()
+
+
+def test_active_first_pick_is_the_largest_gradient_embedding():
+    inputs = make_inputs(seed=5)
+    got = run("active", inputs, num_picks=4, seed=0)
+    g = materialised_gradient_embeddings(inputs["pool_keys"], inputs["queries"], TAU)
+    norms = (g * g).sum(dim=1)
+    norms[torch.isin(inputs["pool_ids"], inputs["exclude_ids"])] = -1
+    assert int(got.indices[0]) == int(norms.argmax())
+
+
+def test_active_picks_distinct_clips_never_excluded_ones():
+    inputs = make_inputs(n=64, d=16, seed=7, dtype=torch.float32)
+    got = run("active", inputs, num_picks=30, seed=7)
+    assert len(got.ids) == 30
+    assert len(set(got.indices.tolist())) == 30
+    assert len(set(got.ids.tolist())) == 30
+    assert not set(got.ids.tolist()) & set(inputs["exclude_ids"].tolist())
+
+
+def test_when_clips_run_out_every_available_clip_is_picked_once():
+    inputs = make_inputs(seed=8)
+    available = set(inputs["pool_ids"].tolist()) - set(inputs["exclude_ids"].tolist())
+    for name in ("active", "diversity", "uncertainty"):
+        got = run(name, inputs, num_picks=100, seed=8)
+        assert sorted(got.ids.tolist()) == sorted(available), name
+
+
+def test_selection_is_deterministic_given_the_generator_and_varies_with_it():
+    inputs = make_inputs(n=200, d=16, seed=9, dtype=torch.float32)
+    first = run("active", inputs, num_picks=20, seed=1)
+    again = run("active", inputs, num_picks=20, seed=1)
+    other = run("active", inputs, num_picks=20, seed=2)
+    assert first.indices.tolist() == again.indices.tolist()
+    assert first.indices.tolist() != other.indices.tolist()
+
+
+def test_an_empty_pool_selects_nothing():
+    inputs = make_inputs()
+    inputs["pool_keys"], inputs["pool_ids"] = inputs["pool_keys"][:0], inputs["pool_ids"][:0]
+    for name in ("active", "diversity", "uncertainty"):
+        got = run(name, inputs, num_picks=5, seed=0)
+        assert got.keys.shape == (0, 8) and got.ids.shape == (0,)
+
+
+# --- baselines ------------------------------------------------------------------------------
+
+
+def test_random_enqueues_the_current_batch():
+    inputs = make_inputs()
+    got = run("random", inputs, num_picks=12, seed=0)
+    assert torch.equal(got.keys, inputs["batch_keys"])
+    assert torch.equal(got.ids, inputs["batch_ids"])
+
+
+def test_uncertainty_is_the_top_m_by_gradient_embedding_norm():
+    inputs = make_inputs(seed=4)
+    inputs["pool_ids"] = torch.arange(40)  # distinct clips: plain top-M
+    got = run("uncertainty", inputs, num_picks=10, seed=0)
+    g = materialised_gradient_embeddings(inputs["pool_keys"], inputs["queries"], TAU)
+    norms = (g * g).sum(dim=1)
+    norms[torch.isin(inputs["pool_ids"], inputs["exclude_ids"])] = -1
+    assert got.indices.tolist() == norms.topk(10).indices.tolist()
+
+
+def test_uncertainty_takes_one_key_per_clip():
+    inputs = make_inputs(seed=4)
+    got = run("uncertainty", inputs, num_picks=33, seed=0)
+    assert len(set(got.ids.tolist())) == len(got.ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_diversity_is_kmeans_pp_on_the_keys(seed):
+    inputs = make_inputs(seed=seed)
+    got = run("diversity", inputs, num_picks=12, seed=seed)
+    uniforms = torch.rand(12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    excluded = set(inputs["exclude_ids"].tolist())
+    want = reference_kmeans_pp(inputs["pool_keys"], inputs["pool_ids"], excluded, 12, uniforms, first_largest=False)
+    assert got.indices.tolist() == want
+
+
+def test_unknown_sampler_is_rejected_by_name():
+    with pytest.raises(ValueError, match=r"method\.sampler: unknown sampler 'greedy'"):
+        run("greedy", make_inputs(), num_picks=3, seed=0)
+
+
+# --- the Sampler object ---------------------------------------------------------------------
+
+
+def test_sampler_accepts_numpy_and_its_state_dict_continues_the_random_stream():
+    inputs = make_inputs(n=100, d=16, seed=11, dtype=torch.float32)
+    arrays = {name: value.numpy() for name, value in inputs.items()}
+    sampler = Sampler(name="active", temperature=TAU, num_pseudo_classes=4, seed=3)
+    sampler.select(**arrays, num_picks=8)
+    saved = sampler.state_dict()
+    expected = [sampler.select(**arrays, num_picks=8).numpy()["indices"] for _ in range(2)]
+
+    resumed = Sampler(name="active", temperature=TAU, num_pseudo_classes=4, seed=999)
+    resumed.load_state_dict(saved)
+    got = [resumed.select(**inputs, num_picks=8).numpy()["indices"] for _ in range(2)]
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(want, have)

@@ -1,0 +1,171 @@
+"""Frozen-feature evaluation (DESIGN.md section 7): a linear probe and weighted k-NN per modality.
+
+Features are the pooled backbone output by default (the head output optionally), extracted
+with the encoders in eval mode and no gradient. Both probes train on one labelled split and
+report on another: top-1 accuracy, per-class accuracy and the confusion matrix. Everything
+runs in float32 on the CPU with no random numbers, so the same features give the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from service.config import EvalConfig
+from workers.models import AudioVisualEncoder
+
+MODALITIES = ("video", "audio")
+KNN_TEMPERATURE = 0.07  # similarity weights exp(sim / 0.07), as in InstDisc and DINO's k-NN
+
+
+@dataclass(kw_only=True)
+class ProbeResult:
+    """Accuracies are fractions in [0, 1]; `per_class[c]` is NaN when class c has no test clip.
+
+    `confusion[t, p]` counts test clips of true class t predicted as p.
+    """
+
+    top1: float
+    per_class: list[float]
+    confusion: Tensor  # num_classes x num_classes, int64
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top1": self.top1, "per_class": self.per_class, "confusion": self.confusion.tolist()}
+
+
+def score(predictions: Tensor, labels: Tensor, *, num_classes: int) -> ProbeResult:
+    """Top-1, per-class accuracy and confusion matrix of predictions [n] against labels [n]."""
+    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    confusion = confusion.view(num_classes, num_classes)
+    support = confusion.sum(dim=1)  # num_classes
+    per_class = torch.where(support > 0, confusion.diag() / support.clamp_min(1), float("nan"))
+    return ProbeResult(
+        top1=float((predictions == labels).float().mean()),
+        per_class=per_class.tolist(),
+        confusion=confusion,
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    model: AudioVisualEncoder,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    head: bool = False,
+    device: torch.device | str = "cpu",
+) -> dict[str, Tensor]:
+    """Frozen features of a labelled clip set: {"video": [n, F], "audio": [n, F], "label": [n]}.
+
+    Batches hold `video`, `audio` and `label` as in training. `head=False` gives the pooled
+    backbone output (F = 512 x width), `head=True` the L2-normalised head output (F = d).
+    Returned on the CPU in float32; the model is in eval mode meanwhile and restored after.
+    """
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {name: [] for name in (*MODALITIES, "label")}
+    try:
+        for batch in batches:
+            for name in MODALITIES:
+                encoder = getattr(model, name)
+                x = batch[name].to(device)
+                z = encoder(x) if head else encoder.features(x)
+                parts[name].append(z.float().cpu())
+            parts["label"].append(batch["label"].cpu().long())
+    finally:
+        model.train(was_training)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero mean, unit variance per feature, with the training split's statistics."""
+    mean = train.mean(dim=0)
+    std = train.std(dim=0).clamp_min(1e-6)  # a dead unit stays 0 rather than dividing by 0
+    return (train - mean) / std, (test - mean) / std
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+) -> ProbeResult:
+    """Multinomial logistic regression on standardised features, trained full-batch.
+
+    `epochs` full-batch steps of Adam at learning rate `lr` on the mean cross-entropy plus
+    `weight_decay` / 2 x |W|^2; weights start at zero, so no random numbers are involved.
+    """
+    x_train, x_test = standardise(train_features.float(), test_features.float())
+    weight = torch.zeros(num_classes, x_train.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    for _ in range(epochs):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(x_train @ weight.T + bias, train_labels) + 0.5 * weight_decay * weight.square().sum()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predictions = (x_test @ weight.T + bias).argmax(dim=1)
+    return score(predictions, test_labels, num_classes=num_classes)
+
+
+def knn_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int,
+    k: int,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: int = 1024,
+) -> ProbeResult:
+    """Weighted k-NN on cosine similarity: each of the k nearest training clips votes for its
+    class with weight exp(similarity / temperature); the class with the most weight wins."""
+    train = F.normalize(train_features.float(), dim=1)  # n_train x F
+    test = F.normalize(test_features.float(), dim=1)  # n_test x F
+    k = min(k, train.shape[0])
+    predictions = []
+    for start in range(0, test.shape[0], chunk):  # chunks bound the n_test x n_train memory
+        similarity = test[start : start + chunk] @ train.T  # c x n_train
+        top_sim, top_rows = similarity.topk(k, dim=1)  # c x k
+        votes = torch.zeros(top_sim.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[top_rows], torch.exp(top_sim / temperature))
+        predictions.append(votes.argmax(dim=1))
+    return score(torch.cat(predictions), test_labels, num_classes=num_classes)
+
+
+def evaluate_features(
+    train: Mapping[str, Tensor],
+    test: Mapping[str, Tensor],
+    *,
+    num_classes: int,
+    cfg: EvalConfig,
+) -> dict[str, dict[str, ProbeResult]]:
+    """Both probes on both modalities: {"video": {"linear": ..., "knn": ...}, "audio": ...}.
+
+    `train` and `test` are `extract_features` outputs.
+    """
+    results = {}
+    for name in MODALITIES:
+        args = (train[name], train["label"], test[name], test["label"])
+        results[name] = {
+            "linear": linear_probe(
+                *args,
+                num_classes=num_classes,
+                epochs=cfg.linear_epochs,
+                lr=cfg.linear_lr,
+                weight_decay=cfg.linear_weight_decay,
+            ),
+            "knn": knn_probe(*args, num_classes=num_classes, k=cfg.knn_k),
+        }
+    return results

@@ -1,0 +1,397 @@
+"""Single-process CM-ACC training (DESIGN.md sections 2 and 6): builders, one step, a loop.
+
+* `train_step` is the per-step math on one batch: queries, keys (no gradient), the
+  cross-modal loss against the dictionaries, a non-finite check before the optimiser step,
+  the optimiser step and the EMA update of the key encoders. It knows nothing of
+  distribution: the distributed trainer calls it on every rank with the query encoder
+  wrapped in DDP.
+* `update_dictionaries` is the sampler's part of the step: choose what enters each
+  dictionary from its candidate pool, enqueue it, push the batch's keys into the pools. In
+  one process it runs right after `train_step`; in a cluster the dictionary actor runs it.
+* `train` runs S steps over an iterable of batches and returns the state and per-step metrics.
+
+A batch is a mapping with `video` float [B, 3, T, H, W], `audio` float [B, 1, n_mels, frames],
+`index` int64 [B] (clip ids) and `label` int64 [B]. bf16 autocast and channels_last_3d on
+CUDA, float32 on CPU (`train.precision` may force either).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from service.config import Config, MethodConfig, ModelConfig, OptimConfig
+from workers.dictionary import EMPTY_ID, CandidatePool, NegativeDictionary
+from workers.loss import cross_modal_nce
+from workers.models import AudioVisualEncoder, build_encoders, make_key_encoder, momentum_update
+from workers.sampler import Sampler
+
+POOL_BATCHES = 8  # default candidate pool: the keys of the last 8 global batches (N = 8M)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) is NaN or infinite; raised before the optimiser step."""
+
+
+# --- builders -------------------------------------------------------------------------------
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.precision` on `device`; None = plain float32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_model(cfg: ModelConfig, *, device: torch.device) -> tuple[AudioVisualEncoder, AudioVisualEncoder]:
+    """Query encoders (f_v, f_a with heads) and their EMA key encoders (h_v, h_a), on `device`.
+
+    Seed torch's global generator first for a reproducible initialisation.
+    """
+    query = build_encoders(cfg).to(device)
+    if device.type == "cuda":  # cuDNN's 3D convolutions are fastest in NDHWC
+        query = query.to(memory_format=torch.channels_last_3d)
+    key = make_key_encoder(query)
+    return query, key
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.name: unknown optimiser {cfg.name!r}")
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimiser step `step` (0-based).
+
+    Linear warm-up from 1/warmup to 1 over the first `warmup_steps` steps (a run no longer
+    than the warm-up warms up throughout and never reaches the peak), then constant or a
+    half cosine from 1 towards 0 over the remaining steps.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine (or constant) schedule of `optim.*` over `total_steps` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, total_steps=total_steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule),
+    )
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """What `train_step` changes: encoders, optimiser, schedule and the step count."""
+
+    query: nn.Module  # AudioVisualEncoder, or the distributed trainer's DDP wrapper around one
+    key: AudioVisualEncoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query.state_dict(),
+            "key": self.key.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.query.load_state_dict(state["query"])
+        self.key.load_state_dict(state["key"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+
+def build_train_state(cfg: Config, *, device: torch.device) -> TrainState:
+    """Encoders initialised from `train.seed`, optimiser and schedule over `train.steps`."""
+    torch.manual_seed(cfg.train.seed)
+    query, key = build_model(cfg.model, device=device)
+    optimizer = build_optimizer(cfg.optim, query.parameters())
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.steps)
+    return TrainState(query=query, key=key, optimizer=optimizer, scheduler=scheduler)
+
+
+@dataclass(kw_only=True)
+class Dictionaries:
+    """Both negative dictionaries, both candidate pools and the sampler with its random state:
+    in one process the trainer holds them, in a cluster the dictionary actor."""
+
+    dictionary_v: NegativeDictionary
+    dictionary_a: NegativeDictionary
+    pool_v: CandidatePool
+    pool_a: CandidatePool
+    sampler: Sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        parts = ("dictionary_v", "dictionary_a", "pool_v", "pool_a", "sampler")
+        return {name: getattr(self, name).state_dict() for name in parts}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, part_state in state.items():
+            getattr(self, name).load_state_dict(part_state)
+
+
+def build_dictionaries(cfg: Config, *, device: torch.device) -> Dictionaries:
+    """Dictionaries of `method.dictionary_size` random unit keys, empty pools of
+    `method.pool_size` (0 = 8 global batches) and the `method.sampler` seeded from `train.seed`."""
+    method, dim = cfg.method, cfg.model.embed_dim
+    pool_size = method.pool_size or POOL_BATCHES * cfg.global_batch_size
+    init = torch.Generator().manual_seed(cfg.train.seed)
+    return Dictionaries(
+        dictionary_v=NegativeDictionary(size=method.dictionary_size, dim=dim, device=device, generator=init),
+        dictionary_a=NegativeDictionary(size=method.dictionary_size, dim=dim, device=device, generator=init),
+        pool_v=CandidatePool(size=pool_size, dim=dim, device=device),
+        pool_a=CandidatePool(size=pool_size, dim=dim, device=device),
+        sampler=Sampler(
+            name=method.sampler,
+            temperature=method.temperature,
+            num_pseudo_classes=method.pseudo_classes,
+            seed=cfg.train.seed,
+            device=device,
+        ),
+    )
+
+
+# --- one step -------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class StepOutput:
+    """A step's loss parts (floats, nats) and the batch's embeddings for the dictionary update."""
+
+    losses: dict[str, float]
+    lr: float
+    queries_v: Tensor  # M x d, detached
+    queries_a: Tensor  # M x d, detached
+    keys_v: Tensor  # M x d
+    keys_a: Tensor  # M x d
+
+
+def _check_finite(
+    value: Tensor,
+    *,
+    what: str,
+    step: int,
+    losses: Mapping[str, Tensor],
+    all_finite: Callable[[bool], bool] | None = None,
+) -> None:
+    # One host sync per step: the price of stopping before a bad update rather than after it.
+    finite = bool(torch.isfinite(value))
+    if all_finite is not None:  # every rank must stop together, or DDP's all-reduce would hang
+        finite = all_finite(finite)
+    if not finite:
+        parts = ", ".join(f"{name}={float(v.detach()):.4g}" for name, v in losses.items())
+        raise NonFiniteLossError(
+            f"step {step}: the {what} is not finite ({parts}); stopped before the optimiser step, weights unchanged"
+        )
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, Tensor],
+    *,
+    dictionary_v: NegativeDictionary,
+    dictionary_a: NegativeDictionary,
+    method: MethodConfig,
+    grad_clip: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    all_finite: Callable[[bool], bool] | None = None,
+) -> StepOutput:
+    """One CM-ACC step on a batch already on the device (DESIGN.md section 2, steps 1 to 3).
+
+    Raises NonFiniteLossError before the optimiser step when the loss (or, with `grad_clip`,
+    the gradient norm) is not finite; the weights are then unchanged. In a data-parallel run
+    `all_finite` combines every rank's verdict (True only if all are finite), so that all
+    ranks stop at the same step.
+    """
+    video, audio, clip_ids = batch["video"], batch["audio"], batch["index"]
+    device = video.device
+    if device.type == "cuda":
+        video = video.contiguous(memory_format=torch.channels_last_3d)
+    state.optimizer.zero_grad(set_to_none=True)
+    autocast = nullcontext() if amp_dtype is None else torch.autocast(device_type=device.type, dtype=amp_dtype)
+    with autocast:
+        queries_v, queries_a = state.query(video, audio)  # M x d each, L2-normalised
+        with torch.no_grad():
+            keys_v, keys_a = state.key(video, audio)  # M x d each, positives of the other modality
+    losses = cross_modal_nce(
+        queries_v=queries_v,
+        keys_a=keys_a,
+        dictionary_a=dictionary_a.keys,
+        queries_a=queries_a,
+        keys_v=keys_v,
+        dictionary_v=dictionary_v.keys,
+        temperature=method.temperature,
+        in_batch_negatives=method.in_batch_negatives,
+        clip_ids=clip_ids,
+        dictionary_ids_a=dictionary_a.ids,
+        dictionary_ids_v=dictionary_v.ids,
+    )
+    _check_finite(losses["loss"], what="loss", step=state.step, losses=losses, all_finite=all_finite)
+    losses["loss"].backward()
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.query.parameters(), grad_clip)
+        _check_finite(grad_norm, what="gradient norm", step=state.step, losses=losses, all_finite=all_finite)
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.optimizer.step()
+    state.scheduler.step()
+    momentum_update(state.key, state.query, method.momentum)
+    state.step += 1
+    return StepOutput(
+        losses={name: float(value.detach()) for name, value in losses.items()},
+        lr=lr,
+        queries_v=queries_v.detach().float(),
+        queries_a=queries_a.detach().float(),
+        keys_v=keys_v.float(),
+        keys_a=keys_a.float(),
+    )
+
+
+def update_dictionaries(
+    dictionaries: Dictionaries,
+    *,
+    queries_v: Tensor,
+    queries_a: Tensor,
+    keys_v: Tensor,
+    keys_a: Tensor,
+    clip_ids: Tensor,
+) -> dict[str, float]:
+    """Step 4 of DESIGN.md section 2 for one (global) batch of M clips.
+
+    For each modality: the sampler picks up to M keys from the candidate pool (pseudo-classes:
+    the other modality's queries; the batch's clips excluded), they enter the dictionary and
+    leave the pool (a key enters a dictionary at most once), and then the batch's keys join
+    the pool (so a batch is a candidate from the next step on).
+    queries_v, queries_a, keys_v, keys_a: [M, d]; clip_ids: [M]. Returns the number of keys
+    enqueued per modality.
+    """
+    num_picks = clip_ids.shape[0]
+    counts = {}
+    for modality, keys, other_queries in (("v", keys_v, queries_a), ("a", keys_a, queries_v)):
+        pool: CandidatePool = getattr(dictionaries, f"pool_{modality}")
+        dictionary: NegativeDictionary = getattr(dictionaries, f"dictionary_{modality}")
+        pool_keys, pool_ids = pool.candidates()
+        selection = dictionaries.sampler.select(
+            pool_keys=pool_keys,
+            pool_ids=pool_ids,
+            queries=other_queries,
+            batch_keys=keys,
+            batch_ids=clip_ids,
+            exclude_ids=torch.cat([clip_ids, clip_ids.new_tensor([EMPTY_ID])]),
+            num_picks=num_picks,
+        )
+        dictionary.enqueue(selection.keys, selection.ids)
+        if dictionaries.sampler.name != "random":
+            # A key enters a dictionary at most once: a picked candidate leaves the pool.
+            pool.ids[selection.indices] = EMPTY_ID
+        pool.push(keys, clip_ids)
+        counts[f"enqueued_{modality}"] = float(selection.ids.shape[0])
+    return counts
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    state: TrainState
+    dictionaries: Dictionaries
+    metrics: list[dict[str, float]] = field(default_factory=list)  # one entry per step
+
+
+def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(
+    cfg: Config,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    device: torch.device | str = "cpu",
+    num_steps: int | None = None,
+    state: TrainState | None = None,
+    dictionaries: Dictionaries | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run CM-ACC steps until `state.step` reaches `num_steps` (default `train.steps`).
+
+    Builds a fresh state and dictionaries unless given (pass both to continue a run). Each
+    step's metrics (step, lr, loss, loss_va, loss_av, clips_per_s, select_ms, data_wait_s,
+    enqueued_v, enqueued_a) are appended to the result and passed to `on_step`.
+    Raises NonFiniteLossError on a non-finite loss and ValueError when `batches` runs out.
+    """
+    device = torch.device(device)
+    state = state or build_train_state(cfg, device=device)
+    dictionaries = dictionaries or build_dictionaries(cfg, device=device)
+    total = num_steps or cfg.train.steps
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    result = TrainResult(state=state, dictionaries=dictionaries)
+    iterator = iter(batches)
+    state.query.train()
+    state.key.train()
+    while state.step < total:
+        started = time.perf_counter()
+        try:
+            batch = _to_device(next(iterator), device)
+        except StopIteration:
+            raise ValueError(f"the batches ran out after step {state.step} of {total}") from None
+        loaded = time.perf_counter()
+        out = train_step(
+            state,
+            batch,
+            dictionary_v=dictionaries.dictionary_v,
+            dictionary_a=dictionaries.dictionary_a,
+            method=cfg.method,
+            grad_clip=cfg.optim.grad_clip,
+            amp_dtype=amp_dtype,
+        )
+        _sync(device)
+        select_started = time.perf_counter()
+        counts = update_dictionaries(
+            dictionaries,
+            queries_v=out.queries_v,
+            queries_a=out.queries_a,
+            keys_v=out.keys_v,
+            keys_a=out.keys_a,
+            clip_ids=batch["index"],
+        )
+        _sync(device)
+        finished = time.perf_counter()
+        metrics = {
+            "step": float(state.step),
+            "lr": out.lr,
+            **out.losses,
+            "clips_per_s": batch["index"].shape[0] / (finished - loaded),
+            "select_ms": 1000 * (finished - select_started),
+            "data_wait_s": loaded - started,
+            **counts,
+        }
+        result.metrics.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
+    return result
