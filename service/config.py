@@ -184,6 +184,7 @@ class ResourcesConfig:
     cpus_per_worker: int = 1  # for decode threads and the data pipeline
     actor_gpus: float = 0.0  # GPU fraction for the dictionary actor's selection
     max_failures: int = 3  # worker-group restarts Ray Train may do before giving up
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")

@@ -1,0 +1,262 @@
+"""Distributed pretraining on a real local Ray: 2 gloo workers, the dictionary actor, data and
+checkpoints on a real S3 endpoint on loopback. Each `fit()` costs tens of seconds on 2 cores,
+so runs are tiny and each test proves as much as its run can show."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import pretrain
+from service import storage
+from workers.metrics import read_metrics
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PROJECT = Path(__file__).resolve().parents[2]
+EVERY = 2  # checkpoint.every_steps of these runs
+TINY = [
+    "train.batch_size=4",
+    "resources.num_workers=2",
+    "resources.cpus_per_worker=1",
+    "resources.max_failures=2",
+    "model.video.frames=4",
+    "model.video.size=32",
+    "model.audio.n_mels=16",
+    "data.clip_seconds=0.5",
+    "data.shuffle_buffer=16",
+    "method.dictionary_size=16",
+    "method.max_staleness=2",
+    f"checkpoint.every_steps={EVERY}",
+    "checkpoint.num_to_keep=3",
+    "optim.warmup_steps=0",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint: str) -> str:
+    import boto3
+
+    name = f"dist-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def dataset(bucket: str) -> str:
+    from workers.data.synth import write_synthetic
+
+    uri = f"{bucket}/data/synth"
+    write_synthetic(uri, 48, seed=3, num_classes=4, frames=4, size=32, seconds=0.5)
+    return uri
+
+
+def args(run_id: str, root: str, data: str, steps: int, *extra: str) -> list[str]:
+    sets = [f"--set={item}" for item in [*TINY, f"train.steps={steps}", *extra]]
+    return ["--recipe", "demo", "--run-id", run_id, "--storage", root, "--data", data, *sets]
+
+
+def pretrain_here(*argv: str) -> dict:
+    return pretrain.run_pretrain(pretrain.parse_args(list(argv)))
+
+
+def load_final(outcome: dict, root: str):
+    from ray.train import Checkpoint
+
+    from workers.distributed import load_checkpoint
+
+    filesystem, _ = storage.arrow_filesystem(root)
+    return load_checkpoint(Checkpoint(outcome["checkpoint"], filesystem=filesystem))
+
+
+def assert_trees_equal(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_trees_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_trees_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif hasattr(a, "shape"):  # numpy
+        assert (a == b).all(), f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def digests(run_uri: str) -> list[float]:
+    records = [r for r in read_metrics(run_uri) if not r.get("replayed")]
+    return [r["data/batch_digest"] for r in sorted(records, key=lambda r: r["step"])]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(ray_session, bucket, dataset, monkeypatch):
+    """Run A stops (as on preemption) after S steps and is rerun with the same id to 2S;
+    run B goes to 2S at once. Same weights, dictionaries, actor state and clip sequence."""
+    root = f"{bucket}/resume"
+    steps = 2 * EVERY + 1  # S: the stop lands between checkpoints, so the stop writes its own
+
+    uninterrupted = pretrain_here(*args("uninterrupted", root, dataset, 2 * steps))
+    assert uninterrupted["state"] == "succeeded" and uninterrupted["step"] == 2 * steps
+    assert uninterrupted["metrics"]["dict/replicas_agree"] == 1.0
+    assert uninterrupted["metrics"]["dict/replicas_match_actor"] == 1.0
+
+    monkeypatch.setenv("CMACC_FAULT_STOP_STEP", str(steps))
+    stopped = pretrain_here(*args("resumed", root, dataset, 2 * steps))
+    assert stopped["state"] == "stopped" and stopped["step"] == steps
+    monkeypatch.delenv("CMACC_FAULT_STOP_STEP")
+    resumed = pretrain_here(*args("resumed", root, dataset, 2 * steps))
+    assert resumed["state"] == "succeeded" and resumed["step"] == 2 * steps
+    assert resumed["metrics"]["dict/replicas_agree"] == 1.0
+    assert resumed["metrics"]["dict/replicas_match_actor"] == 1.0
+
+    a, b = load_final(uninterrupted, root), load_final(resumed, root)
+    assert_trees_equal(a.train["query"], b.train["query"], "query encoders")
+    assert_trees_equal(a.train["key"], b.train["key"], "key encoders")
+    assert_trees_equal(a.train["optimizer"], b.train["optimizer"], "optimiser")
+    assert_trees_equal(a.replicas, b.replicas, "replicas")
+    assert_trees_equal(a.actor["dictionaries"], b.actor["dictionaries"], "actor dictionaries and pools")
+    assert a.actor["version"] == b.actor["version"] == 2 * steps
+    assert a.readers == b.readers
+
+    sequence = digests(storage.join(root, "uninterrupted"))
+    assert len(sequence) == 2 * steps
+    assert digests(storage.join(root, "resumed")) == sequence
+    run_json = json.loads(storage.read_bytes(storage.join(root, "resumed", "run.json")))
+    assert run_json["state"] == "succeeded" and run_json["last_step"] == 2 * steps
+
+
+def test_killed_worker_costs_at_most_the_steps_since_the_last_checkpoint(
+    ray_session, bucket, dataset, monkeypatch, tmp_path
+):
+    root = f"{bucket}/worker-kill"
+    monkeypatch.setenv("CMACC_FAULT_KILL_WORKER", f"1:{EVERY + 1}")  # rank 1, one step past a checkpoint
+    monkeypatch.setenv("CMACC_FAULT_MARKER_DIR", str(tmp_path))
+    outcome = pretrain_here(*args("worker-kill", root, dataset, 3 * EVERY))
+    assert (tmp_path / f"cmacc-fault-worker-1-{EVERY + 1}").exists(), "the worker was never killed"
+    assert outcome["state"] == "succeeded" and outcome["step"] == 3 * EVERY
+    records = read_metrics(storage.join(root, "worker-kill"))
+    starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
+    assert starts == [0, EVERY], f"attempts started at {starts}"
+    assert {r["step"] for r in records} == set(range(1, 3 * EVERY + 1))
+    lost = (EVERY + 1) - starts[-1]
+    assert lost <= EVERY
+
+
+def test_killed_actor_is_restarted_and_reseeded_and_staleness_stays_bounded(
+    ray_session, bucket, dataset, monkeypatch, tmp_path
+):
+    root = f"{bucket}/actor-kill"
+    monkeypatch.setenv("CMACC_FAULT_KILL_ACTOR", "3")
+    monkeypatch.setenv("CMACC_FAULT_MARKER_DIR", str(tmp_path))
+    outcome = pretrain_here(*args("actor-kill", root, dataset, 8))
+    assert (tmp_path / "cmacc-fault-actor-3").exists(), "the actor was never killed"
+    assert outcome["state"] == "succeeded" and outcome["step"] == 8
+    assert outcome["metrics"]["dict/actor_restarts"] == 1.0
+    assert outcome["metrics"]["dict/replicas_agree"] == 1.0
+    assert outcome["metrics"]["dict/replicas_match_actor"] == 1.0
+    records = read_metrics(storage.join(root, "actor-kill"))
+    assert len(records) == 8
+    assert max(r["dict/staleness"] for r in records) <= 2
+
+
+def _driver(argv: list[str], address: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.pretrain", *argv, "--address", address],
+        cwd=PROJECT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(driver: subprocess.Popen) -> None:
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-4000:]
+
+
+def test_killed_driver_rerun_continues_from_the_newest_checkpoint(ray_session, bucket, dataset):
+    root = f"{bucket}/driver-kill"
+    address = ray_session.get_runtime_context().gcs_address
+    argv = args("driver-kill", root, dataset, 3 * EVERY)
+    driver = _driver(argv, address)
+    snapshot = storage.join(root, "driver-kill", "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + 300
+    while not (  # the checkpoint is registered, not only uploaded
+        storage.exists(snapshot) and f"checkpoint-{EVERY:08d}" in storage.read_bytes(snapshot).decode()
+    ):
+        assert driver.poll() is None, driver.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+
+    _finish(_driver(argv, address))
+    records = read_metrics(storage.join(root, "driver-kill"))
+    starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
+    assert starts[0] == 0 and starts[-1] >= EVERY, f"attempts started at {starts}"
+    assert max(r["step"] for r in records) == 3 * EVERY
+    run_json = json.loads(storage.read_bytes(storage.join(root, "driver-kill", "run.json")))
+    assert run_json["state"] == "succeeded" and run_json["last_step"] == 3 * EVERY
+
+
+def test_two_node_cluster_completes_and_resumes(bucket, dataset):
+    from ray.cluster_utils import Cluster
+
+    root = f"{bucket}/two-node"
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        argv = args("two-node", root, dataset, 2 * EVERY, "resources.placement_strategy=STRICT_SPREAD")
+        _finish(_driver(argv, cluster.address, CMACC_FAULT_STOP_STEP=str(EVERY)))
+        run_json = json.loads(storage.read_bytes(storage.join(root, "two-node", "run.json")))
+        assert run_json["state"] == "stopped" and run_json["last_step"] == EVERY
+        _finish(_driver(argv, cluster.address))
+    finally:
+        cluster.shutdown()
+    run_json = json.loads(storage.read_bytes(storage.join(root, "two-node", "run.json")))
+    assert run_json["state"] == "succeeded" and run_json["last_step"] == 2 * EVERY
+    records = read_metrics(storage.join(root, "two-node"))
+    assert [int(r["run/start_step"]) for r in records if "run/start_step" in r] == [0, EVERY]
+    assert records[-1]["cluster/num_nodes"] == 2.0
+
+
+def test_missing_data_and_unreachable_storage_fail_before_workers_start(tmp_path, monkeypatch):
+    from service import config
+
+    cfg = config.load_recipe("demo", TINY)
+    missing = str(tmp_path / "no-data-here")
+    with pytest.raises(pretrain.PretrainError, match=missing):
+        pretrain.build_run(cfg, run_id="r", storage_root=str(tmp_path / "runs"), data_uri=missing)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with pytest.raises(pretrain.PretrainError, match="s3://unreachable/runs"):
+        pretrain.build_run(cfg, run_id="r", storage_root="s3://unreachable/runs", data_uri=missing)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_session, bucket, dataset, monkeypatch):
+    root = f"{bucket}/nan"
+    monkeypatch.setenv("CMACC_FAULT_NAN_STEP", str(EVERY + 1))
+    outcome = pretrain_here(*args("nan", root, dataset, 3 * EVERY))
+    assert outcome["state"] == "failed"
+    assert "not finite" in outcome["error"] and f"step {EVERY + 1}" in outcome["error"]
+    restored = load_final(outcome, root)
+    assert restored.train["step"] == EVERY
+    assert all(torch.isfinite(t).all() for t in restored.train["query"].values() if t.is_floating_point())
+    run_json = json.loads(storage.read_bytes(storage.join(root, "nan", "run.json")))
+    assert run_json["state"] == "failed" and "not finite" in run_json["error"]

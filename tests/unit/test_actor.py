@@ -1,0 +1,133 @@
+"""The dictionary actor's plain class, without Ray: deltas rebuild the actor's dictionaries."""
+
+import numpy as np
+import pytest
+import torch
+
+from service import config
+from workers.actor import DictionaryService
+from workers.distributed import Replicas, build_replicas
+
+pytestmark = pytest.mark.unit
+
+DIM = 8
+BATCH = 6
+
+
+def make_cfg(sampler: str = "active"):
+    return config.from_dict(
+        {
+            "model": {"embed_dim": DIM},
+            "method": {"sampler": sampler, "dictionary_size": 20, "pool_size": 24},
+            "train": {"batch_size": BATCH, "seed": 5},
+        }
+    )
+
+
+def global_batch(step: int) -> dict[str, np.ndarray]:
+    g = torch.Generator().manual_seed(100 + step)
+
+    def unit(n: int) -> np.ndarray:
+        return torch.nn.functional.normalize(torch.randn(n, DIM, generator=g), dim=1).numpy()
+
+    return {
+        "queries_v": unit(BATCH),
+        "queries_a": unit(BATCH),
+        "keys_v": unit(BATCH),
+        "keys_a": unit(BATCH),
+        "clip_ids": np.arange(step * BATCH, (step + 1) * BATCH) % 17,  # clips recur across steps
+    }
+
+
+@pytest.mark.parametrize("sampler", ["active", "random", "uncertainty", "diversity"])
+def test_replicas_that_apply_every_delta_equal_the_actor(sampler):
+    cfg = make_cfg(sampler)
+    service = DictionaryService(config=cfg.to_dict())
+    replicas = build_replicas(cfg, device=torch.device("cpu"))
+    for step in range(8):
+        delta = service.submit(step=step, **global_batch(step))
+        assert delta["version"] == step + 1 and delta["step"] == step
+        replicas.apply(delta)
+    for modality in "va":
+        actor = getattr(service.dictionaries, f"dictionary_{modality}")
+        replica = getattr(replicas, f"dictionary_{modality}")
+        assert torch.equal(actor.keys, replica.keys)
+        assert torch.equal(actor.ids, replica.ids)
+        assert actor.pointer == replica.pointer
+    assert replicas.version == service.version == 8
+
+
+def test_a_clip_of_the_current_batch_never_enters_through_the_sampler():
+    service = DictionaryService(config=make_cfg().to_dict())
+    for step in range(6):
+        batch = global_batch(step)
+        delta = service.submit(step=step, **batch)
+        assert not np.isin(delta["ids_v"], batch["clip_ids"]).any()
+        assert not np.isin(delta["ids_a"], batch["clip_ids"]).any()
+
+
+def test_state_round_trip_continues_identically():
+    cfg = make_cfg()
+    first = DictionaryService(config=cfg.to_dict())
+    for step in range(4):
+        first.submit(step=step, **global_batch(step))
+    second = DictionaryService(config=cfg.to_dict())
+    second.load_state_dict(first.state_dict())
+    for step in range(4, 8):
+        a = first.submit(step=step, **global_batch(step))
+        b = second.submit(step=step, **global_batch(step))
+        for key in ("slots_v", "keys_v", "ids_v", "slots_a", "keys_a", "ids_a"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_deltas_after_serves_a_replica_that_resumes_behind():
+    cfg = make_cfg()
+    service = DictionaryService(config=cfg.to_dict())
+    replicas = build_replicas(cfg, device=torch.device("cpu"))
+    for step in range(3):
+        replicas.apply(service.submit(step=step, **global_batch(step)))
+    for step in range(3, 6):
+        service.submit(step=step, **global_batch(step))
+    behind = service.deltas_after(replicas.version)
+    assert [d["version"] for d in behind] == [4, 5, 6]
+    for delta in behind:
+        replicas.apply(delta)
+    assert torch.equal(replicas.dictionary_a.keys, service.dictionaries.dictionary_a.keys)
+
+
+def test_reseed_takes_the_replica_and_keeps_counting_versions():
+    cfg = make_cfg()
+    service = DictionaryService(config=cfg.to_dict())
+    replicas: Replicas = build_replicas(cfg, device=torch.device("cpu"))
+    for step in range(3):
+        replicas.apply(service.submit(step=step, **global_batch(step)))
+    restarted = DictionaryService(config=cfg.to_dict())  # what Ray builds after a crash
+    restarted.reseed(
+        dictionary_v={k: v.numpy() if torch.is_tensor(v) else v for k, v in replicas.dictionary_v.state_dict().items()},
+        dictionary_a={k: v.numpy() if torch.is_tensor(v) else v for k, v in replicas.dictionary_a.state_dict().items()},
+        version=replicas.version,
+    )
+    assert restarted.version == 3
+    assert torch.equal(restarted.dictionaries.dictionary_v.keys, replicas.dictionary_v.keys)
+    replicas.apply(restarted.submit(step=3, **global_batch(3)))
+    assert replicas.version == 4
+    assert torch.equal(restarted.dictionaries.dictionary_v.keys, replicas.dictionary_v.keys)
+
+
+def test_stop_request_rides_on_the_next_delta():
+    service = DictionaryService(config=make_cfg().to_dict())
+    assert not service.submit(step=0, **global_batch(0))["stop_requested"]
+    service.request_stop()
+    assert service.submit(step=1, **global_batch(1))["stop_requested"]
+
+
+@pytest.mark.parametrize("sampler", ["active", "uncertainty", "diversity"])
+def test_a_key_enters_a_dictionary_at_most_once(sampler):
+    service = DictionaryService(config=make_cfg(sampler).to_dict())
+    seen: set[bytes] = set()
+    for step in range(10):
+        delta = service.submit(step=step, **global_batch(step))
+        for key in np.concatenate([delta["keys_v"], delta["keys_a"]]):
+            assert key.tobytes() not in seen
+            seen.add(key.tobytes())
+    assert len(seen) > 0
