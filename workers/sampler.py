@@ -15,9 +15,10 @@ One interface, `select(name, ...)`, for the four samplers of `method.sampler`:
 Rules shared by the pool samplers: candidates whose clip id is in `exclude_ids` (the current
 batch) are never picked, so a query never meets its own positive as a negative; and one
 selection takes at most one key per clip id, so picks are distinct keys of distinct clips.
-Across steps a pool key may be picked again while it is still in the pool: forbidding that
-would leave exactly the newest batch unpicked once the pool is in steady state (M keys
-arrive and M are picked each step), so every sampler would degenerate to MoCo one step late.
+Across steps, `update_dictionaries` takes a picked key out of its pool, so a key enters a
+dictionary at most once (DESIGN.md section 2). With M keys arriving and M picked each step,
+that rule lets nearly every key enter once in steady state: the sampler then decides mostly
+the order (within the pool's lifetime of N / M steps) and which keys expire unpicked.
 
 Everything runs on the device of the inputs, with a `torch.Generator` on that device, and is
 deterministic given the generator's state. The seeding loop (one iteration per pick) has no
