@@ -112,7 +112,7 @@ class DictionaryService:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "dictionaries": _to_numpy(self.dictionaries.state_dict()),
+            "dictionaries": to_numpy(self.dictionaries.state_dict()),
             "version": self.version,
             "history": list(self.history),
             "incarnation": self.incarnation,
@@ -138,11 +138,12 @@ class DictionaryService:
         }
 
 
-def _to_numpy(tree: Any) -> Any:
+def to_numpy(tree: Any) -> Any:
+    """Tensors in a nested dict as numpy arrays (what crosses the object store)."""
     if isinstance(tree, torch.Tensor):
         return tree.detach().cpu().numpy()
     if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
+        return {k: to_numpy(v) for k, v in tree.items()}
     return tree
 
 

@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from service import config as config_module
 from service.config import Config
-from workers.actor import DictionaryClient
+from workers.actor import DictionaryClient, to_numpy
 from workers.data.reader import ClipReader
 from workers.data.transforms import AudioTransform, VideoTransform
 from workers.dictionary import NegativeDictionary
@@ -284,8 +284,8 @@ class DeltaSchedule:
         # Submits queued before this call run first on the new actor; their deltas are dropped.
         self.client.call(
             "reseed",
-            dictionary_v=_numpy_tree(seed.dictionary_v.state_dict()),
-            dictionary_a=_numpy_tree(seed.dictionary_a.state_dict()),
+            dictionary_v=to_numpy(seed.dictionary_v.state_dict()),
+            dictionary_a=to_numpy(seed.dictionary_a.state_dict()),
             version=seed.version,
         )
         self.incarnation = status["incarnation"]
@@ -301,14 +301,6 @@ def _clone_dictionary(dictionary: NegativeDictionary) -> NegativeDictionary:
     clone = NegativeDictionary(size=dictionary.size, dim=dictionary.dim, device=dictionary.keys.device)
     clone.load_state_dict(dictionary.state_dict())
     return clone
-
-
-def _numpy_tree(tree: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu().numpy()
-    if isinstance(tree, dict):
-        return {k: _numpy_tree(v) for k, v in tree.items()}
-    return tree
 
 
 # --- checkpoints ----------------------------------------------------------------------------
