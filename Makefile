@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	@echo 'The default job (cmacc pretrain) is not available yet: see README.md, Status.' >&2
-	@exit 1
+	$(VENV)/bin/cmacc pretrain $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

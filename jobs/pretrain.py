@@ -1,13 +1,17 @@
-"""`python -m jobs.pretrain --recipe R --run-id ID [--storage URI] [--data URI] [--set k=v ...]`
+"""`python -m jobs.pretrain --recipe R --run-id ID [--storage URI] [--data URI] [--set k=v ...] [--resume]`
 
-Pretrains with CM-ACC on Ray Train (V2). The run id is the user's handle: running again with
-the same id and storage resumes from the newest checkpoint in storage. Without `--data` (and
-`data.uri`), a synthetic data set is generated once under `<storage>/datasets/` and reused.
+Pretrains with CM-ACC on Ray Train (V2), then evaluates the final checkpoint on the data
+set's held-out split and prints a summary. The run id is the user's handle: a run id that
+already has a checkpoint in storage continues from its newest one with `--resume` and is
+refused without it (nothing is touched). Without `--data` (and `data.uri`), a synthetic data
+set is generated once under `<storage>/datasets/` and reused. This is the entry point of
+submitted cluster jobs; `cmacc pretrain` runs it on an embedded local Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -15,11 +19,13 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from service import catalog, storage
 from service import config as config_module
-from service import storage
 from service.config import Config
 
 PASSED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
@@ -30,6 +36,10 @@ class PretrainError(RuntimeError):
     """The run cannot start or did not finish; the message says why and names the URI."""
 
 
+class RunExistsError(PretrainError):
+    """The run id already has checkpoints and `--resume` was not given (a usage error)."""
+
+
 @dataclass(kw_only=True)
 class Run:
     run_id: str
@@ -37,6 +47,9 @@ class Run:
     storage_root: str
     data_uri: str
     split: str | None
+    has_test_split: bool = False
+    start_step: int = 0  # the step it resumes from (0 for a new run)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def run_uri(self) -> str:
@@ -44,38 +57,168 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    outcome = run_pretrain(parse_args(argv))
-    print(json.dumps(outcome, indent=2))
+    args = parse_args(argv)
+    outcome = run_pretrain(args)
+    print(json.dumps(outcome, indent=2) if args.json else format_summary(outcome), flush=True)
     if outcome["state"] == "failed":
         raise PretrainError(outcome["error"])
     return 0
 
 
-def run_pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    """Check, start Ray (or join it), train, and return the outcome (state, step, metrics)."""
+def run_pretrain(args: argparse.Namespace, *, progress: Callable[[Any, int, int], Any] | None = None) -> dict[str, Any]:
+    """Check, start Ray (or join it), train, evaluate; return the outcome (state, step,
+    metrics, evaluation, timings).
+
+    `progress(client, total, initial)`, when given, makes the driver's progress display: an
+    object with `poll()` (called twice a second during training) and `close()`.
+    """
+    started = time.perf_counter()
     cfg = config_module.load_recipe(args.recipe, args.overrides)
-    run = build_run(cfg, run_id=args.run_id, storage_root=args.storage, data_uri=args.data)
+    run = build_run(
+        cfg, run_id=args.run_id, storage_root=args.storage, data_uri=args.data, resume=getattr(args, "resume", False)
+    )
     import ray
 
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS") or None
+        local = address in (None, "local")
         # A local Ray gets enough logical CPUs for the workers and the actor on a small machine.
         wanted = cfg.resources.num_workers * cfg.resources.cpus_per_worker + 1
-        ray.init(address=address, num_cpus=None if address else max(os.cpu_count() or 1, wanted))
+        ray.init(
+            address=address,
+            num_cpus=max(os.cpu_count() or 1, wanted) if local else None,
+            log_to_driver=progress is None,  # a progress bar replaces the workers' progress lines
+        )
     check_resources(cfg)
     from workers.actor import DictionaryClient
 
     client = DictionaryClient.create(run_id=run.run_id, config=cfg)
     write_run_json(run, state="running")
+    display = progress(client, cfg.train.steps, run.start_step) if progress else None
+    fit_started, fit_wallclock = time.perf_counter(), time.time()
     try:
-        outcome = summarise(run, fit_with_graceful_stop(build_trainer(run), client))
+        result = fit_with_graceful_stop(build_trainer(run), client, poll=display.poll if display else None)
+        outcome = summarise(run, result)
     except Exception as err:
         write_run_json(run, state="failed", error=str(err))
         raise
     finally:
+        if display:
+            display.close()
         client.kill()
-    write_run_json(run, state=outcome["state"], last_step=outcome["step"], error=outcome.get("error", ""))
+    run.timings["train_s"] = time.perf_counter() - fit_started
+    outcome["clips_per_s"] = steady_throughput(run, cfg.global_batch_size, since=fit_wallclock)
+    evaluation = None
+    if outcome["state"] == "succeeded" and cfg.eval.after_training:
+        evaluation = evaluate_run(run, outcome)
+    run.timings["total_s"] = time.perf_counter() - started
+    outcome["timings"] = {name: round(value, 2) for name, value in run.timings.items()}
+    outcome["start_step"] = run.start_step
+    outcome["global_batch"] = cfg.global_batch_size
+    outcome["evaluation"] = evaluation
+    write_run_json(
+        run, state=outcome["state"], last_step=outcome["step"], error=outcome.get("error", ""), evaluation=evaluation
+    )
     return outcome
+
+
+def steady_throughput(run: Run, global_batch: int, *, since: float) -> float | None:
+    """Clips per second between the first and the last step logged since `since` (this job's
+    training; worker start-up excluded), from the run's metrics log."""
+    from workers.metrics import read_metrics
+
+    try:
+        records = read_metrics(run.run_uri, endpoint_url=run.cfg.storage.endpoint_url)
+    except (OSError, ValueError):
+        return None
+    times = [r["time"] for r in records if r.get("time", 0) >= since]
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return (len(times) - 1) * global_batch / (times[-1] - times[0])
+
+
+def evaluate_run(run: Run, outcome: dict[str, Any]) -> dict[str, Any] | None:
+    """Evaluate the final checkpoint on the held-out split (a Ray task); a failure here is
+    reported in the outcome but does not fail the trained run."""
+    from jobs.evaluate import evaluate_remote, save_evaluation
+
+    if not run.has_test_split:
+        outcome["evaluation_note"] = f"data set {run.data_uri} has no 'test' split: evaluation skipped"
+        print(f"cmacc: {outcome['evaluation_note']}", flush=True)
+        return None
+    checkpoint = storage.join(run.run_uri, catalog.checkpoint_name(outcome["step"]))
+    print(f"cmacc: evaluating {checkpoint} on the held-out split of {run.data_uri} ...", flush=True)
+    started = time.perf_counter()
+    try:
+        evaluation = evaluate_remote(run.cfg, checkpoint=checkpoint, data=run.data_uri)
+        evaluation["uri"] = save_evaluation(run.run_uri, evaluation, endpoint_url=run.cfg.storage.endpoint_url)
+    except Exception as err:  # the weights are safe in the checkpoint; `cmacc eval` can retry
+        outcome["evaluation_note"] = f"evaluation failed: {type(err).__name__}: {err}"
+        print(f"cmacc: warning: {outcome['evaluation_note']}", file=sys.stderr, flush=True)
+        return None
+    finally:
+        run.timings["eval_s"] = time.perf_counter() - started
+    return evaluation
+
+
+class ProgressBar:
+    """The driver's progress bar (step, loss, clips/s, ETA) from what rank 0 reports to the
+    dictionary actor; `poll()` never blocks (an answer not there yet is picked up later)."""
+
+    def __init__(self, client: Any, total: int, initial: int):
+        from tqdm import tqdm
+
+        self.client = client
+        self.bar = tqdm(total=total, initial=initial, unit="step", desc="pretrain", file=sys.stderr, dynamic_ncols=True)
+        self.pending: Any = None
+
+    def poll(self) -> None:
+        import ray
+
+        if self.pending is not None:
+            ready, _ = ray.wait([self.pending], timeout=0)
+            if not ready:
+                return
+            with contextlib.suppress(Exception):  # the actor is restarting: the next answer will do
+                self._show(ray.get(self.pending))
+        self.pending = self.client.handle.progress.remote()
+
+    def _show(self, progress: dict[str, float]) -> None:
+        if not progress:
+            return
+        step = int(progress["step"])
+        if step < self.bar.n:  # a restarted attempt replays steps since its checkpoint
+            self.bar.reset(total=self.bar.total)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{progress['loss']:.3f}", clips_s=f"{progress['clips_per_s']:.0f}", refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_summary(outcome: dict[str, Any]) -> str:
+    """The closing table: steps, wall time, clips/s, then probe accuracies (untrained vs
+    pretrained)."""
+    timings = outcome.get("timings", {})
+    rate = outcome.get("clips_per_s")
+    lines = [
+        f"run {outcome['run_id']}: {outcome['state']} at step {outcome['step']} "
+        f"(this job: steps {outcome.get('start_step', 0)} -> {outcome['step']}, "
+        f"{'-' if rate is None else f'{rate:.1f}'} clips/s)",
+        f"  wall time {timings.get('total_s', 0.0):.1f} s: training {timings.get('train_s', 0.0):.1f} s "
+        f"(with Ray Train start-up), evaluation {timings.get('eval_s', 0.0):.1f} s",
+    ]
+    if outcome.get("checkpoint"):
+        lines.append(f"  newest checkpoint {outcome['checkpoint']}")
+    if outcome.get("error"):
+        lines.append(f"  error: {outcome['error']}")
+    if outcome.get("evaluation"):
+        from workers.evaluate import format_table
+
+        lines.append(format_table(outcome["evaluation"]))
+    elif outcome.get("evaluation_note"):
+        lines.append(f"  {outcome['evaluation_note']}")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,18 +229,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="clip-shard data set URI (default: data.uri or generated)")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true", help="continue the run id from its newest checkpoint")
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON instead of the summary")
     return parser.parse_args(argv)
 
 
-def build_run(cfg: Config, *, run_id: str, storage_root: str | None, data_uri: str | None) -> Run:
-    """Check everything that can be checked before Ray starts: storage, data, sizes."""
+def build_run(cfg: Config, *, run_id: str, storage_root: str | None, data_uri: str | None, resume: bool = False) -> Run:
+    """Check everything that can be checked before Ray starts: the run id against what storage
+    holds (before anything is written), storage, data, sizes."""
     from workers.data.format import DataError, read_manifest
 
-    if not run_id or "/" in run_id or run_id.startswith("."):
-        raise PretrainError(f"run id {run_id!r} must be a non-empty name without '/'")
+    try:
+        catalog.check_run_id(run_id)
+    except ValueError as err:
+        raise RunExistsError(str(err)) from None
     root = storage_root or cfg.storage.root
     endpoint = cfg.storage.endpoint_url
-    probe = storage.join(root, run_id, ".write-probe")
+    try:
+        existing = catalog.read_run(root, run_id, endpoint_url=endpoint)
+    except (OSError, catalog.CatalogError) as err:
+        raise PretrainError(f"storage {root} cannot be read: {err}") from None
+    newest = existing.newest_checkpoint if existing else None
+    if newest is not None and not resume:
+        raise RunExistsError(
+            f"run {run_id!r} already exists at {existing.uri} with a checkpoint at step {newest.step}: "
+            "pass --resume to continue it, or choose another --run-id (nothing was changed)"
+        )
+    if resume and existing is None:
+        raise PretrainError(f"--resume: no run {run_id!r} under {root} to continue")
+    probe = storage.join(root, f".write-probe-{run_id}")  # beside the run: a refused run leaves no folder
     try:
         storage.write_bytes(probe, b"ok", endpoint_url=endpoint)
         storage.remove(probe, endpoint_url=endpoint)
@@ -116,7 +276,15 @@ def build_run(cfg: Config, *, run_id: str, storage_root: str | None, data_uri: s
         raise PretrainError(
             f"method.dictionary_size ({cfg.method.dictionary_size}) exceeds the {num_train} training clips of {data}"
         )
-    return Run(run_id=run_id, cfg=cfg, storage_root=root, data_uri=data, split=split)
+    return Run(
+        run_id=run_id,
+        cfg=cfg,
+        storage_root=root,
+        data_uri=data,
+        split=split,
+        has_test_split=bool(manifest.splits.get("test")),
+        start_step=newest.step if newest is not None else 0,
+    )
 
 
 def default_data(cfg: Config, root: str) -> str:
@@ -195,12 +363,13 @@ def build_trainer(run: Run) -> Any:
     )
 
 
-def fit_with_graceful_stop(trainer: Any, client: Any) -> Any:
+def fit_with_graceful_stop(trainer: Any, client: Any, *, poll: Callable[[], None] | None = None) -> Any:
     """`trainer.fit()`, where the first Ctrl-C (SIGINT or SIGTERM) asks the workers to write a
     checkpoint and stop; a second one aborts.
 
     fit() runs in a helper thread so that Ray Train does not install its own SIGINT handler
-    (which aborts the run without a checkpoint); this thread keeps the signals.
+    (which aborts the run without a checkpoint); this thread keeps the signals. `poll` is
+    called twice a second meanwhile (the progress display).
     """
     outcome: dict[str, Any] = {}
 
@@ -225,6 +394,8 @@ def fit_with_graceful_stop(trainer: Any, client: Any) -> Any:
         thread.start()
         while thread.is_alive():
             thread.join(timeout=0.5)
+            if poll is not None:
+                poll()
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -254,12 +425,15 @@ def summarise(run: Run, result: Any) -> dict[str, Any]:
     return outcome
 
 
-def write_run_json(run: Run, *, state: str, last_step: int | None = None, error: str = "") -> None:
+def write_run_json(
+    run: Run, *, state: str, last_step: int | None = None, error: str = "", evaluation: dict[str, Any] | None = None
+) -> None:
     """The run's small catalogue entry, `<run>/run.json` (no credentials in it)."""
-    uri = storage.join(run.run_uri, "run.json")
+    uri = storage.join(run.run_uri, catalog.RUN_FILE)
+    endpoint = run.cfg.storage.endpoint_url
     previous: dict[str, Any] = {}
-    if storage.exists(uri, endpoint_url=run.cfg.storage.endpoint_url):
-        previous = json.loads(storage.read_bytes(uri, endpoint_url=run.cfg.storage.endpoint_url))
+    if storage.exists(uri, endpoint_url=endpoint):
+        previous = json.loads(storage.read_bytes(uri, endpoint_url=endpoint))
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     entry = {
         "run_id": run.run_id,
@@ -271,9 +445,21 @@ def write_run_json(run: Run, *, state: str, last_step: int | None = None, error:
         "error": error,
         "created": previous.get("created", now),
         "updated": now,
+        "eval": previous.get("eval"),
         "config": run.cfg.to_dict(),
     }
-    storage.write_bytes(uri, json.dumps(entry, indent=2).encode(), endpoint_url=run.cfg.storage.endpoint_url)
+    if evaluation is not None:
+        from workers.evaluate import summary_rows
+
+        entry["eval"] = {
+            "step": evaluation["step"],
+            "uri": evaluation.get("uri", ""),
+            "top1": {
+                f"{modality}/{probe}": {"untrained": untrained, "pretrained": pretrained}
+                for modality, probe, untrained, pretrained in summary_rows(evaluation)
+            },
+        }
+    storage.write_bytes(uri, json.dumps(entry, indent=2).encode(), endpoint_url=endpoint)
 
 
 if __name__ == "__main__":
@@ -281,4 +467,4 @@ if __name__ == "__main__":
         sys.exit(main())
     except (PretrainError, config_module.ConfigError) as err:
         print(f"cmacc: error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, config_module.ConfigError) else 1)
+        sys.exit(2 if isinstance(err, (config_module.ConfigError, RunExistsError)) else 1)

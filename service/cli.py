@@ -14,9 +14,12 @@ import sys
 from collections.abc import Sequence
 
 from service.commands import bench as bench_commands
+from service.commands import cluster as cluster_commands
 from service.commands import config as config_commands
 from service.commands import data as dataset_commands
 from service.commands import prepare as prepare_commands
+from service.commands import pretrain as pretrain_commands
+from service.commands import runs as runs_commands
 from service.commands.common import Failure, InputError, UsageError
 from service.config import ConfigError
 
@@ -32,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-Modal Active Contrastive Coding: pretrain audio and video encoders on Ray.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    pretrain_commands.register(commands)
+    cluster_commands.register(commands)
+    runs_commands.register(commands)
     config_commands.register(commands)
     bench_commands.register(commands)
     data_group = commands.add_parser("data", help="make, prepare and inspect clip-shard data sets")

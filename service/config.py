@@ -202,6 +202,7 @@ class StorageConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
+    after_training: bool = True  # evaluate the final checkpoint on the held-out split
     knn_k: int = 20
     linear_epochs: int = 100  # full-batch epochs of the linear probe
     linear_lr: float = 0.1

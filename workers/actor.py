@@ -51,6 +51,7 @@ class DictionaryService:
         self.device = torch.device(device)
         # New with every process: a restarted actor (blank state) is told apart by it.
         self.incarnation = uuid.uuid4().hex
+        self.last_progress: dict[str, float] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -129,6 +130,13 @@ class DictionaryService:
         """Ask the training loop to checkpoint and stop (the driver's Ctrl-C)."""
         self.stop_requested = True
 
+    def report_progress(self, progress: dict[str, float]) -> None:
+        """Rank 0's newest step, loss and rate, for the driver's progress bar (not checkpointed)."""
+        self.last_progress = dict(progress)
+
+    def progress(self) -> dict[str, float]:
+        return self.last_progress
+
     def status(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -190,6 +198,10 @@ class DictionaryClient:
     def submit(self, **arrays: Any) -> Any:
         """Send one global batch without waiting; returns the ObjectRef of its delta."""
         return self.handle.submit.remote(**arrays)
+
+    def report_progress(self, progress: dict[str, float]) -> None:
+        """Fire and forget: the driver's progress bar reads it with `progress`."""
+        self.handle.report_progress.remote(progress)
 
     def call(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
         """Call a method and wait for its answer. While Ray restarts the actor the call is

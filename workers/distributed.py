@@ -64,6 +64,7 @@ from workers.trainer import (
 )
 
 logger = logging.getLogger("cmacc")
+PROGRESS_EVERY_S = 0.5  # how often rank 0 tells the actor its step, for the driver's progress bar
 
 
 @dataclass(kw_only=True)
@@ -355,6 +356,7 @@ def save_checkpoint(
             "world_size": ray.train.get_context().get_world_size(),
             "sampler": cfg.method.sampler,
             "time": time.time(),
+            "config": cfg.to_dict(),  # makes the checkpoint self-describing for `cmacc eval`
         }
         with open(os.path.join(folder, META_FILE), "w") as f:
             json.dump(meta, f)
@@ -532,7 +534,7 @@ def _train(
     start_step = state.step
     state.query.train()
     state.key.train()
-    last_log = time.perf_counter()
+    last_log = last_progress = time.perf_counter()
     metrics: dict[str, float] = {}
     stop = False
     while state.step < total and not stop:
@@ -616,6 +618,16 @@ def _train(
             if stop:
                 metrics["stopped"] = 1.0
         log.log(state.step, metrics)
+        if schedule is not None and (at_end or time.perf_counter() - last_progress >= PROGRESS_EVERY_S):
+            schedule.client.report_progress(
+                {
+                    "step": state.step,
+                    "total": total,
+                    "loss": metrics["train/loss"],
+                    "clips_per_s": metrics["train/clips_per_s"],
+                }
+            )
+            last_progress = time.perf_counter()
         if rank == 0 and (state.step % cfg.train.log_every == 0 or state.step == total or stop):
             rate = cfg.train.log_every if state.step % cfg.train.log_every == 0 else 1
             print(_progress_line(state.step, total, metrics, rate / max(time.perf_counter() - last_log, 1e-9)))

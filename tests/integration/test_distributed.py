@@ -40,6 +40,7 @@ TINY = [
     "checkpoint.num_to_keep=3",
     "optim.warmup_steps=0",
     "train.log_every=1",
+    "eval.after_training=false",  # tests/integration/test_service.py covers the evaluation
 ]
 
 
@@ -116,7 +117,7 @@ def test_resumed_run_equals_an_uninterrupted_one(ray_session, bucket, dataset, m
     stopped = pretrain_here(*args("resumed", root, dataset, 2 * steps))
     assert stopped["state"] == "stopped" and stopped["step"] == steps
     monkeypatch.delenv("CMACC_FAULT_STOP_STEP")
-    resumed = pretrain_here(*args("resumed", root, dataset, 2 * steps))
+    resumed = pretrain_here(*args("resumed", root, dataset, 2 * steps), "--resume")
     assert resumed["state"] == "succeeded" and resumed["step"] == 2 * steps
     assert resumed["metrics"]["dict/replicas_agree"] == 1.0
     assert resumed["metrics"]["dict/replicas_match_actor"] == 1.0
@@ -203,7 +204,7 @@ def test_killed_driver_rerun_continues_from_the_newest_checkpoint(ray_session, b
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
 
-    _finish(_driver(argv, address))
+    _finish(_driver([*argv, "--resume"], address))
     records = read_metrics(storage.join(root, "driver-kill"))
     starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
     assert starts[0] == 0 and starts[-1] >= EVERY, f"attempts started at {starts}"
@@ -224,7 +225,7 @@ def test_two_node_cluster_completes_and_resumes(bucket, dataset):
         _finish(_driver(argv, cluster.address, CMACC_FAULT_STOP_STEP=str(EVERY)))
         run_json = json.loads(storage.read_bytes(storage.join(root, "two-node", "run.json")))
         assert run_json["state"] == "stopped" and run_json["last_step"] == EVERY
-        _finish(_driver(argv, cluster.address))
+        _finish(_driver([*argv, "--resume"], cluster.address))
     finally:
         cluster.shutdown()
     run_json = json.loads(storage.read_bytes(storage.join(root, "two-node", "run.json")))

@@ -1,0 +1,317 @@
+"""`cmacc submit|status|logs|stop|list`: pretraining runs as Ray Jobs on a cluster.
+
+A run's first job has the run id as its submission id; a resubmission (`--resume`) gets
+`<run id>.<n>`, because Ray keeps every submission id for good. Every job carries the run id
+in its metadata, so `status`, `logs` and `stop` take a run id and act on its newest job (a
+submission id works too). The job's entry point is `python -m jobs.pretrain` in a copy of
+this project folder (`working_dir`, without the virtual environment, runs and caches).
+
+The address is `--address` or `RAY_ADDRESS` (the dashboard, `http://HEAD:8265`). With Ray's
+token authentication the token comes from where Ray documents it (`RAY_AUTH_TOKEN`,
+`RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`); it is sent as Ray's client sends it and never
+printed. Credentials for object storage are not shipped: the cluster's nodes use their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from service import catalog, config, storage
+from service.commands.common import Failure, UsageError, add_recipe_args
+
+PROJECT = Path(__file__).resolve().parents[2]
+RUN_ID_KEY = "cmacc_run_id"
+WORKING_DIR_EXCLUDES = [
+    ".venv",
+    ".git",
+    "runs",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "build",
+    "dist",
+    "tests",
+]
+PASSED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")  # never credentials
+STOP_WAIT_S = 180  # after `cmacc stop`: time the run gets to write its checkpoint before SIGKILL
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _configure_token_auth() -> None:
+    """Turn on Ray's token mode in this process when a token is where Ray looks for one
+    (Ray's client sends it only in token mode); an explicit RAY_AUTH_MODE is left alone."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    default_file = Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or default_file.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Jobs:
+    """The Ray Jobs API of one cluster, with errors turned into one clear line."""
+
+    def __init__(self, address: str | None):
+        self.address = address or os.environ.get("RAY_ADDRESS", "")
+        if not self.address:
+            raise UsageError("--address: give the Ray dashboard address (http://HEAD:8265) or set RAY_ADDRESS")
+        _configure_token_auth()
+        # Ray's client prefers these variables to its argument: an explicit --address wins here.
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        os.environ["RAY_ADDRESS"] = self.address
+        import logging
+
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            self.client = JobSubmissionClient(self.address)
+        except Exception as err:
+            raise Failure(f"cannot reach the Ray dashboard at {self.address}: {_short(err)}") from None
+
+    def call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except Exception as err:
+            raise Failure(f"{what} at {self.address}: {_short(err)}") from None
+
+    def jobs_of(self, run_id: str) -> list[Any]:
+        """The run's jobs, oldest first."""
+        jobs = [
+            job
+            for job in self.call("listing jobs", "list_jobs")
+            if job.submission_id and ((job.metadata or {}).get(RUN_ID_KEY) == run_id or job.submission_id == run_id)
+        ]
+        return sorted(jobs, key=lambda job: job.start_time or 0)
+
+    def newest(self, run_id: str) -> Any:
+        jobs = self.jobs_of(run_id)
+        if not jobs:
+            raise Failure(f"no job of run {run_id!r} at {self.address} (cmacc list shows the jobs there)")
+        return jobs[-1]
+
+
+def _storage_root(args: argparse.Namespace, cfg: config.Config) -> str:
+    root = args.storage or cfg.storage.root
+    if storage.is_local(root):  # the job runs elsewhere: a relative path would land in its working_dir
+        root = storage.split_uri(root)[1]
+    return root
+
+
+def _recipe_for_job(recipe: str) -> str:
+    """Recipe names travel as they are; a recipe file must be inside the project folder."""
+    if not recipe.endswith(".toml") and os.sep not in recipe:
+        return recipe
+    path = Path(recipe).resolve()
+    try:
+        return str(path.relative_to(PROJECT))
+    except ValueError:
+        raise UsageError(f"--recipe {recipe}: a recipe file must be inside {PROJECT} to travel with the job") from None
+
+
+def _check_storage(root: str, run_id: str, *, resume: bool, endpoint_url: str) -> str:
+    """What storage (if this machine can read it) says about the run: 'new', 'exists' or
+    'unknown'. Refuses a run with a checkpoint without --resume."""
+    try:
+        entry = catalog.read_run(root, run_id, endpoint_url=endpoint_url)
+    except (OSError, catalog.CatalogError) as err:
+        print(f"cmacc: note: cannot read {root} from here ({_short(err)}); the job checks it", file=sys.stderr)
+        return "unknown"
+    if entry is None:
+        return "new"
+    newest = entry.newest_checkpoint
+    if newest is not None and not resume:
+        raise UsageError(
+            f"run {run_id!r} already exists at {entry.uri} with a checkpoint at step {newest.step}: "
+            "pass --resume to continue it, or choose another --run-id"
+        )
+    return "exists"
+
+
+def _submit(args: argparse.Namespace) -> int:
+    cfg = config.load_recipe(args.recipe, args.overrides)  # usage errors before any contact
+    try:
+        catalog.check_run_id(args.run_id)
+    except ValueError as err:
+        raise UsageError(f"--run-id: {err}") from None
+    recipe = _recipe_for_job(args.recipe)
+    root = _storage_root(args, cfg)
+    jobs = Jobs(args.address)
+    previous = jobs.jobs_of(args.run_id)
+    running = [job for job in previous if str(job.status) not in TERMINAL]
+    if running:
+        raise Failure(
+            f"run {args.run_id!r} is still running as job {running[-1].submission_id} "
+            f"({running[-1].status}): stop it first (cmacc stop {args.run_id})"
+        )
+    known = _check_storage(root, args.run_id, resume=args.resume, endpoint_url=cfg.storage.endpoint_url)
+    if previous and not args.resume:
+        raise UsageError(
+            f"run {args.run_id!r} was submitted before (job {previous[-1].submission_id}, {previous[-1].status}): "
+            "pass --resume to continue it, or choose another --run-id"
+        )
+    if args.resume and not previous and known == "new":
+        raise UsageError(f"--resume: no run {args.run_id!r} under {root} and no job of it at {jobs.address}")
+
+    entry = ["python", "-m", "jobs.pretrain", "--recipe", recipe, "--run-id", args.run_id, "--storage", root]
+    if args.data:
+        entry += ["--data", args.data]
+    for item in args.overrides:
+        entry += ["--set", item]
+    if args.resume:
+        entry.append("--resume")
+    taken = {job.submission_id for job in previous}
+    submission_id = args.run_id
+    attempt = len(previous) + 1
+    while submission_id in taken:
+        submission_id = f"{args.run_id}.{attempt}"
+        attempt += 1
+    env = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
+    env["RAY_JOB_STOP_WAIT_TIME_S"] = str(STOP_WAIT_S)
+    job_id = jobs.call(
+        "submitting the job",
+        "submit_job",
+        entrypoint=shlex.join(entry),
+        submission_id=submission_id,
+        runtime_env={"working_dir": str(PROJECT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
+        metadata={RUN_ID_KEY: args.run_id, "cmacc_recipe": recipe, "cmacc_storage": root},
+    )
+    if args.json:
+        print(json.dumps({"run_id": args.run_id, "submission_id": job_id, "address": jobs.address, "storage": root}))
+    else:
+        print(f"submitted run {args.run_id} as job {job_id} to {jobs.address} (storage {root})")
+        print(f"  follow it: cmacc logs {args.run_id} --follow   status: cmacc status {args.run_id}")
+    return 0
+
+
+def _job_dict(job: Any) -> dict[str, Any]:
+    return {
+        "run_id": (job.metadata or {}).get(RUN_ID_KEY, ""),
+        "submission_id": job.submission_id,
+        "status": str(job.status),
+        "message": job.message or "",
+        "start_time": job.start_time,
+        "end_time": job.end_time,
+        "entrypoint": job.entrypoint,
+    }
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _status(args: argparse.Namespace) -> int:
+    jobs = Jobs(args.address)
+    job = jobs.newest(args.run_id)
+    info = _job_dict(job)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{info['status']}  run {args.run_id}  job {info['submission_id']}  started {_when(info['start_time'])}")
+        if info["message"]:
+            print(f"  {info['message']}")
+    return 0
+
+
+async def _tail(jobs: Jobs, submission_id: str) -> None:
+    async for chunk in jobs.client.tail_job_logs(submission_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def _logs(args: argparse.Namespace) -> int:
+    jobs = Jobs(args.address)
+    job = jobs.newest(args.run_id)
+    if args.follow:
+        try:
+            asyncio.run(_tail(jobs, job.submission_id))
+        except Exception as err:
+            raise Failure(f"following the logs of job {job.submission_id} at {jobs.address}: {_short(err)}") from None
+    else:
+        sys.stdout.write(jobs.call(f"reading the logs of job {job.submission_id}", "get_job_logs", job.submission_id))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    jobs = Jobs(args.address)
+    job = jobs.newest(args.run_id)
+    if str(job.status) in TERMINAL:
+        print(f"job {job.submission_id} of run {args.run_id} has already ended: {job.status}")
+        return 0
+    jobs.call(f"stopping job {job.submission_id}", "stop_job", job.submission_id)
+    print(
+        f"stop requested for job {job.submission_id}: run {args.run_id} writes a checkpoint and stops "
+        f"(killed if it takes over {STOP_WAIT_S} s); continue it with cmacc submit ... --resume"
+    )
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    jobs = Jobs(args.address)
+    listed = [
+        _job_dict(job)
+        for job in sorted(jobs.call("listing jobs", "list_jobs"), key=lambda j: j.start_time or 0)
+        if job.submission_id
+    ]
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    if not listed:
+        print(f"no jobs at {jobs.address}")
+        return 0
+    print(f"{'SUBMISSION':<28}{'RUN':<24}{'STATUS':<11}{'STARTED':<21}")
+    for job in listed:
+        print(f"{job['submission_id']:<28}{job['run_id'] or '-':<24}{job['status']:<11}{_when(job['start_time']):<21}")
+    return 0
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=None, help="Ray dashboard address, http://HEAD:8265 (default: RAY_ADDRESS)"
+    )
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    submit = commands.add_parser(
+        "submit", help="submit a pretraining run to a Ray cluster as a Ray job", description=__doc__.splitlines()[0]
+    )
+    _add_address(submit)
+    add_recipe_args(submit)
+    submit.add_argument("--run-id", required=True, help="name of the run (the job's submission id)")
+    submit.add_argument("--storage", default=None, help="storage root URI the cluster writes to (default: ./runs)")
+    submit.add_argument("--data", default=None, help="clip-shard data set URI (default: generated, cached)")
+    submit.add_argument("--resume", action="store_true", help="continue a run id submitted before, from its checkpoint")
+    submit.add_argument("--json", action="store_true", help="print JSON")
+    submit.set_defaults(handler=_submit)
+
+    for name, handler, text in (
+        ("status", _status, "the status of a run's newest job"),
+        ("logs", _logs, "the logs of a run's newest job"),
+        ("stop", _stop, "stop a run's job: it writes a checkpoint and stops"),
+    ):
+        parser = commands.add_parser(name, help=text, description=text)
+        parser.add_argument("run_id", metavar="ID", help="run id (or a job's submission id)")
+        _add_address(parser)
+        if name == "status":
+            parser.add_argument("--json", action="store_true", help="print JSON")
+        if name == "logs":
+            parser.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+        parser.set_defaults(handler=handler)
+
+    listing = commands.add_parser("list", help="the jobs of a Ray cluster", description="List the cluster's jobs.")
+    _add_address(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_list)

@@ -1,0 +1,109 @@
+"""The run catalog reads storage only: runs, checkpoints (registered or not), the refusal to
+reuse a run id with a checkpoint, and the cached default data set."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service import catalog, storage
+
+pytestmark = pytest.mark.unit
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def make_run(root: str, run_id: str, *, steps: list[int], registered: list[int], updated: str, state="succeeded"):
+    """A run folder as `jobs.pretrain` and Ray Train leave it (only the files the catalog reads)."""
+    run = storage.join(root, run_id)
+    info = {"run_id": run_id, "recipe": "demo", "sampler": "active", "state": state, "last_step": max(steps, default=0)}
+    storage.write_bytes(storage.join(run, "run.json"), json.dumps({**info, "updated": updated, "config": {}}).encode())
+    for step in steps:
+        meta = {"step": step, "run_id": run_id, "time": 1.0e9 + step}
+        storage.write_bytes(storage.join(run, catalog.checkpoint_name(step), "meta.json"), json.dumps(meta).encode())
+    snapshot = {"checkpoints": [{"path": f"{run}/{catalog.checkpoint_name(s)}"} for s in registered]}
+    storage.write_bytes(storage.join(run, catalog.SNAPSHOT_FILE), json.dumps(snapshot).encode())
+    return run
+
+
+def test_runs_are_listed_newest_first_with_their_newest_registered_checkpoint(tmp_path):
+    root = str(tmp_path / "runs")
+    make_run(root, "old", steps=[2, 4], registered=[2, 4], updated="2026-11-01T00:00:00+00:00")
+    # checkpoint 6 was uploaded but not registered before a crash: a rerun resumes from 4
+    make_run(root, "new", steps=[2, 4, 6], registered=[2, 4], updated="2026-11-02T00:00:00+00:00")
+    storage.write_bytes(storage.join(root, "datasets", "synth-x", "manifest.json"), b"{}")  # not a run
+    runs = catalog.list_runs(root)
+    assert [r.run_id for r in runs] == ["new", "old"]
+    assert runs[0].newest_checkpoint.step == 4
+    assert [(c.step, c.registered) for c in runs[0].checkpoints] == [(2, True), (4, True), (6, False)]
+    assert runs[0].to_dict()["newest_checkpoint"].endswith("new/checkpoint-00000004")
+    assert "config" not in runs[0].to_dict()
+
+
+def test_a_checkpoint_without_its_meta_is_still_uploading_and_not_listed(tmp_path):
+    root = str(tmp_path)
+    run = make_run(root, "r", steps=[2], registered=[2], updated="")
+    storage.write_bytes(storage.join(run, catalog.checkpoint_name(4), "train.pt"), b"partial")
+    assert [c.step for c in catalog.list_checkpoints(run)] == [2]
+
+
+def test_missing_run_names_the_uri(tmp_path):
+    assert catalog.read_run(str(tmp_path), "nope") is None
+    with pytest.raises(catalog.CatalogError, match=str(tmp_path / "nope")):
+        catalog.require_run(str(tmp_path), "nope")
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", ".hidden", "x" * 101, "sp ace", "-dash"])
+def test_run_ids_must_be_folder_and_job_names(bad):
+    with pytest.raises(ValueError, match="run id"):
+        catalog.check_run_id(bad)
+
+
+def _cmacc(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *argv], cwd=PROJECT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cmacc_pretrain_refuses_a_run_id_with_a_checkpoint_without_resume_and_touches_nothing(tmp_path):
+    root = tmp_path / "runs"
+    make_run(str(root), "taken", steps=[2], registered=[2], updated="")
+    before = {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    result = _cmacc("pretrain", "--run-id", "taken", "--storage", str(root))
+    assert result.returncode == 2, result.stderr
+    assert "--resume" in result.stderr and str(root / "taken") in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    after = {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_catalog_commands_print_tables_and_fail_clearly(tmp_path):
+    root = str(tmp_path / "runs")
+    make_run(root, "r1", steps=[2, 4], registered=[2, 4], updated="2026-11-01T00:00:00+00:00")
+    runs = _cmacc("runs", "--storage", root)
+    assert runs.returncode == 0 and "r1" in runs.stdout and "checkpoint-00000004" in runs.stdout
+    checkpoints = _cmacc("checkpoints", "r1", "--storage", root, "--json")
+    assert [c["step"] for c in json.loads(checkpoints.stdout)] == [2, 4]
+    missing = _cmacc("checkpoints", "r2", "--storage", root)
+    assert missing.returncode == 1 and "r2" in missing.stderr
+    no_data = _cmacc("eval", "--checkpoint", f"{root}/r1/checkpoint-00000004")
+    assert no_data.returncode == 2 and "--data" in no_data.stderr
+
+
+def test_default_data_is_generated_once_and_reused(tmp_path, capsys):
+    from jobs import pretrain
+    from service.config import load_recipe
+
+    cfg = load_recipe("demo", ["data.num_clips=12", "data.frames=2", "data.size=16", "data.clip_seconds=0.25"])
+    first = pretrain.default_data(cfg, str(tmp_path))
+    assert "generating 12 synthetic clips" in capsys.readouterr().out
+    written = {p: p.stat().st_mtime_ns for p in Path(first).rglob("*")}
+    assert pretrain.default_data(cfg, str(tmp_path)) == first
+    assert "generating" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in Path(first).rglob("*")} == written
+    other = load_recipe("demo", ["data.num_clips=13", "data.frames=2", "data.size=16", "data.clip_seconds=0.25"])
+    assert pretrain.default_data(other, str(tmp_path)) != first  # other parameters, another data set
