@@ -97,7 +97,7 @@ def run_pretrain(args: argparse.Namespace, *, progress: Callable[[Any, int, int]
     display = progress(client, cfg.train.steps, run.start_step) if progress else None
     fit_started, fit_wallclock = time.perf_counter(), time.time()
     try:
-        result = fit_with_graceful_stop(build_trainer(run), client, poll=display.poll if display else None)
+        result = fit_with_graceful_stop(build_trainer(run, client), client, poll=display.poll if display else None)
         outcome = summarise(run, result)
     except Exception as err:
         write_run_json(run, state="failed", error=str(err))
@@ -243,7 +243,7 @@ def build_run(cfg: Config, *, run_id: str, storage_root: str | None, data_uri: s
         catalog.check_run_id(run_id)
     except ValueError as err:
         raise RunExistsError(str(err)) from None
-    root = storage_root or cfg.storage.root
+    root = storage.absolute(storage_root or cfg.storage.root)
     endpoint = cfg.storage.endpoint_url
     try:
         existing = catalog.read_run(root, run_id, endpoint_url=endpoint)
@@ -263,7 +263,7 @@ def build_run(cfg: Config, *, run_id: str, storage_root: str | None, data_uri: s
         storage.remove(probe, endpoint_url=endpoint)
     except OSError as err:
         raise PretrainError(f"storage {root} is not writable: {err}") from None
-    data = data_uri or cfg.data.uri or default_data(cfg, root)
+    data = storage.absolute(data_uri or cfg.data.uri or default_data(cfg, root))
     try:
         manifest = read_manifest(data, endpoint_url=endpoint)
     except (DataError, OSError) as err:
@@ -328,7 +328,7 @@ def check_resources(cfg: Config) -> None:
         )
 
 
-def build_trainer(run: Run) -> Any:
+def build_trainer(run: Run, client: Any) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -341,7 +341,11 @@ def build_trainer(run: Run) -> Any:
         resources["GPU"] = cfg.resources.gpus_per_worker
     env = {k: v for k, v in os.environ.items() if k in PASSED_ENV or k.startswith(FAULT_ENV_PREFIX)}
     context = RunContext(
-        run_id=run.run_id, data_uri=run.data_uri, run_uri=run.run_uri, endpoint_url=cfg.storage.endpoint_url
+        run_id=run.run_id,
+        data_uri=run.data_uri,
+        run_uri=run.run_uri,
+        actor_name=client.name,
+        endpoint_url=cfg.storage.endpoint_url,
     )
     return TorchTrainer(
         train_loop_per_worker,

@@ -65,6 +65,12 @@ def is_local(uri: str) -> bool:
     return split_uri(uri)[0] == "file"
 
 
+def absolute(uri: str) -> str:
+    """A local path or `file://` URI as an absolute path (other processes, such as Ray
+    workers, run in other folders); any other URI as it is."""
+    return split_uri(uri)[1] if is_local(uri) else uri
+
+
 def s3_endpoint(endpoint_url: str = "") -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 

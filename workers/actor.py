@@ -123,8 +123,11 @@ class DictionaryService:
         self.reset()
         self.dictionaries.load_state_dict(_to_torch(state["dictionaries"]))
         self.version = int(state["version"])
-        # The kept deltas now belong to this process's state.
-        self.history.extend({**delta, "incarnation": self.incarnation} for delta in state["history"])
+        # The kept deltas now belong to this process's state. A stop request belonged to the
+        # run that saved them: replayed after a resume, it would stop the new run at once.
+        self.history.extend(
+            {**delta, "incarnation": self.incarnation, "stop_requested": False} for delta in state["history"]
+        )
 
     def request_stop(self) -> None:
         """Ask the training loop to checkpoint and stop (the driver's Ctrl-C)."""
@@ -164,36 +167,38 @@ def _to_torch(tree: Any) -> Any:
 
 
 def actor_name(run_id: str) -> str:
-    return f"cmacc-dictionary-{run_id}"
+    """A fresh name per driver: a previous driver's actor of the same run (a stopped job's,
+    still being torn down) must never be picked up by the next one."""
+    return f"cmacc-dictionary-{run_id}-{uuid.uuid4().hex[:8]}"
 
 
 class DictionaryClient:
     """Typed access to the `DictionaryActor` of a run; the only place `.remote()` is called."""
 
-    def __init__(self, handle: Any):
+    def __init__(self, handle: Any, name: str = ""):
         self.handle = handle
+        self.name = name
 
     @classmethod
     def create(cls, *, run_id: str, config: Config, max_restarts: int = -1) -> DictionaryClient:
-        """Start the run's actor (CPU, or `resources.actor_gpus` of a GPU when set)."""
+        """Start the run's actor (CPU, or `resources.actor_gpus` of a GPU when set), owned by
+        this driver: it ends with it."""
         import ray
 
         gpus = config.resources.actor_gpus
+        name = actor_name(run_id)
         actor_class = ray.remote(DictionaryService).options(
-            name=actor_name(run_id),
-            max_restarts=max_restarts,
-            num_cpus=1,
-            num_gpus=gpus,
-            get_if_exists=True,
+            name=name, max_restarts=max_restarts, num_cpus=1, num_gpus=gpus
         )
         handle = actor_class.remote(config=config.to_dict(), device="cuda" if gpus > 0 else "cpu")
-        return cls(handle)
+        return cls(handle, name)
 
     @classmethod
-    def connect(cls, run_id: str) -> DictionaryClient:
+    def connect(cls, name: str) -> DictionaryClient:
+        """The actor the driver created, by the name it passed to the workers."""
         import ray
 
-        return cls(ray.get_actor(actor_name(run_id)))
+        return cls(ray.get_actor(name), name)
 
     def submit(self, **arrays: Any) -> Any:
         """Send one global batch without waiting; returns the ObjectRef of its delta."""

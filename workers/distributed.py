@@ -74,6 +74,7 @@ class RunContext:
     run_id: str
     data_uri: str
     run_uri: str
+    actor_name: str  # the dictionary actor this driver created for the run
     endpoint_url: str = ""
 
     @classmethod
@@ -478,7 +479,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     transforms = build_transforms(cfg, device=device)
     state = build_train_state(cfg, device=device)
     replicas = build_replicas(cfg, device=device)
-    client = DictionaryClient.connect(run.run_id) if rank == 0 else None
+    client = DictionaryClient.connect(run.actor_name) if rank == 0 else None
     schedule = DeltaSchedule(client=client, max_staleness=cfg.method.max_staleness) if client else None
     clip_labels = np.full(reader.manifest.num_clips, -1, dtype=np.int64) if rank == 0 else None
 

@@ -105,10 +105,8 @@ class Jobs:
 
 
 def _storage_root(args: argparse.Namespace, cfg: config.Config) -> str:
-    root = args.storage or cfg.storage.root
-    if storage.is_local(root):  # the job runs elsewhere: a relative path would land in its working_dir
-        root = storage.split_uri(root)[1]
-    return root
+    # The job runs in another folder: a relative path would land in its working_dir.
+    return storage.absolute(args.storage or cfg.storage.root)
 
 
 def _recipe_for_job(recipe: str) -> str:
@@ -168,7 +166,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     entry = ["python", "-m", "jobs.pretrain", "--recipe", recipe, "--run-id", args.run_id, "--storage", root]
     if args.data:
-        entry += ["--data", args.data]
+        entry += ["--data", storage.absolute(args.data)]
     for item in args.overrides:
         entry += ["--set", item]
     if args.resume:

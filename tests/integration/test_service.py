@@ -202,26 +202,49 @@ def test_submit_status_logs_runs_and_resume_continue_from_the_checkpoint(head, d
     assert refused.returncode == 2 and "--resume" in refused.stderr
     assert snapshot(root) == before
 
-    cmacc(head, "submit", *common, *sets, "--set=train.steps=8", "--resume")
+    # Resubmitted with --resume and many more steps; `cmacc stop` once it is past step 4: the job
+    # writes a checkpoint and stops, and nothing trained is lost.
+    cmacc(head, "submit", *common, *sets, "--set=train.steps=400", "--resume")
+    deadline = time.monotonic() + 600
+    while not any(c["step"] > 4 for c in checkpoints_of(head, root)):
+        assert time.monotonic() < deadline, cmacc(head, "logs", "e2e").stdout[-4000:]
+        time.sleep(2)
+    cmacc(head, "stop", "e2e")
+    assert wait_for(head, "e2e") == "STOPPED"
+    info = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]
+    stopped_at = info["last_step"]
+    assert info["state"] == "stopped" and 4 < stopped_at < 400, info
+    assert info["newest_checkpoint"].endswith(f"checkpoint-{stopped_at:08d}")
+
+    # Resubmitted again: it continues from the stop's checkpoint and finishes.
+    cmacc(head, "submit", *common, *sets, f"--set=train.steps={stopped_at + 2}", "--resume")
     assert wait_for(head, "e2e") == "SUCCEEDED", cmacc(head, "logs", "e2e").stdout[-4000:]
     logs = cmacc(head, "logs", "e2e").stdout
-    assert "run e2e: succeeded at step 8 (this job: steps 4 -> 8" in logs
-    listed = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)
-    assert listed[0]["last_step"] == 8
-    checkpoints = json.loads(cmacc(head, "checkpoints", "e2e", "--storage", str(root), "--json").stdout)
-    assert [c["step"] for c in checkpoints][-1] == 8
+    assert f"run e2e: succeeded at step {stopped_at + 2} (this job: steps {stopped_at} -> {stopped_at + 2}" in logs, (
+        "\n".join(line for line in logs.splitlines() if "Reporting" not in line and "Checkpoint succ" not in line)[
+            -6000:
+        ]
+    )
+    assert json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]["last_step"] == stopped_at + 2
+    assert checkpoints_of(head, root)[-1]["step"] == stopped_at + 2
 
     from workers.metrics import read_metrics
 
     records = read_metrics(str(root / "e2e"))
     starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
-    assert starts == [0, 4], f"the resubmission started at {starts[-1]}, not from the checkpoint"
+    assert starts == [0, 4, stopped_at], f"attempts started at {starts}, not at their checkpoints"
+    assert sorted({r["step"] for r in records}) == list(range(1, stopped_at + 3))
 
     jobs = json.loads(cmacc(head, "list", "--json").stdout)
     assert [(j["submission_id"], j["run_id"], j["status"]) for j in jobs if j["run_id"] == "e2e"] == [
         ("e2e", "e2e", "SUCCEEDED"),
-        ("e2e.2", "e2e", "SUCCEEDED"),
+        ("e2e.2", "e2e", "STOPPED"),
+        ("e2e.3", "e2e", "SUCCEEDED"),
     ]
+
+
+def checkpoints_of(head: dict, root: Path) -> list[dict]:
+    return json.loads(cmacc(head, "checkpoints", "e2e", "--storage", str(root), "--json").stdout)
 
 
 def test_submission_errors_are_one_line_with_the_right_exit_code(head, dataset, tmp_path):

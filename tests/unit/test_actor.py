@@ -121,6 +121,19 @@ def test_stop_request_rides_on_the_next_delta():
     assert service.submit(step=1, **global_batch(1))["stop_requested"]
 
 
+def test_a_resumed_run_does_not_inherit_the_stop_request_of_the_run_that_saved_it():
+    """The deltas a checkpoint keeps are replayed after a resume; the stop that ended the
+    saved run must not end the resumed one."""
+    stopped = DictionaryService(config=make_cfg().to_dict())
+    stopped.submit(step=0, **global_batch(0))
+    stopped.request_stop()
+    stopped.submit(step=1, **global_batch(1))
+    resumed = DictionaryService(config=make_cfg().to_dict())
+    resumed.load_state_dict(stopped.state_dict())
+    assert [d["stop_requested"] for d in resumed.deltas_after(0)] == [False, False]
+    assert not resumed.submit(step=2, **global_batch(2))["stop_requested"]
+
+
 @pytest.mark.parametrize("sampler", ["active", "uncertainty", "diversity"])
 def test_a_key_enters_a_dictionary_at_most_once(sampler):
     service = DictionaryService(config=make_cfg(sampler).to_dict())

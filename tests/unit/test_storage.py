@@ -59,3 +59,11 @@ def test_missing_local_file_names_the_path(tmp_path):
     uri = str(tmp_path / "absent.bin")
     with pytest.raises(FileNotFoundError, match=r"absent\.bin"):
         storage.read_bytes(uri)
+
+
+def test_absolute_makes_local_paths_absolute_and_leaves_other_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("./runs") == str(tmp_path / "runs")
+    assert storage.absolute("file://rel/x") == str(tmp_path / "rel" / "x")
+    assert storage.absolute("s3://bucket/runs") == "s3://bucket/runs"
+    assert storage.absolute("memory://a/b") == "memory://a/b"
