@@ -290,6 +290,7 @@ def build_run(cfg: Config, *, run_id: str, storage_root: str | None, data_uri: s
 def default_data(cfg: Config, root: str) -> str:
     """The generated data set of `data.*`, made once under `<root>/datasets/` and reused."""
     from workers.data.format import MANIFEST_NAME
+    from workers.data.synth import VERSION as SYNTH_VERSION
     from workers.data.synth import write_synthetic
 
     d = cfg.data
@@ -302,7 +303,8 @@ def default_data(cfg: Config, root: str) -> str:
         sample_rate=d.sample_rate,
         seed=0,
     )
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    key = {**params, "version": SYNTH_VERSION}  # a new generator version is a new data set
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     uri = storage.join(root, "datasets", f"synth-{digest}")
     if not storage.exists(storage.join(uri, MANIFEST_NAME), endpoint_url=cfg.storage.endpoint_url):
         print(f"generating {d.num_clips} synthetic clips at {uri} ...", flush=True)

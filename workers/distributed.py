@@ -175,9 +175,10 @@ def apply_delta(dictionary: NegativeDictionary, slots: np.ndarray, keys: np.ndar
     if len(slots) == 0:
         return
     device = dictionary.keys.device
-    index = torch.as_tensor(slots, device=device, dtype=torch.long)
-    dictionary.keys[index] = torch.as_tensor(keys, device=device, dtype=dictionary.keys.dtype)
-    dictionary.ids[index] = torch.as_tensor(ids, device=device, dtype=torch.long)
+    # np.array copies: arrays from the object store are read-only, which torch warns about.
+    index = torch.as_tensor(np.array(slots), device=device, dtype=torch.long)
+    dictionary.keys[index] = torch.as_tensor(np.array(keys), device=device, dtype=dictionary.keys.dtype)
+    dictionary.ids[index] = torch.as_tensor(np.array(ids), device=device, dtype=torch.long)
     dictionary.pointer = (int(slots[-1]) + 1) % dictionary.size
 
 

@@ -5,6 +5,11 @@
   the rhythm of the sound (one note per beat), so the modalities agree in time too.
 * Colours, background texture and size are distractors only the picture sees; loudness,
   pitch jitter and the noise floor are distractors only the sound hears. Both get noise.
+* The shape is large (a radius of a fifth to a quarter of the frame), stands out from the
+  background by at least 60 levels per channel, and the background stripes are faint: at the
+  demo's 40 x 40 crops of 48 x 48 frames a width-0.125 R3D-18 can then tell the shapes apart
+  (with labels, a linear probe reaches 0.55 after 300 steps; with smaller shapes over strong
+  stripes and colours that could match the background it stayed at chance).
 
 Deterministic per (seed, clip index) and quick: the default data of the demo and tests.
 """
@@ -18,8 +23,11 @@ import numpy as np
 
 from workers.data.format import Clip, DatasetWriter, Manifest, encode_jpeg, encode_pcm
 
+VERSION = 2  # bumped whenever the same parameters render different clips (cached data sets key on it)
 SHAPES = ("circle", "square", "diamond", "triangle", "cross", "ring", "hbar", "vbar")
 TEST_FRACTION = 0.2
+ORBIT = 0.2  # radius of the shape's orbit, in frame widths
+TEXTURE_CONTRAST = 12.0  # amplitude of the background stripes, in 8-bit levels
 NUM_HARMONICS = 6
 
 
@@ -75,23 +83,24 @@ def render(
     direction = rng.choice([-1.0, 1.0])
     fps = frames / seconds
 
-    # Picture: the shape orbits the centre once per beat over a textured background.
+    # Picture: the shape orbits the centre once per beat over a faintly textured background.
     t = np.arange(frames, dtype=np.float64) / fps
     angle = 2 * np.pi * speed * t + phase
-    cx = 0.5 + 0.25 * np.cos(angle)
-    cy = 0.5 + 0.25 * direction * np.sin(angle)
-    radius = rng.uniform(0.14, 0.2)
+    cx = 0.5 + ORBIT * np.cos(angle)
+    cy = 0.5 + ORBIT * direction * np.sin(angle)
+    radius = rng.uniform(0.2, 0.26)
     grid = (np.arange(size) + 0.5) / size
     dx = (grid[None, None, :] - cx[:, None, None]) / radius
     dy = (grid[None, :, None] - cy[:, None, None]) / radius
     mask = _shape_mask(shape, dx, dy)
     if striped:
         mask &= np.sin(dx * 6.0) > -0.2
-    background = rng.uniform(0, 255, size=3)
+    background = rng.uniform(40, 215, size=3)
     texture_freq = rng.uniform(2, 8, size=2)
     texture = np.sin(2 * np.pi * (texture_freq[0] * grid[None, :] + texture_freq[1] * grid[:, None]))
-    fg = rng.uniform(0, 255, size=3)
-    video = background + 40.0 * texture[None, :, :, None] * np.ones((frames, 1, 1, 3))
+    # The shape stands out by 60 to 120 levels in every channel, away from the nearer extreme.
+    fg = background + np.where(background < 128, 1.0, -1.0) * rng.uniform(60, 120, size=3)
+    video = background + TEXTURE_CONTRAST * texture[None, :, :, None] * np.ones((frames, 1, 1, 3))
     video = np.where(mask[..., None], fg, video)
     video += rng.normal(0, 8.0, size=video.shape)
     video = np.clip(video, 0, 255).astype(np.uint8)
@@ -173,7 +182,7 @@ def write_synthetic(
     writer = DatasetWriter(
         uri,
         label_names=class_names(num_classes),
-        made_by={"generator": "synth", "source": "procedural", "params": params},
+        made_by={"generator": "synth", "version": VERSION, "source": "procedural", "params": params},
         endpoint_url=endpoint_url,
         **extra,
     )
