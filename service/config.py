@@ -78,11 +78,16 @@ class VideoModelConfig:
     width: float = 1.0  # channel width multiplier (1.0 = torchvision's 64..512)
     frames: int = 16  # frames per training clip
     size: int = 112  # crop height and width, pixels
+    clip_norm: bool = False  # subtract each clip's mean colour (see workers.data.transforms)
+    crop_scale: float = 0.4  # smallest area fraction of the random training crop
+    jitter: float = 0.4  # colour jitter strength of training clips (0 = none)
 
     def __post_init__(self) -> None:
         _require(0 < self.width <= 4, "width", f"must be in (0, 4], got {self.width}")
         _require(self.frames >= 1, "frames", f"must be >= 1, got {self.frames}")
         _require(self.size >= 16, "size", f"must be >= 16 pixels, got {self.size}")
+        _require(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
+        _require(0 <= self.jitter < 1, "jitter", f"must be in [0, 1), got {self.jitter}")
 
 
 @dataclass(kw_only=True)
@@ -93,6 +98,7 @@ class AudioModelConfig:
     width: float = 1.0
     n_mels: int = 80  # mel bins
     hop_ms: float = 10.0  # hop between log-mel frames, milliseconds
+    clip_norm: bool = False  # standardise each clip's log-mel (see workers.data.transforms)
 
     def __post_init__(self) -> None:
         _require(0 < self.width <= 4, "width", f"must be in (0, 4], got {self.width}")

@@ -126,11 +126,24 @@ class Transforms:
         }
 
 
-def build_transforms(cfg: Config, *, device: torch.device) -> Transforms:
+def build_transforms(cfg: Config, *, device: torch.device, train: bool = True) -> Transforms:
+    """The model inputs of `cfg.model`: augmented for training, deterministic for evaluation."""
+    video, audio = cfg.model.video, cfg.model.audio
     return Transforms(
-        video=VideoTransform(frames=cfg.model.video.frames, size=cfg.model.video.size, train=True).to(device),
+        video=VideoTransform(
+            frames=video.frames,
+            size=video.size,
+            train=train,
+            scale=(video.crop_scale, 1.0),
+            jitter=video.jitter,
+            clip_norm=video.clip_norm,
+        ).to(device),
         audio=AudioTransform(
-            sample_rate=cfg.data.sample_rate, n_mels=cfg.model.audio.n_mels, hop_ms=cfg.model.audio.hop_ms, train=True
+            sample_rate=cfg.data.sample_rate,
+            n_mels=audio.n_mels,
+            hop_ms=audio.hop_ms,
+            train=train,
+            clip_norm=audio.clip_norm,
         ).to(device),
     )
 

@@ -23,9 +23,8 @@ from service.catalog import RUN_FILE
 from service.config import Config
 from workers.data.format import DataError
 from workers.data.reader import ClipReader
-from workers.data.transforms import AudioTransform, VideoTransform
 from workers.distributed import META_FILE as CHECKPOINT_META
-from workers.distributed import TRAIN_FILE
+from workers.distributed import TRAIN_FILE, build_transforms
 from workers.models import AudioVisualEncoder, build_encoders
 from workers.probe import MODALITIES, extract_features, knn_probe, linear_probe
 
@@ -84,10 +83,7 @@ def _batches(
         num_decode_threads=cfg.data.num_decode_threads,
         endpoint_url=endpoint_url,
     )
-    video = VideoTransform(frames=cfg.model.video.frames, size=cfg.model.video.size, train=False).to(device)
-    audio = AudioTransform(
-        sample_rate=cfg.data.sample_rate, n_mels=cfg.model.audio.n_mels, hop_ms=cfg.model.audio.hop_ms, train=False
-    ).to(device)
+    transforms = build_transforms(cfg, device=device, train=False)
 
     def generate() -> Iterator[dict[str, torch.Tensor]]:
         seen = torch.zeros(reader.manifest.num_clips, dtype=torch.bool)
@@ -102,8 +98,8 @@ def _batches(
                     continue
                 with torch.no_grad():
                     yield {
-                        "video": video(raw["frames"][fresh].to(device)),
-                        "audio": audio(raw["audio"][fresh].to(device)),
+                        "video": transforms.video(raw["frames"][fresh].to(device)),
+                        "audio": transforms.audio(raw["audio"][fresh].to(device)),
                         "label": raw["label"][fresh],
                         "index": raw["index"][fresh],
                     }

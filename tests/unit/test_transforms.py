@@ -144,6 +144,28 @@ def test_spec_augment_masks_fill_whole_bands_with_the_clip_mean():
         assert torch.allclose(out[i][changed[i]], plain[i].mean().expand(int(changed[i].sum())))
 
 
+def test_video_clip_norm_removes_each_clips_mean_colour_and_nothing_else():
+    x = clips(frames=4, height=16, width=16)
+    plain = VideoTransform(frames=4, size=16, train=False)(x)
+    normed = VideoTransform(frames=4, size=16, train=False, clip_norm=True)(x)
+    assert torch.allclose(normed, plain - plain.mean(dim=(2, 3, 4), keepdim=True), atol=1e-5)
+    assert normed.mean(dim=(2, 3, 4)).abs().max() < 1e-5
+    tinted = x.clone()
+    tinted[..., 0] = tinted[..., 0] // 2  # the same clips with less red everywhere
+    relative = VideoTransform(frames=4, size=16, train=False, clip_norm=True)(tinted)
+    assert not torch.allclose(relative, normed, atol=1e-3)  # contrast is kept, only the offset goes
+
+
+def test_audio_clip_norm_makes_the_level_of_a_clip_irrelevant():
+    transform = AudioTransform(sample_rate=16000, n_mels=40, hop_ms=10.0, train=False, clip_norm=True)
+    x = waves() + 0.1 * torch.randn(
+        3, 4000, generator=torch.Generator().manual_seed(0)
+    )  # every bin far above the floor
+    out = transform(x)[:, 0]
+    assert out.mean(dim=(1, 2)).abs().max() < 1e-4 and torch.allclose(out.std(dim=(1, 2)), torch.ones(3), atol=1e-4)
+    assert torch.allclose(transform(x * 0.25)[:, 0], out, atol=1e-3)  # -12 dB: the same input to the encoder
+
+
 def test_transforms_reject_wrong_shapes():
     with pytest.raises(ValueError, match=r"\[B, T, H, W, 3\]"):
         VideoTransform(frames=2, size=8, train=False)(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))

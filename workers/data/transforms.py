@@ -45,6 +45,9 @@ class VideoTransform(nn.Module):
     The same crop, flip and colours apply to every frame of a clip.
     Eval: the centred window, the largest centred square, resized; nothing random.
     Clips with fewer than `frames` frames repeat their last one.
+    Output: normalised with the Kinetics mean and std; with `clip_norm`, each clip's own mean
+    per channel (over frames and pixels) is subtracted too, so the clip's overall colour (a
+    factor the sound cannot know) does not dominate the embedding of a random encoder.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class VideoTransform(nn.Module):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         jitter: float = 0.4,
         jitter_p: float = 0.8,
+        clip_norm: bool = False,
     ):
         super().__init__()
         if frames < 1:
@@ -76,6 +80,7 @@ class VideoTransform(nn.Module):
         self.ratio = ratio
         self.jitter = jitter
         self.jitter_p = jitter_p
+        self.clip_norm = clip_norm
         self.register_buffer("mean", torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(KINETICS_STD).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("luma", torch.tensor(_LUMA).view(1, 1, 3, 1, 1), persistent=False)
@@ -96,7 +101,10 @@ class VideoTransform(nn.Module):
         if self.train and self.jitter > 0:
             clips = self._colour_jitter(clips, generator)
         clips = clips.permute(0, 2, 1, 3, 4)  # B x C x T x s x s
-        return (clips - self.mean) / self.std
+        clips = (clips - self.mean) / self.std
+        if self.clip_norm:
+            clips = clips - clips.mean(dim=(2, 3, 4), keepdim=True)
+        return clips
 
     def _window(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         batch, stored = x.shape[:2]
@@ -184,6 +192,7 @@ class AudioTransform(nn.Module):
         freq_mask: int = 0,
         time_mask: float = 0.1,
         num_masks: int = 2,
+        clip_norm: bool = False,
     ):
         super().__init__()
         if sample_rate < 1:
@@ -202,6 +211,7 @@ class AudioTransform(nn.Module):
         self.freq_mask = freq_mask or max(n_mels // 8, 1)  # 0 = an eighth of the bins
         self.time_mask = time_mask
         self.num_masks = num_masks
+        self.clip_norm = clip_norm
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate,
             n_fft=1 << (win_length - 1).bit_length(),
@@ -226,6 +236,8 @@ class AudioTransform(nn.Module):
         spec = torch.log(self.mel(x) + 1e-6)  # B x n_mels x frames
         if self.train and self.num_masks > 0:
             spec = self._spec_augment(spec, generator)
+        if self.clip_norm:  # level and noise floor are factors the picture cannot know
+            spec = (spec - spec.mean(dim=(1, 2), keepdim=True)) / spec.std(dim=(1, 2), keepdim=True).clamp_min(1e-5)
         return spec.unsqueeze(1)
 
     def _gain_and_shift(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
