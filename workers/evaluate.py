@@ -26,7 +26,7 @@ from workers.data.reader import ClipReader
 from workers.distributed import META_FILE as CHECKPOINT_META
 from workers.distributed import TRAIN_FILE, build_transforms
 from workers.models import AudioVisualEncoder, build_encoders
-from workers.probe import MODALITIES, extract_features, knn_probe, linear_probe
+from workers.probe import MODALITIES, evaluate_features, extract_features
 
 PROBES = ("linear", "knn")
 EVAL_BATCH = 64
@@ -67,8 +67,8 @@ def untrained_encoders(cfg: Config) -> AudioVisualEncoder:
 
 def _batches(
     cfg: Config, data_uri: str, split: str, *, device: torch.device, endpoint_url: str
-) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
-    """(number of clips, batches covering every clip of `split` exactly once)."""
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches covering every clip of `split` exactly once."""
     reader = ClipReader(
         uri=data_uri,
         rank=0,
@@ -104,7 +104,7 @@ def _batches(
                         "index": raw["index"][fresh],
                     }
 
-    return reader.num_clips, generate()
+    return generate()
 
 
 def features_of(
@@ -118,7 +118,7 @@ def features_of(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """{model name: extract_features output} over every clip of `split`, in clip order."""
-    _, batches = _batches(cfg, data_uri, split, device=device, endpoint_url=endpoint_url)
+    batches = _batches(cfg, data_uri, split, device=device, endpoint_url=endpoint_url)
     parts: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in models}
     order = []
     for batch in batches:
@@ -175,23 +175,19 @@ def evaluate_checkpoint(
     if (labels < 0).any():
         raise DataError(f"evaluation data {data_uri} has unlabelled clips; the probes need a label for every clip")
     num_classes = int(labels.max()) + 1
-    results: dict[str, Any] = {}
-    for name in models:
-        train, test = features[train_split][name], features[test_split][name]
-        results[name] = {}
-        for modality in MODALITIES:
-            args = (train[modality], train["label"], test[modality], test["label"])
-            results[name][modality] = {}
-            if "linear" in probes:
-                results[name][modality]["linear"] = linear_probe(
-                    *args,
-                    num_classes=num_classes,
-                    epochs=cfg.eval.linear_epochs,
-                    lr=cfg.eval.linear_lr,
-                    weight_decay=cfg.eval.linear_weight_decay,
-                ).to_dict()
-            if "knn" in probes:
-                results[name][modality]["knn"] = knn_probe(*args, num_classes=num_classes, k=cfg.eval.knn_k).to_dict()
+    results = {
+        name: {
+            modality: {probe: result.to_dict() for probe, result in per_probe.items()}
+            for modality, per_probe in evaluate_features(
+                features[train_split][name],
+                features[test_split][name],
+                num_classes=num_classes,
+                cfg=cfg.eval,
+                probes=probes,
+            ).items()
+        }
+        for name in models
+    }
     return {
         "checkpoint": checkpoint_uri,
         "step": int(meta.get("step", -1)),

@@ -150,22 +150,24 @@ def evaluate_features(
     *,
     num_classes: int,
     cfg: EvalConfig,
+    probes: tuple[str, ...] = ("linear", "knn"),
 ) -> dict[str, dict[str, ProbeResult]]:
-    """Both probes on both modalities: {"video": {"linear": ..., "knn": ...}, "audio": ...}.
+    """`probes` on both modalities: {"video": {"linear": ..., "knn": ...}, "audio": ...}.
 
     `train` and `test` are `extract_features` outputs.
     """
-    results = {}
+    results: dict[str, dict[str, ProbeResult]] = {}
     for name in MODALITIES:
         args = (train[name], train["label"], test[name], test["label"])
-        results[name] = {
-            "linear": linear_probe(
+        results[name] = {}
+        if "linear" in probes:
+            results[name]["linear"] = linear_probe(
                 *args,
                 num_classes=num_classes,
                 epochs=cfg.linear_epochs,
                 lr=cfg.linear_lr,
                 weight_decay=cfg.linear_weight_decay,
-            ),
-            "knn": knn_probe(*args, num_classes=num_classes, k=cfg.knn_k),
-        }
+            )
+        if "knn" in probes:
+            results[name]["knn"] = knn_probe(*args, num_classes=num_classes, k=cfg.knn_k)
     return results

@@ -65,6 +65,12 @@ def data(cfg):
     }
 
 
+def model_inputs(transforms, data, rows, generator=None):
+    """Rows of the in-memory data set as a reader batch, through `transforms`."""
+    raw = {"frames": data["frames"][rows], "audio": data["audio"][rows], "index": rows, "label": data["label"][rows]}
+    return transforms(raw, device=torch.device("cpu"), generator=generator)
+
+
 def training_batches(cfg, data):
     """Shuffled epochs of the train split through the training transforms, as the reader would."""
     transforms = build_transforms(cfg, device=torch.device("cpu"), train=True)
@@ -73,14 +79,7 @@ def training_batches(cfg, data):
     while True:
         order = data["train"][torch.randperm(len(data["train"]), generator=generator)]
         for start in range(0, len(order) - size + 1, size):
-            rows = order[start : start + size]
-            raw = {
-                "frames": data["frames"][rows],
-                "audio": data["audio"][rows],
-                "index": rows,
-                "label": data["label"][rows],
-            }
-            yield transforms(raw, device=torch.device("cpu"), generator=generator)
+            yield model_inputs(transforms, data, order[start : start + size], generator)
 
 
 def probe(cfg, data, model) -> dict[str, float]:
@@ -88,14 +87,7 @@ def probe(cfg, data, model) -> dict[str, float]:
 
     def batches(rows):
         for start in range(0, len(rows), 128):
-            chunk = rows[start : start + 128]
-            raw = {
-                "frames": data["frames"][chunk],
-                "audio": data["audio"][chunk],
-                "index": chunk,
-                "label": data["label"][chunk],
-            }
-            yield transforms(raw, device=torch.device("cpu"), generator=None)
+            yield model_inputs(transforms, data, rows[start : start + 128])
 
     train, test = extract_features(model, batches(data["train"])), extract_features(model, batches(data["test"]))
     e = cfg.eval
