@@ -1,11 +1,12 @@
-# `make demo` runs the default job; `make test` runs the suite. Both create .venv on first
-# use and reinstall only when pyproject.toml changes.
+# `make demo` runs the default job; `make test` runs the suite (what CI runs); `make test-fast`
+# runs every test not marked slow. All create .venv on first use and reinstall only when
+# pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 
-.PHONY: demo install test lint clean
+.PHONY: demo install test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,201 +1,25 @@
-"""Benchmarks: `python -m jobs.bench sampler [--device cpu|cuda] [--json] [--out URI] ...`.
-
-`sampler` times one dictionary selection (DESIGN.md section 2, step 4) for pool sizes N and
-picks M on random unit keys: `--warmup` untimed runs, then the median of `--repeats` timed
-ones, with CUDA synchronised around each. The same as `cmacc bench sampler`.
-"""
+"""`python -m jobs.bench sampler [--device cpu|cuda] [--json] [--out URI] ...`: the same
+benchmarks as `cmacc bench`, as a job (for example on a GPU node)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
 
-import torch
-from torch.nn import functional as F
-
-from service import storage
+from service import errors
 from service.commands import bench as bench_commands
-from service.commands.common import Failure, UsageError
-from workers.sampler import resolve_pseudo_classes, select
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def check_device(device: str) -> torch.device:
-    """`device` as a torch.device; Failure when it is CUDA and this machine has none."""
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise Failure("cmacc bench sampler: --device cuda, but this machine has no CUDA device")
-    return torch_device
-
-
-def time_selection(
-    *,
-    sampler: str,
-    num_candidates: int,
-    num_picks: int,
-    dim: int,
-    device: torch.device,
-    repeats: int,
-    warmup: int,
-    seed: int,
-    temperature: float = 0.07,
-) -> dict[str, Any]:
-    """Milliseconds per selection of `num_picks` keys from `num_candidates` on `device`.
-
-    The batch is M fresh clips (none in the pool, so nothing is excluded); the pseudo-classes
-    are min(M, 256) of its M queries. Returns the case, the median and every timing.
-    """
-    inputs = torch.Generator().manual_seed(seed)
-
-    def unit_rows(n: int) -> torch.Tensor:
-        return F.normalize(torch.randn(n, dim, generator=inputs), dim=1).to(device)
-
-    pool_keys, queries, batch_keys = unit_rows(num_candidates), unit_rows(num_picks), unit_rows(num_picks)
-    pool_ids = torch.arange(num_candidates, device=device)
-    batch_ids = torch.arange(num_candidates, num_candidates + num_picks, device=device)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    timings = []
-    for run in range(warmup + repeats):
-        _sync(device)
-        started = time.perf_counter()
-        selection = select(
-            sampler,
-            pool_keys=pool_keys,
-            pool_ids=pool_ids,
-            queries=queries,
-            batch_keys=batch_keys,
-            batch_ids=batch_ids,
-            exclude_ids=batch_ids,
-            num_picks=num_picks,
-            temperature=temperature,
-            num_pseudo_classes=0,
-            generator=generator,
-        )
-        _sync(device)
-        if run >= warmup:
-            timings.append(1000 * (time.perf_counter() - started))
-    assert selection.ids.shape[0] == min(num_picks, num_candidates)
-    return {
-        "N": num_candidates,
-        "M": num_picks,
-        "C": resolve_pseudo_classes(0, num_picks),
-        "ms": statistics.median(timings),
-        "ms_min": min(timings),
-        "timings_ms": timings,
-    }
-
-
-def bench_sampler(
-    *,
-    cases: Sequence[tuple[int, int]],
-    sampler: str = "active",
-    dim: int = 128,
-    device: str = "cpu",
-    repeats: int = 5,
-    warmup: int = 1,
-    seed: int = 0,
-    on_case: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Time every (N, M) case; returns the setting and one result per case."""
-    torch_device = check_device(device)
-    results = []
-    for num_candidates, num_picks in cases:
-        result = time_selection(
-            sampler=sampler,
-            num_candidates=num_candidates,
-            num_picks=num_picks,
-            dim=dim,
-            device=torch_device,
-            repeats=repeats,
-            warmup=warmup,
-            seed=seed,
-        )
-        results.append(result)
-        if on_case is not None:
-            on_case(result)
-    name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"
-    return {
-        "benchmark": "sampler",
-        "sampler": sampler,
-        "device": device,
-        "device_name": name,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "d": dim,
-        "repeats": repeats,
-        "warmup": warmup,
-        "results": results,
-    }
-
-
-TABLE_HEADER = f"{'N':>7} {'M':>6} {'C':>5} {'ms (median)':>12} {'ms (min)':>10}"
-
-
-def table_row(result: dict[str, Any]) -> str:
-    return f"{result['N']:>7} {result['M']:>6} {result['C']:>5} {result['ms']:>12.2f} {result['ms_min']:>10.2f}"
-
-
-def run_sampler_command(args: argparse.Namespace) -> int:
-    """The `sampler` subcommand: a table (rows as they finish) or JSON, and JSON to `--out`."""
-    cases = bench_commands.sampler_cases(args)
-    repeats = 2 if args.quick else args.repeats
-    if repeats < 1 or args.warmup < 0 or args.dim < 2:
-        raise UsageError("cmacc bench sampler: --repeats must be >= 1, --warmup >= 0 and --dim >= 2")
-    check_device(args.device)
-    if not args.json:
-        print(
-            f"{args.sampler} selection on {args.device}, d={args.dim}, median of {repeats} after {args.warmup} warm-up"
-        )
-        print(TABLE_HEADER, flush=True)
-
-    def show(result: dict[str, Any]) -> None:
-        if args.json:
-            print(f"N={result['N']} M={result['M']}: {result['ms']:.2f} ms", file=sys.stderr, flush=True)
-        else:
-            print(table_row(result), flush=True)
-
-    report = bench_sampler(
-        cases=cases,
-        sampler=args.sampler,
-        dim=args.dim,
-        device=args.device,
-        repeats=repeats,
-        warmup=args.warmup,
-        seed=args.seed,
-        on_case=show,
-    )
-    text = json.dumps(report, indent=2)
-    if args.json:
-        print(text)
-    if args.out:
-        storage.write_bytes(args.out, (text + "\n").encode())
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     bench_commands.add_sampler_arguments(sub.add_parser("sampler", help="milliseconds per dictionary selection"))
-    args = parser.parse_args(argv)
-    try:
-        return run_sampler_command(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (Failure, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return bench_commands.run_sampler(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run_main(main)

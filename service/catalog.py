@@ -1,47 +1,25 @@
-"""The run catalog: what storage says about runs and their checkpoints (no Ray, no torch).
+"""The run catalog: what storage says about runs and their checkpoints, and the run record
+each job keeps there (no Ray, no torch). File and folder names come from `service.layout`.
 
-A run lives in `<storage root>/<run id>/`:
-
-* `run.json`: the job's catalogue entry (run id, recipe, resolved config, sampler, data URI,
-  state, last step, error, created and updated times, and the newest evaluation summary);
-* `checkpoint-%08d/`: checkpoints (the number is the step), each with a `meta.json`;
-* `checkpoint_manager_snapshot.json`: Ray Train's list of the checkpoints it registered (the
-  ones a rerun resumes from); `metrics/`: the JSONL log and TensorBoard events;
-* `eval/checkpoint-%08d.json`: the evaluations of checkpoints.
+* `run.json` (the run record): run id, recipe, resolved config, sampler, data URI, state,
+  last step, error, created and updated times, and the newest evaluation summary. The job
+  that trains the run writes it (`write_run_record`); `cmacc runs` and friends read it.
+* Checkpoints: `checkpoint-%08d/` folders that carry their `meta.json`; `registered` says
+  whether Ray Train listed the checkpoint in its snapshot (the one a rerun resumes from).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import storage
+from service import layout, reports, storage
+from service.errors import CatalogError
 
-RUN_FILE = "run.json"
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-CHECKPOINT_META = "meta.json"  # workers.distributed.META_FILE (this module stays torch-free)
-EVAL_FOLDER = "eval"
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8})$")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-class CatalogError(LookupError):
-    """A run or checkpoint is missing or unreadable; the message names the URI."""
-
-
-def check_run_id(run_id: str) -> str:
-    """A run id is a folder name and a Ray submission id: letters, digits, `_`, `.`, `-`."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-        raise ValueError(
-            f"run id {run_id!r}: use 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return run_id
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:08d}"
+__all__ = ["CatalogError", "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "require_run"]
 
 
 @dataclass(kw_only=True)
@@ -90,25 +68,25 @@ def list_checkpoints(run_uri: str, *, endpoint_url: str = "") -> list[Checkpoint
     snapshot); a checkpoint uploaded just before a crash may not be, and a rerun then resumes
     from the newest registered one.
     """
-    snapshot = _read_json(storage.join(run_uri, SNAPSHOT_FILE), endpoint_url)
+    snapshot = _read_json(storage.join(run_uri, layout.SNAPSHOT_FILE), endpoint_url)
     registered = set(re.findall(r"checkpoint-\d{8}", json.dumps(snapshot))) if snapshot else set()
     entries = []
     for name in storage.list_dir(run_uri, endpoint_url=endpoint_url):
-        match = _CHECKPOINT_NAME.match(name)
-        if not match:
+        step = layout.checkpoint_step(name)
+        if step is None:
             continue
         uri = storage.join(run_uri, name)
-        meta = _read_json(storage.join(uri, CHECKPOINT_META), endpoint_url)
+        meta = _read_json(storage.join(uri, layout.CHECKPOINT_META), endpoint_url)
         if meta is None:  # still uploading, or abandoned half-way
             continue
-        entries.append(CheckpointEntry(step=int(match.group(1)), uri=uri, registered=name in registered, meta=meta))
+        entries.append(CheckpointEntry(step=step, uri=uri, registered=name in registered, meta=meta))
     return sorted(entries, key=lambda entry: entry.step)
 
 
 def read_run(root: str, run_id: str, *, endpoint_url: str = "") -> RunEntry | None:
     """The run `run_id` under `root`, or None when it has neither a run.json nor a checkpoint."""
-    uri = storage.join(root, run_id)
-    info = _read_json(storage.join(uri, RUN_FILE), endpoint_url)
+    uri = layout.run_uri(root, run_id)
+    info = _read_json(storage.join(uri, layout.RUN_FILE), endpoint_url)
     checkpoints = list_checkpoints(uri, endpoint_url=endpoint_url)
     if info is None and not checkpoints:
         return None
@@ -118,7 +96,7 @@ def read_run(root: str, run_id: str, *, endpoint_url: str = "") -> RunEntry | No
 def require_run(root: str, run_id: str, *, endpoint_url: str = "") -> RunEntry:
     entry = read_run(root, run_id, endpoint_url=endpoint_url)
     if entry is None:
-        raise CatalogError(f"no run {run_id!r} under {root} (no {storage.join(root, run_id, RUN_FILE)})")
+        raise CatalogError(f"no run {run_id!r} under {root} (no {storage.join(root, run_id, layout.RUN_FILE)})")
     return entry
 
 
@@ -126,7 +104,7 @@ def list_runs(root: str, *, endpoint_url: str = "") -> list[RunEntry]:
     """Every run under `root` (folders with a run.json), newest update first."""
     runs = []
     for name in storage.list_dir(root, endpoint_url=endpoint_url):
-        if not storage.exists(storage.join(root, name, RUN_FILE), endpoint_url=endpoint_url):
+        if not storage.exists(storage.join(root, name, layout.RUN_FILE), endpoint_url=endpoint_url):
             continue  # datasets/ and anything else that is not a run
         entry = read_run(root, name, endpoint_url=endpoint_url)
         if entry is not None:
@@ -134,5 +112,54 @@ def list_runs(root: str, *, endpoint_url: str = "") -> list[RunEntry]:
     return sorted(runs, key=lambda run: str(run.info.get("updated", "")), reverse=True)
 
 
-def eval_uri(run_uri: str, step: int) -> str:
-    return storage.join(run_uri, EVAL_FOLDER, f"{checkpoint_name(step)}.json")
+def newest_checkpoint_of(root: str, run_id: str, *, endpoint_url: str = "") -> CheckpointEntry:
+    """The checkpoint `cmacc eval --run` and friends use: the run's newest (registered first)."""
+    entry = require_run(root, run_id, endpoint_url=endpoint_url)
+    newest = entry.newest_checkpoint
+    if newest is None:
+        raise CatalogError(f"run {run_id!r} at {entry.uri} has no checkpoint yet")
+    return newest
+
+
+def write_run_record(
+    run_uri: str,
+    *,
+    run_id: str,
+    recipe: str,
+    sampler: str,
+    data: str,
+    config: dict[str, Any],
+    state: str,
+    last_step: int | None = None,
+    error: str = "",
+    evaluation: dict[str, Any] | None = None,
+    endpoint_url: str = "",
+) -> None:
+    """Write the run's record, `<run>/run.json` (no credentials in it), keeping what the
+    previous record of the run said about its creation, last step and evaluation."""
+    uri = storage.join(run_uri, layout.RUN_FILE)
+    previous = _read_json(uri, endpoint_url) or {}
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    entry = {
+        "run_id": run_id,
+        "recipe": recipe,
+        "sampler": sampler,
+        "data": data,
+        "state": state,
+        "last_step": previous.get("last_step", 0) if last_step is None else last_step,
+        "error": error,
+        "created": previous.get("created", now),
+        "updated": now,
+        "eval": previous.get("eval"),
+        "config": config,
+    }
+    if evaluation is not None:
+        entry["eval"] = {
+            "step": evaluation["step"],
+            "uri": evaluation.get("uri", ""),
+            "top1": {
+                f"{modality}/{probe}": {"untrained": untrained, "pretrained": pretrained}
+                for modality, probe, untrained, pretrained in reports.summary_rows(evaluation)
+            },
+        }
+    storage.write_bytes(uri, json.dumps(entry, indent=2).encode(), endpoint_url=endpoint_url)

@@ -1,7 +1,8 @@
 """`cmacc`: the user's door to everything.
 
 Exit codes: 0 success, 1 failure (the work was attempted and failed), 2 bad usage or an
-invalid config. Errors are one line on stderr that names the field, file or URI.
+invalid config (`service.errors`, shared with every `python -m jobs.*`). Errors are one line
+on stderr that names the field, file or URI.
 
 This module must import neither torch nor ray: the CLI answers at once, and commands that
 need the heavy stack import it inside their handlers.
@@ -20,8 +21,7 @@ from service.commands import data as dataset_commands
 from service.commands import prepare as prepare_commands
 from service.commands import pretrain as pretrain_commands
 from service.commands import runs as runs_commands
-from service.commands.common import Failure, InputError, UsageError
-from service.config import ConfigError
+from service.errors import UsageError, report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,15 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             raise UsageError(f"cmacc {args.command}: a subcommand is required (see cmacc {args.command} --help)")
         return handler(args)
-    except (UsageError, ConfigError) as err:
-        print(f"cmacc: error: {err}", file=sys.stderr)
-        return 2
-    except (Failure, InputError, OSError) as err:  # storage, file and data errors already name their URI
-        print(f"cmacc: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("cmacc: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as err:  # the project's errors, OSError (names its URI) and Ctrl-C
+        code = report(err)
+        if code is None:  # a bug: keep the traceback
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from service.errors import UsageError
 
-class ConfigError(ValueError):
-    """A config value is invalid. `field` is the dotted name of the offending field."""
+
+class ConfigError(UsageError, ValueError):
+    """A config value is invalid (exit code 2). `field` is the dotted name of the offending field."""
 
     def __init__(self, field_name: str, message: str):
         self.field = field_name
@@ -120,7 +122,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    """CM-ACC itself: dictionaries, candidate pools and the sampler (DESIGN.md section 2)."""
+    """CM-ACC itself: dictionaries, candidate pools and the sampler (docs/architecture.md, "The method")."""
 
     sampler: Sampler = "active"
     dictionary_size: int = 16384  # K keys per modality

@@ -1,15 +1,17 @@
-"""The dictionary actor (DESIGN.md section 5): the authority over both negative dictionaries.
+"""The dictionary actor: the authority over both negative dictionaries (docs/architecture.md,
+"The dictionary actor and the replicas").
 
 * `DictionaryService` is a plain class that does the work: it owns both dictionaries, both
   candidate pools and the sampler (with its random state), a version number and the recent
   deltas. `submit` runs step 4 of the method for one global batch through the same
-  `update_dictionaries` as the single-process trainer, then returns the delta: which slots of
+  `update_dictionaries` as the single-process trainer and returns a `Delta`: which slots of
   each dictionary now hold which keys. Tested without Ray.
-* `DictionaryActor` is the thin Ray actor around it, restarted by Ray when its process dies.
-* `DictionaryClient` is the typed client the training loop and the driver use, hiding
-  `.remote()` and `ray.get`.
+* `DictionaryClient` is the typed client the training loop and the driver use: one method
+  per operation of the actor, no `.remote()` or `ray.get` outside this module, and actor
+  failures turned into the project's errors (`ActorRestarted`, `ActorError`). Ray runs
+  `DictionaryService` itself as the actor and restarts it when its process dies.
 
-Only numpy arrays cross the object store, and only deltas (M keys per modality) cross per
+Only numpy arrays cross the object store, and only deltas (the keys that entered) cross per
 step: the full dictionary moves only for checkpoints and re-seeding.
 """
 
@@ -19,6 +21,7 @@ import collections
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,30 +29,85 @@ import torch
 
 from service import config as config_module
 from service.config import Config
+from service.errors import ActorError, ActorRestarted
+from workers.tensors import to_numpy, to_torch
 from workers.trainer import Dictionaries, build_dictionaries, update_dictionaries
 
 DELTA_HISTORY = 64  # deltas kept for replicas that resume behind the actor
 RESTART_WAIT_S = 120.0  # how long a caller waits for Ray to restart a dead actor
+MODALITIES = ("v", "a")
 
 
-def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.array(array), device=device)  # a copy: object-store arrays are read-only
+@dataclass(kw_only=True)
+class Entered:
+    """The keys that entered one dictionary: `slots` [P] of the dictionary now hold `keys`
+    [P, d] of the clips `ids` [P]."""
+
+    slots: np.ndarray
+    keys: np.ndarray
+    ids: np.ndarray
+
+
+@dataclass(kw_only=True)
+class Delta:
+    """What one global batch changed in the dictionaries: version `version` (the one it
+    creates), made from the batch of training step `step` by the actor process `incarnation`.
+
+    `entered_v` and `entered_a` say what entered D_v and D_a; `select_ms` is the time the
+    selection took in the actor; `stop_requested` carries the driver's stop request to the
+    training loop (no extra call per step).
+    """
+
+    version: int
+    step: int
+    incarnation: str
+    entered_v: Entered
+    entered_a: Entered
+    select_ms: float
+    stop_requested: bool
+
+    def entered(self, modality: str) -> Entered:
+        return self.entered_v if modality == "v" else self.entered_a
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form (in checkpoints): flat names, numpy arrays."""
+        out: dict[str, Any] = {"version": self.version, "step": self.step, "incarnation": self.incarnation}
+        for m in MODALITIES:
+            entered = self.entered(m)
+            out.update({f"slots_{m}": entered.slots, f"keys_{m}": entered.keys, f"ids_{m}": entered.ids})
+        out.update({"select_ms": self.select_ms, "stop_requested": self.stop_requested})
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Delta:
+        def entered(m: str) -> Entered:
+            return Entered(slots=raw[f"slots_{m}"], keys=raw[f"keys_{m}"], ids=raw[f"ids_{m}"])
+
+        return cls(
+            version=int(raw["version"]),
+            step=int(raw["step"]),
+            incarnation=str(raw["incarnation"]),
+            entered_v=entered("v"),
+            entered_a=entered("a"),
+            select_ms=float(raw["select_ms"]),
+            stop_requested=bool(raw["stop_requested"]),
+        )
+
+
+@dataclass(kw_only=True, frozen=True)
+class ActorStatus:
+    version: int
+    stop_requested: bool
+    pid: int
+    incarnation: str  # new with every process: a restarted actor (blank state) is told apart by it
 
 
 class DictionaryService:
-    """Both dictionaries, both pools, the sampler state, a version and the recent deltas.
-
-    A delta is a dict of numpy arrays and numbers: `version` (the version it creates), `step`
-    (the training step whose batch it came from), `slots_v`, `keys_v`, `ids_v`, `slots_a`,
-    `keys_a`, `ids_a` (slots [P] of the dictionary and the keys [P, d] and clip ids [P] now in
-    them), `select_ms` (time the selection took here), `stop_requested` and `incarnation`
-    (which process made it).
-    """
+    """Both dictionaries, both pools, the sampler state, a version and the recent deltas."""
 
     def __init__(self, *, config: dict[str, Any], device: str = "cpu"):
         self.cfg: Config = config_module.from_dict(config)
         self.device = torch.device(device)
-        # New with every process: a restarted actor (blank state) is told apart by it.
         self.incarnation = uuid.uuid4().hex
         self.last_progress: dict[str, float] = {}
         self.reset()
@@ -58,7 +116,7 @@ class DictionaryService:
         """Back to the initial state: what a run without a checkpoint starts from."""
         self.dictionaries: Dictionaries = build_dictionaries(self.cfg, device=self.device)
         self.version = 0
-        self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=DELTA_HISTORY)
+        self.history: collections.deque[Delta] = collections.deque(maxlen=DELTA_HISTORY)
         self.stop_requested = False
 
     def submit(
@@ -70,64 +128,72 @@ class DictionaryService:
         keys_v: np.ndarray,
         keys_a: np.ndarray,
         clip_ids: np.ndarray,
-    ) -> dict[str, Any]:
+    ) -> Delta:
         """Select and enqueue for one global batch (all arrays [M, d], clip_ids [M]); the delta."""
         started = time.perf_counter()
-        pointers = {m: getattr(self.dictionaries, f"dictionary_{m}").pointer for m in "va"}
+        pointers = {m: getattr(self.dictionaries, f"dictionary_{m}").pointer for m in MODALITIES}
         counts = update_dictionaries(
             self.dictionaries,
-            queries_v=_tensor(queries_v, self.device),
-            queries_a=_tensor(queries_a, self.device),
-            keys_v=_tensor(keys_v, self.device),
-            keys_a=_tensor(keys_a, self.device),
-            clip_ids=_tensor(clip_ids, self.device),
+            queries_v=to_torch(queries_v, self.device),
+            queries_a=to_torch(queries_a, self.device),
+            keys_v=to_torch(keys_v, self.device),
+            keys_a=to_torch(keys_a, self.device),
+            clip_ids=to_torch(clip_ids, self.device),
         )
         self.version += 1
-        delta: dict[str, Any] = {"version": self.version, "step": step, "incarnation": self.incarnation}
-        for modality in "va":
-            dictionary = getattr(self.dictionaries, f"dictionary_{modality}")
-            num_enqueued = int(counts[f"enqueued_{modality}"])
-            slots = (pointers[modality] + torch.arange(num_enqueued, device=self.device)) % dictionary.size
-            delta[f"slots_{modality}"] = slots.cpu().numpy()
-            delta[f"keys_{modality}"] = dictionary.keys[slots].cpu().numpy()
-            delta[f"ids_{modality}"] = dictionary.ids[slots].cpu().numpy()
+        entered = {}
+        for m in MODALITIES:
+            dictionary = getattr(self.dictionaries, f"dictionary_{m}")
+            num_enqueued = int(counts[f"enqueued_{m}"])
+            slots = (pointers[m] + torch.arange(num_enqueued, device=self.device)) % dictionary.size
+            entered[m] = Entered(
+                slots=to_numpy(slots), keys=to_numpy(dictionary.keys[slots]), ids=to_numpy(dictionary.ids[slots])
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        delta["select_ms"] = 1000 * (time.perf_counter() - started)
-        delta["stop_requested"] = self.stop_requested  # rides on the deltas: no extra call per step
+        delta = Delta(
+            version=self.version,
+            step=step,
+            incarnation=self.incarnation,
+            entered_v=entered["v"],
+            entered_a=entered["a"],
+            select_ms=1000 * (time.perf_counter() - started),
+            stop_requested=self.stop_requested,
+        )
         self.history.append(delta)
         return delta
 
-    def deltas_after(self, version: int) -> list[dict[str, Any]]:
+    def deltas_after(self, version: int) -> list[Delta]:
         """The kept deltas that create versions > `version`, oldest first."""
-        if version < self.version and (not self.history or self.history[0]["version"] > version + 1):
+        if version < self.version and (not self.history or self.history[0].version > version + 1):
             raise LookupError(f"deltas after version {version} are no longer kept (now at {self.version})")
-        return [delta for delta in self.history if delta["version"] > version]
+        return [delta for delta in self.history if delta.version > version]
 
     def reseed(self, *, dictionary_v: dict[str, Any], dictionary_a: dict[str, Any], version: int) -> None:
         """Take the dictionaries from a replica after a restart; pools start empty again."""
         self.reset()
-        self.dictionaries.dictionary_v.load_state_dict(_to_torch(dictionary_v))
-        self.dictionaries.dictionary_a.load_state_dict(_to_torch(dictionary_a))
+        self.dictionaries.dictionary_v.load_state_dict(to_torch(dictionary_v))
+        self.dictionaries.dictionary_a.load_state_dict(to_torch(dictionary_a))
         self.version = version
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "dictionaries": to_numpy(self.dictionaries.state_dict()),
             "version": self.version,
-            "history": list(self.history),
+            "history": [delta.to_dict() for delta in self.history],
             "incarnation": self.incarnation,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
-        self.dictionaries.load_state_dict(_to_torch(state["dictionaries"]))
+        self.dictionaries.load_state_dict(to_torch(state["dictionaries"]))
         self.version = int(state["version"])
         # The kept deltas now belong to this process's state. A stop request belonged to the
         # run that saved them: replayed after a resume, it would stop the new run at once.
-        self.history.extend(
-            {**delta, "incarnation": self.incarnation, "stop_requested": False} for delta in state["history"]
-        )
+        for raw in state["history"]:
+            delta = Delta.from_dict(raw)
+            delta.incarnation, delta.stop_requested = self.incarnation, False
+            self.history.append(delta)
 
     def request_stop(self) -> None:
         """Ask the training loop to checkpoint and stop (the driver's Ctrl-C)."""
@@ -140,30 +206,10 @@ class DictionaryService:
     def progress(self) -> dict[str, float]:
         return self.last_progress
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "stop_requested": self.stop_requested,
-            "pid": os.getpid(),
-            "incarnation": self.incarnation,
-        }
-
-
-def to_numpy(tree: Any) -> Any:
-    """Tensors in a nested dict as numpy arrays (what crosses the object store)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu().numpy()
-    if isinstance(tree, dict):
-        return {k: to_numpy(v) for k, v in tree.items()}
-    return tree
-
-
-def _to_torch(tree: Any) -> Any:
-    if isinstance(tree, np.ndarray):
-        return torch.from_numpy(tree.copy())
-    if isinstance(tree, dict):
-        return {k: _to_torch(v) for k, v in tree.items()}
-    return tree
+    def status(self) -> ActorStatus:
+        return ActorStatus(
+            version=self.version, stop_requested=self.stop_requested, pid=os.getpid(), incarnation=self.incarnation
+        )
 
 
 def actor_name(run_id: str) -> str:
@@ -172,12 +218,22 @@ def actor_name(run_id: str) -> str:
     return f"cmacc-dictionary-{run_id}-{uuid.uuid4().hex[:8]}"
 
 
+class PendingDelta:
+    """The answer to a `submit` that has not been waited for (an ObjectRef inside)."""
+
+    def __init__(self, ref: Any):
+        self.ref = ref
+
+
 class DictionaryClient:
-    """Typed access to the `DictionaryActor` of a run; the only place `.remote()` is called."""
+    """Typed access to a run's dictionary actor. Every call that waits raises
+    `ActorRestarted` when the actor died under it (Ray restarts it with a blank state), and
+    `ActorError` when it stays unreachable for `RESTART_WAIT_S`."""
 
     def __init__(self, handle: Any, name: str = ""):
-        self.handle = handle
+        self._handle = handle
         self.name = name
+        self._progress_pending: Any = None
 
     @classmethod
     def create(cls, *, run_id: str, config: Config, max_restarts: int = -1) -> DictionaryClient:
@@ -200,15 +256,69 @@ class DictionaryClient:
 
         return cls(ray.get_actor(name), name)
 
-    def submit(self, **arrays: Any) -> Any:
-        """Send one global batch without waiting; returns the ObjectRef of its delta."""
-        return self.handle.submit.remote(**arrays)
+    # --- the training loop's calls ----------------------------------------------------------
+
+    def submit(self, *, step: int, **arrays: np.ndarray) -> PendingDelta:
+        """Send one global batch (`DictionaryService.submit`'s arrays) without waiting."""
+        return PendingDelta(self._handle.submit.remote(step=step, **arrays))
+
+    def wait(self, pending: PendingDelta) -> Delta:
+        """The delta of a submitted batch, waiting for the actor to finish it."""
+        return self._wait(pending.ref, what="submit")
+
+    def reset(self) -> None:
+        self._call("reset")
+
+    def reseed(self, *, dictionary_v: dict[str, Any], dictionary_a: dict[str, Any], version: int) -> None:
+        self._call("reseed", dictionary_v=dictionary_v, dictionary_a=dictionary_a, version=version)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._call("state_dict")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._call("load_state_dict", state)
+
+    def deltas_after(self, version: int) -> list[Delta]:
+        return self._call("deltas_after", version)
+
+    def status(self) -> ActorStatus:
+        return self._call("status")
 
     def report_progress(self, progress: dict[str, float]) -> None:
-        """Fire and forget: the driver's progress bar reads it with `progress`."""
-        self.handle.report_progress.remote(progress)
+        """Fire and forget: the driver's progress bar reads it with `poll_progress`."""
+        self._handle.report_progress.remote(progress)
 
-    def call(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
+    # --- the driver's calls -----------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Fire and forget: the training loop checkpoints and stops after its next step."""
+        self._handle.request_stop.remote()
+
+    def poll_progress(self) -> dict[str, float] | None:
+        """Never blocks: the answer to the previous poll when it has arrived (and asks again),
+        else None. Also None while the actor restarts."""
+        import ray
+
+        answer = None
+        if self._progress_pending is not None:
+            ready, _ = ray.wait([self._progress_pending], timeout=0)
+            if not ready:
+                return None
+            try:
+                answer = ray.get(self._progress_pending)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                answer = None  # the actor is restarting: the next answer will do
+        self._progress_pending = self._handle.progress.remote()
+        return answer
+
+    def kill(self) -> None:
+        import ray
+
+        ray.kill(self._handle, no_restart=True)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call a method and wait for its answer. While Ray restarts the actor the call is
         repeated (for up to `RESTART_WAIT_S`): every method but `submit` may run twice."""
         import ray
@@ -216,13 +326,23 @@ class DictionaryClient:
         deadline = time.monotonic() + RESTART_WAIT_S
         while True:
             try:
-                return ray.get(getattr(self.handle, method).remote(*args, **kwargs), timeout=timeout_s)
-            except ray.exceptions.ActorUnavailableError:
+                return self._wait(getattr(self._handle, method).remote(*args, **kwargs), what=method, retry=True)
+            except ray.exceptions.ActorUnavailableError as err:
                 if time.monotonic() > deadline:
-                    raise
+                    raise ActorError(
+                        f"the dictionary actor {self.name} stayed unavailable for {RESTART_WAIT_S:.0f} s "
+                        f"({method}): {err}"
+                    ) from None
                 time.sleep(0.5)
 
-    def kill(self) -> None:
+    def _wait(self, ref: Any, *, what: str, retry: bool = False) -> Any:
         import ray
 
-        ray.kill(self.handle, no_restart=True)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:
+            if retry:
+                raise
+            raise ActorRestarted(f"the dictionary actor {self.name} is restarting ({what})") from None
+        except ray.exceptions.RayActorError as err:
+            raise ActorRestarted(f"the dictionary actor {self.name} died ({what}): {type(err).__name__}") from None

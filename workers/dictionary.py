@@ -1,4 +1,4 @@
-"""The negative dictionaries D_a, D_v and the candidate pools U_a, U_v (DESIGN.md section 2).
+"""The negative dictionaries D_a, D_v and the candidate pools U_a, U_v (docs/architecture.md, "The method").
 
 Both are ring buffers of L2-normalised keys [size, d] with the clip id of each key [size]:
 

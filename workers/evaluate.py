@@ -1,7 +1,10 @@
-"""Evaluate a checkpoint (DESIGN.md section 7): frozen features of a labelled data set's
-training and held-out splits, then the linear probe and k-NN per modality, for the
+"""Evaluate a checkpoint (docs/architecture.md, "Evaluation"): frozen features of a labelled
+data set's training and held-out splits, then the linear probe and k-NN per modality, for the
 checkpoint's query encoders and for the same encoders at their random initialisation (the
 run's step 0: `train.seed`), so every accuracy comes with its untrained baseline.
+
+`evaluate` serves `cmacc eval` and `python -m jobs.evaluate` (in this process, with a
+progress bar); `evaluate_remote` runs `evaluate_checkpoint` as a Ray task after training.
 
 Clips are decoded once and every model sees the same batches, with the evaluation
 transforms (centre crop, no jitter). Deterministic: same checkpoint and data, same numbers.
@@ -11,49 +14,111 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from service import catalog, layout, storage
 from service import config as config_module
-from service import storage
-from service.catalog import RUN_FILE
 from service.config import Config
-from workers.data.format import DataError
+from service.errors import CheckpointError, DataError, UsageError
+from service.requests import PROBES, EvaluateRequest
 from workers.data.reader import ClipReader
-from workers.distributed import META_FILE as CHECKPOINT_META
-from workers.distributed import TRAIN_FILE, build_transforms
+from workers.data.transforms import build_transforms
 from workers.models import AudioVisualEncoder, build_encoders
 from workers.probe import MODALITIES, evaluate_features, extract_features
 
-PROBES = ("linear", "knn")
 EVAL_BATCH = 64
+
+
+def resolve(request: EvaluateRequest, *, endpoint_url: str = "") -> tuple[str, str]:
+    """(checkpoint URI, data URI) of a request: `--run` picks the run's newest checkpoint and,
+    without `--data`, the data set the run trained on."""
+    if (request.checkpoint is None) == (request.run_id is None):
+        raise UsageError("give exactly one of --checkpoint URI and --run ID")
+    checkpoint, data = request.checkpoint, request.data
+    if request.run_id is not None:
+        root = request.storage or Config().storage.root
+        newest = catalog.newest_checkpoint_of(root, request.run_id, endpoint_url=endpoint_url)
+        checkpoint = newest.uri
+        data = data or catalog.require_run(root, request.run_id, endpoint_url=endpoint_url).info.get("data")
+    if not data:
+        raise UsageError("--data URI is required with --checkpoint (the labelled data set to probe on)")
+    return checkpoint, data
+
+
+def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress: bool = True) -> dict[str, Any]:
+    """Evaluate a request in this process, with a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    checkpoint, data = resolve(request, endpoint_url=endpoint_url)
+    with tqdm(unit="clip", desc="features", file=sys.stderr, disable=None if show_progress else True) as bar:
+        return evaluate_checkpoint(
+            checkpoint,
+            data_uri=data,
+            probes=request.probes,
+            device=request.device,
+            endpoint_url=endpoint_url,
+            progress=bar.update,
+        )
+
+
+def evaluate_remote(cfg: Config, *, checkpoint: str, data: str) -> dict[str, Any]:
+    """Evaluate as a Ray task with one worker's resources (its GPU when the run uses GPUs)."""
+    import ray
+
+    use_gpu = cfg.resources.use_gpu
+    task = ray.remote(evaluate_checkpoint).options(
+        num_cpus=cfg.resources.cpus_per_worker, num_gpus=cfg.resources.gpus_per_worker if use_gpu else 0
+    )
+    return ray.get(
+        task.remote(
+            checkpoint,
+            data_uri=data,
+            device="cuda" if use_gpu else "cpu",
+            endpoint_url=cfg.storage.endpoint_url,
+        )
+    )
+
+
+def save_evaluation(run_uri: str, evaluation: dict[str, Any], *, endpoint_url: str = "") -> str:
+    """Store it as `<run>/eval/checkpoint-%08d.json`; returns the URI."""
+    uri = layout.eval_uri(run_uri, evaluation["step"])
+    storage.write_bytes(uri, json.dumps(evaluation, indent=2).encode(), endpoint_url=endpoint_url)
+    return uri
 
 
 def checkpoint_config(checkpoint_uri: str, *, endpoint_url: str = "") -> tuple[Config, dict[str, Any]]:
     """The run config of a checkpoint and its meta.json: from the meta itself, or else from the
     run.json of the run folder above it."""
-    meta_uri = storage.join(checkpoint_uri, CHECKPOINT_META)
+    meta_uri = storage.join(checkpoint_uri, layout.CHECKPOINT_META)
     if not storage.exists(meta_uri, endpoint_url=endpoint_url):
-        raise DataError(f"{checkpoint_uri} is not a checkpoint (no {CHECKPOINT_META})")
+        raise CheckpointError(f"{checkpoint_uri} is not a checkpoint (no {layout.CHECKPOINT_META})")
     meta = json.loads(storage.read_bytes(meta_uri, endpoint_url=endpoint_url))
+    layout.check_checkpoint_format(meta, checkpoint_uri)
     raw = meta.get("config")
     if raw is None:
-        run_json = storage.join(checkpoint_uri.rstrip("/").rsplit("/", 1)[0], RUN_FILE)
+        run_json = storage.join(checkpoint_uri.rstrip("/").rsplit("/", 1)[0], layout.RUN_FILE)
         if not storage.exists(run_json, endpoint_url=endpoint_url):
-            raise DataError(f"{checkpoint_uri} carries no config and {run_json} does not exist")
+            raise CheckpointError(f"{checkpoint_uri} carries no config and {run_json} does not exist")
         raw = json.loads(storage.read_bytes(run_json, endpoint_url=endpoint_url))["config"]
-    return config_module.from_dict(raw), meta
+    try:
+        return config_module.from_dict(raw), meta
+    except config_module.ConfigError as err:
+        raise CheckpointError(f"{checkpoint_uri}: its config is not valid here: {err}") from None
 
 
 def load_query_encoders(checkpoint_uri: str, cfg: Config, *, endpoint_url: str = "") -> AudioVisualEncoder:
     """The checkpoint's query encoders f_v, f_a (with heads), on the CPU."""
-    uri = storage.join(checkpoint_uri, TRAIN_FILE)
+    uri = storage.join(checkpoint_uri, layout.TRAIN_FILE)
     if not storage.exists(uri, endpoint_url=endpoint_url):
-        raise DataError(f"{checkpoint_uri} holds no {TRAIN_FILE} (written by rank 0 of the run)")
-    saved = torch.load(io.BytesIO(storage.read_bytes(uri, endpoint_url=endpoint_url)), weights_only=False)
+        raise CheckpointError(f"{checkpoint_uri} holds no {layout.TRAIN_FILE} (written by rank 0 of the run)")
+    saved = torch.load(
+        io.BytesIO(storage.read_bytes(uri, endpoint_url=endpoint_url)), map_location="cpu", weights_only=False
+    )
     model = build_encoders(cfg.model)
     model.load_state_dict(saved["train"]["query"])
     return model
@@ -155,7 +220,7 @@ def evaluate_checkpoint(
     started = time.perf_counter()
     unknown = sorted(set(probes) - set(PROBES))
     if unknown:
-        raise ValueError(f"probe {unknown[0]!r}: choose from {', '.join(PROBES)}")
+        raise UsageError(f"probe {unknown[0]!r}: choose from {', '.join(PROBES)}")
     cfg, meta = checkpoint_config(checkpoint_uri, endpoint_url=endpoint_url)
     models = {"pretrained": load_query_encoders(checkpoint_uri, cfg, endpoint_url=endpoint_url)}
     if baseline:
@@ -199,30 +264,3 @@ def evaluate_checkpoint(
         "results": results,
         "seconds": round(time.perf_counter() - started, 2),
     }
-
-
-def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str, float | None, float]]:
-    """(modality, probe, untrained top-1 or None, pretrained top-1) per row of the table."""
-    rows = []
-    results = evaluation["results"]
-    for modality in MODALITIES:
-        for probe, scores in results["pretrained"][modality].items():
-            untrained = results.get("untrained", {}).get(modality, {}).get(probe)
-            rows.append((modality, probe, untrained["top1"] if untrained else None, scores["top1"]))
-    return rows
-
-
-def format_table(evaluation: dict[str, Any]) -> str:
-    """The accuracy table: one row per modality and probe, untrained next to pretrained."""
-    names = {"linear": "linear", "knn": f"k-NN (k={evaluation.get('knn_k', '?')})"}
-    splits = evaluation["splits"]
-    lines = [
-        f"top-1 on {splits.get('test', '?')} held-out clips ({evaluation['num_classes']} classes; "
-        f"probes fit on {splits.get('train', '?')} clips), checkpoint step {evaluation['step']}:",
-        f"  {'modality':<9}{'probe':<13}{'untrained':>10}{'pretrained':>12}{'change':>9}",
-    ]
-    for modality, probe, untrained, pretrained in summary_rows(evaluation):
-        base = f"{untrained:.3f}" if untrained is not None else "-"
-        change = f"{pretrained - untrained:+.3f}" if untrained is not None else ""
-        lines.append(f"  {modality:<9}{names.get(probe, probe):<13}{base:>10}{pretrained:>12.3f}{change:>9}")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Cross-modal InfoNCE of CM-ACC (DESIGN.md section 2, step 2).
+"""Cross-modal InfoNCE of CM-ACC (docs/architecture.md, "The method", step 2).
 
     L_va = CE([q_v . k_a, q_v . D_a] / tau, target 0)   video queries against audio keys
     L_av = CE([q_a . k_v, q_a . D_v] / tau, target 0)   audio queries against video keys

@@ -1,4 +1,4 @@
-"""Encoders of CM-ACC (DESIGN.md section 2): video and audio ResNet-18 backbones, MLP heads.
+"""Encoders of CM-ACC (docs/architecture.md, "The method"): video and audio ResNet-18 backbones, MLP heads.
 
 Per modality the encoder is a backbone (pooled to one feature vector per clip) followed by a
 2-layer MLP head to d, whose output is L2-normalised. `features(x)` is the pooled backbone

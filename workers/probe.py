@@ -1,4 +1,4 @@
-"""Frozen-feature evaluation (DESIGN.md section 7): a linear probe and weighted k-NN per modality.
+"""Frozen-feature evaluation (docs/architecture.md, "Evaluation"): a linear probe and weighted k-NN per modality.
 
 Features are the pooled backbone output by default (the head output optionally), extracted
 with the encoders in eval mode and no gradient. Both probes train on one labelled split and

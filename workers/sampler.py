@@ -1,4 +1,4 @@
-"""What enters a negative dictionary each step (DESIGN.md section 2, steps 4 and 5).
+"""What enters a negative dictionary each step (docs/architecture.md, "The method").
 
 One interface, `select(name, ...)`, for the four samplers of `method.sampler`:
 
@@ -16,7 +16,7 @@ Rules shared by the pool samplers: candidates whose clip id is in `exclude_ids` 
 batch) are never picked, so a query never meets its own positive as a negative; and one
 selection takes at most one key per clip id, so picks are distinct keys of distinct clips.
 Across steps, `update_dictionaries` takes a picked key out of its pool, so a key enters a
-dictionary at most once (DESIGN.md section 2). With M keys arriving and M picked each step,
+dictionary at most once. With M keys arriving and M picked each step,
 that rule leaves only about one batch of unpicked candidates in steady state (measured: 29 to
 40 available for M = 32, N = 256), so the picks are close to the previous batch: an open
 design question (allow re-picks, enqueue fewer than M, or draw fresh candidates).

@@ -1,4 +1,4 @@
-"""Single-process CM-ACC training (DESIGN.md sections 2 and 6): builders, one step, a loop.
+"""Single-process CM-ACC training (docs/architecture.md, "The method"): builders, one step, a loop.
 
 * `train_step` is the per-step math on one batch: queries, keys (no gradient), the
   cross-modal loss against the dictionaries, a non-finite check before the optimiser step,
@@ -9,6 +9,7 @@
   dictionary from its candidate pool, enqueue it, push the batch's keys into the pools. In
   one process it runs right after `train_step`; in a cluster the dictionary actor runs it.
 * `train` runs S steps over an iterable of batches and returns the state and per-step metrics.
+* `step_metrics` names what a step measured; both trainers log under these names.
 
 A batch is a mapping with `video` float [B, 3, T, H, W], `audio` float [B, 1, n_mels, frames],
 `index` int64 [B] (clip ids) and `label` int64 [B]. bf16 autocast and channels_last_3d on
@@ -217,7 +218,7 @@ def train_step(
     amp_dtype: torch.dtype | None = None,
     all_finite: Callable[[bool], bool] | None = None,
 ) -> StepOutput:
-    """One CM-ACC step on a batch already on the device (DESIGN.md section 2, steps 1 to 3).
+    """One CM-ACC step on a batch already on the device (steps 1 to 3 of the method).
 
     Raises NonFiniteLossError before the optimiser step when the loss (or, with `grad_clip`,
     the gradient norm) is not finite; the weights are then unchanged. In a data-parallel run
@@ -267,6 +268,19 @@ def train_step(
     )
 
 
+def step_metrics(out: StepOutput, *, num_clips: int, compute_s: float) -> dict[str, float]:
+    """The metrics of one step under their logged names: loss parts (nats), the learning
+    rate the step used and the clips per second of its compute (`compute_s`: from the batch
+    on the device to the dictionaries updated)."""
+    return {
+        "train/loss": out.losses["loss"],
+        "train/loss_va": out.losses["loss_va"],
+        "train/loss_av": out.losses["loss_av"],
+        "train/lr": out.lr,
+        "train/clips_per_s": num_clips / max(compute_s, 1e-9),
+    }
+
+
 def update_dictionaries(
     dictionaries: Dictionaries,
     *,
@@ -276,7 +290,7 @@ def update_dictionaries(
     keys_a: Tensor,
     clip_ids: Tensor,
 ) -> dict[str, float]:
-    """Step 4 of DESIGN.md section 2 for one (global) batch of M clips.
+    """Step 4 of the method (docs/architecture.md) for one (global) batch of M clips.
 
     For each modality: the sampler picks up to M keys from the candidate pool (pseudo-classes:
     the other modality's queries; the batch's clips excluded), they enter the dictionary and
@@ -341,8 +355,8 @@ def train(
     """Run CM-ACC steps until `state.step` reaches `num_steps` (default `train.steps`).
 
     Builds a fresh state and dictionaries unless given (pass both to continue a run). Each
-    step's metrics (step, lr, loss, loss_va, loss_av, clips_per_s, select_ms, data_wait_s,
-    enqueued_v, enqueued_a) are appended to the result and passed to `on_step`.
+    step's metrics (`step`, `step_metrics`, `data/wait_s`, `dict/select_ms`,
+    `dict/enqueued_v`, `dict/enqueued_a`) are appended to the result and passed to `on_step`.
     Raises NonFiniteLossError on a non-finite loss and ValueError when `batches` runs out.
     """
     device = torch.device(device)
@@ -384,12 +398,10 @@ def train(
         finished = time.perf_counter()
         metrics = {
             "step": float(state.step),
-            "lr": out.lr,
-            **out.losses,
-            "clips_per_s": batch["index"].shape[0] / (finished - loaded),
-            "select_ms": 1000 * (finished - select_started),
-            "data_wait_s": loaded - started,
-            **counts,
+            **step_metrics(out, num_clips=batch["index"].shape[0], compute_s=finished - loaded),
+            "data/wait_s": loaded - started,
+            "dict/select_ms": 1000 * (finished - select_started),
+            **{f"dict/{name}": value for name, value in counts.items()},
         }
         result.metrics.append(metrics)
         if on_step is not None:

@@ -1,14 +1,24 @@
-"""`cmacc bench sampler`: milliseconds per dictionary selection (DESIGN.md sections 5 and 10).
+"""`cmacc bench sampler|cli`: measure the parts that must be fast; each prints a table and
+can write JSON.
 
-The arguments are defined here, torch-free, and shared with `python -m jobs.bench`; the
-handler imports `jobs.bench` (and with it torch) only when the command runs.
+* `sampler`: milliseconds per dictionary selection (the sampler's cost against pool size N
+  and picks M). The arguments are defined here, torch-free, and shared with
+  `python -m jobs.bench`; the work is `workers.bench`, imported only when it runs.
+* `cli`: seconds `cmacc --help` takes in a fresh process (the CLI must answer at once, so
+  it never imports torch or ray).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
 
-from service.commands.common import UsageError
+from service import storage
+from service.errors import UsageError
 
 DEFAULT_POOL_SIZES = (1024, 4096, 16384)  # N
 DEFAULT_PICKS = (128, 256, 1024)  # M
@@ -55,10 +65,43 @@ def sampler_cases(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [(n, m) for n in DEFAULT_POOL_SIZES for m in DEFAULT_PICKS]
 
 
-def _sampler(args: argparse.Namespace) -> int:
-    from jobs import bench
+def run_sampler(args: argparse.Namespace) -> int:
+    """The sampler benchmark of the parsed arguments (here and in `python -m jobs.bench`)."""
+    cases = sampler_cases(args)
+    from workers import bench  # torch loads only now
 
-    return bench.run_sampler_command(args)
+    return bench.run_sampler_command(args, cases)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise UsageError(f"cmacc bench cli: --repeats must be >= 1, got {args.repeats}")
+    command = [sys.executable, "-m", "service.cli", "--help"]
+    timings = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        timings.append(time.perf_counter() - started)
+    report = {
+        "benchmark": "cli",
+        "command": "cmacc --help",
+        "repeats": args.repeats,
+        "s_median": statistics.median(timings),
+        "s_min": min(timings),
+        "s_max": max(timings),
+        "timings_s": timings,
+    }
+    text = json.dumps(report, indent=2)
+    if args.json:
+        print(text)
+    else:
+        print(f"{'command':<16}{'runs':>5}{'median s':>10}{'min s':>8}{'max s':>8}")
+        print(
+            f"{'cmacc --help':<16}{args.repeats:>5}{report['s_median']:>10.3f}{report['s_min']:>8.3f}{report['s_max']:>8.3f}"
+        )
+    if args.out:
+        storage.write_bytes(args.out, (text + "\n").encode())
+    return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -71,4 +114,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "min(M, 256) pseudo-classes): warm-up, then the median of repeats; CUDA is synchronised.",
     )
     add_sampler_arguments(sampler)
-    sampler.set_defaults(handler=_sampler)
+    sampler.set_defaults(handler=run_sampler)
+    cli = sub.add_parser(
+        "cli",
+        help="seconds `cmacc --help` takes in a fresh process",
+        description="Start `cmacc --help` in fresh processes and report the median, min and max wall time.",
+    )
+    cli.add_argument("--repeats", type=int, default=10, help="processes to time (default: 10)")
+    cli.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    cli.add_argument("--out", metavar="URI", help="also write the JSON results to this file or URI")
+    cli.set_defaults(handler=_cli)

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service import catalog, config, storage
-from service.commands.common import Failure, UsageError, add_recipe_args
+from service import config, preflight, storage
+from service.errors import Failure, UsageError
+from service.requests import PretrainRequest, add_pretrain_arguments
 
 PROJECT = Path(__file__).resolve().parents[2]
 RUN_ID_KEY = "cmacc_run_id"
@@ -41,7 +42,6 @@ WORKING_DIR_EXCLUDES = [
     "dist",
     "tests",
 ]
-PASSED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")  # never credentials
 STOP_WAIT_S = 180  # after `cmacc stop`: time the run gets to write its checkpoint before SIGKILL
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -120,78 +120,71 @@ def _recipe_for_job(recipe: str) -> str:
         raise UsageError(f"--recipe {recipe}: a recipe file must be inside {PROJECT} to travel with the job") from None
 
 
-def _check_storage(root: str, run_id: str, *, resume: bool, endpoint_url: str) -> str:
-    """What storage (if this machine can read it) says about the run: 'new', 'exists' or
-    'unknown'. Refuses a run with a checkpoint without --resume."""
+def _read_storage(root: str, run_id: str, *, endpoint_url: str) -> tuple[bool, Any]:
+    """(readable, what storage holds of the run); the job checks storage itself when this
+    machine cannot read it."""
     try:
-        entry = catalog.read_run(root, run_id, endpoint_url=endpoint_url)
-    except (OSError, catalog.CatalogError) as err:
-        print(f"cmacc: note: cannot read {root} from here ({_short(err)}); the job checks it", file=sys.stderr)
-        return "unknown"
-    if entry is None:
-        return "new"
-    newest = entry.newest_checkpoint
-    if newest is not None and not resume:
-        raise UsageError(
-            f"run {run_id!r} already exists at {entry.uri} with a checkpoint at step {newest.step}: "
-            "pass --resume to continue it, or choose another --run-id"
-        )
-    return "exists"
+        return True, preflight.read_run(root, run_id, endpoint_url=endpoint_url)
+    except Failure as err:
+        print(f"cmacc: note: {_short(err)} from here; the job checks it", file=sys.stderr)
+        return False, None
+
+
+def job_entrypoint(request: PretrainRequest) -> list[str]:
+    """The command a pretraining job runs on the cluster."""
+    return ["python", "-m", "jobs.pretrain", *request.job_argv()]
 
 
 def _submit(args: argparse.Namespace) -> int:
     cfg = config.load_recipe(args.recipe, args.overrides)  # usage errors before any contact
-    try:
-        catalog.check_run_id(args.run_id)
-    except ValueError as err:
-        raise UsageError(f"--run-id: {err}") from None
-    recipe = _recipe_for_job(args.recipe)
-    root = _storage_root(args, cfg)
+    run_id = preflight.check_run_id(args.run_id)
+    request = PretrainRequest.from_args(
+        args,
+        recipe=_recipe_for_job(args.recipe),
+        storage=_storage_root(args, cfg),
+        data=storage.absolute(args.data) if args.data else None,
+        address=None,
+    )
     jobs = Jobs(args.address)
-    previous = jobs.jobs_of(args.run_id)
+    previous = jobs.jobs_of(run_id)
     running = [job for job in previous if str(job.status) not in TERMINAL]
     if running:
         raise Failure(
-            f"run {args.run_id!r} is still running as job {running[-1].submission_id} "
-            f"({running[-1].status}): stop it first (cmacc stop {args.run_id})"
+            f"run {run_id!r} is still running as job {running[-1].submission_id} "
+            f"({running[-1].status}): stop it first (cmacc stop {run_id})"
         )
-    known = _check_storage(root, args.run_id, resume=args.resume, endpoint_url=cfg.storage.endpoint_url)
+    readable, entry = _read_storage(request.storage, run_id, endpoint_url=cfg.storage.endpoint_url)
+    if readable:
+        preflight.check_start(entry, run_id=run_id, root=request.storage, resume=args.resume, may_be_new=bool(previous))
     if previous and not args.resume:
         raise UsageError(
-            f"run {args.run_id!r} was submitted before (job {previous[-1].submission_id}, {previous[-1].status}): "
+            f"run {run_id!r} was submitted before (job {previous[-1].submission_id}, {previous[-1].status}): "
             "pass --resume to continue it, or choose another --run-id"
         )
-    if args.resume and not previous and known == "new":
-        raise UsageError(f"--resume: no run {args.run_id!r} under {root} and no job of it at {jobs.address}")
 
-    entry = ["python", "-m", "jobs.pretrain", "--recipe", recipe, "--run-id", args.run_id, "--storage", root]
-    if args.data:
-        entry += ["--data", storage.absolute(args.data)]
-    for item in args.overrides:
-        entry += ["--set", item]
-    if args.resume:
-        entry.append("--resume")
     taken = {job.submission_id for job in previous}
-    submission_id = args.run_id
+    submission_id = run_id
     attempt = len(previous) + 1
     while submission_id in taken:
-        submission_id = f"{args.run_id}.{attempt}"
+        submission_id = f"{run_id}.{attempt}"
         attempt += 1
-    env = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
+    env = preflight.passed_environment()
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(STOP_WAIT_S)
     job_id = jobs.call(
         "submitting the job",
         "submit_job",
-        entrypoint=shlex.join(entry),
+        entrypoint=shlex.join(job_entrypoint(request)),
         submission_id=submission_id,
         runtime_env={"working_dir": str(PROJECT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
-        metadata={RUN_ID_KEY: args.run_id, "cmacc_recipe": recipe, "cmacc_storage": root},
+        metadata={RUN_ID_KEY: run_id, "cmacc_recipe": request.recipe, "cmacc_storage": request.storage},
     )
     if args.json:
-        print(json.dumps({"run_id": args.run_id, "submission_id": job_id, "address": jobs.address, "storage": root}))
+        print(
+            json.dumps({"run_id": run_id, "submission_id": job_id, "address": jobs.address, "storage": request.storage})
+        )
     else:
-        print(f"submitted run {args.run_id} as job {job_id} to {jobs.address} (storage {root})")
-        print(f"  follow it: cmacc logs {args.run_id} --follow   status: cmacc status {args.run_id}")
+        print(f"submitted run {run_id} as job {job_id} to {jobs.address} (storage {request.storage})")
+        print(f"  follow it: cmacc logs {run_id} --follow   status: cmacc status {run_id}")
     return 0
 
 
@@ -287,12 +280,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "submit", help="submit a pretraining run to a Ray cluster as a Ray job", description=__doc__.splitlines()[0]
     )
     _add_address(submit)
-    add_recipe_args(submit)
-    submit.add_argument("--run-id", required=True, help="name of the run (the job's submission id)")
-    submit.add_argument("--storage", default=None, help="storage root URI the cluster writes to (default: ./runs)")
-    submit.add_argument("--data", default=None, help="clip-shard data set URI (default: generated, cached)")
-    submit.add_argument("--resume", action="store_true", help="continue a run id submitted before, from its checkpoint")
-    submit.add_argument("--json", action="store_true", help="print JSON")
+    add_pretrain_arguments(submit, run_id_required=True, run_id_help="name of the run (the job's submission id)")
     submit.set_defaults(handler=_submit)
 
     for name, handler, text in (

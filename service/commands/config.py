@@ -6,7 +6,7 @@ import argparse
 import json
 
 from service import config
-from service.commands.common import add_recipe_args
+from service.requests import add_recipe_arguments
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -33,7 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     group = commands.add_parser("config", help="show or validate run configs")
     sub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     show = sub.add_parser("show", help="print the resolved config of a recipe")
-    add_recipe_args(show)
+    add_recipe_arguments(show)
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=_show)
     validate = sub.add_parser("validate", help="check a recipe TOML file")

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from service.commands.common import Failure, UsageError
+from service.errors import Failure, UsageError
 
 
 def _positive(name: str, value: float, minimum: float = 1) -> None:

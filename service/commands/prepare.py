@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from service.commands.common import UsageError
+from service.errors import UsageError
 
 
 def _require(ok: bool, command: str, message: str) -> None:

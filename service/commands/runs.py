@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
-from service import catalog
-from service.commands.common import Failure, InputError, UsageError
+from service import catalog, layout
 from service.config import Config
+from service.requests import EvaluateRequest, add_evaluate_arguments
 
 DEFAULT_ROOT = Config().storage.root
 
@@ -19,10 +18,7 @@ def _ago(iso: str) -> str:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    try:
-        runs = catalog.list_runs(args.storage)
-    except catalog.CatalogError as err:
-        raise Failure(str(err)) from None
+    runs = catalog.list_runs(args.storage)
     if args.json:
         print(json.dumps([run.to_dict() for run in runs], indent=2))
         return 0
@@ -35,17 +31,14 @@ def _runs(args: argparse.Namespace) -> int:
         newest = run.newest_checkpoint
         print(
             f"{run.run_id:<28}{info.get('recipe', '-'):<10}{info.get('sampler', '-'):<13}{info.get('state', '-'):<11}"
-            f"{info.get('last_step', 0):>6}  {catalog.checkpoint_name(newest.step) if newest else '-':<21}"
+            f"{info.get('last_step', 0):>6}  {layout.checkpoint_name(newest.step) if newest else '-':<21}"
             f"{_ago(info.get('updated', '')):<20}"
         )
     return 0
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    try:
-        run = catalog.require_run(args.storage, args.run_id)
-    except catalog.CatalogError as err:
-        raise Failure(str(err)) from None
+    run = catalog.require_run(args.storage, args.run_id)
     if args.json:
         print(json.dumps([c.to_dict() for c in run.checkpoints], indent=2))
         return 0
@@ -62,23 +55,7 @@ def _checkpoints(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from jobs import evaluate
 
-    try:
-        checkpoint, data = evaluate.resolve(
-            checkpoint=args.checkpoint, run_id=args.run_id, storage_root=args.storage, data=args.data
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    except catalog.CatalogError as err:
-        raise Failure(str(err)) from None
-    from workers.evaluate import format_table
-
-    probes = tuple(args.probe or evaluate.PROBES_DEFAULT)
-    try:
-        result = evaluate.run_evaluation(checkpoint=checkpoint, data=data, probes=probes, device=args.device)
-    except ValueError as err:
-        raise InputError(str(err)) from None
-    print(json.dumps(result, indent=2) if args.json else format_table(result), file=sys.stdout)
-    return 0
+    return evaluate.report(evaluate.evaluate(EvaluateRequest.from_args(args)), as_json=args.json)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -100,12 +77,5 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint: linear probe and k-NN per modality, next to untrained encoders",
         description="Probe frozen features on a labelled data set's train split, score them on its test split.",
     )
-    which = evaluation.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", dest="run_id", default=None, help="run id: its newest checkpoint")
-    which.add_argument("--checkpoint", default=None, help="checkpoint folder URI")
-    evaluation.add_argument("--storage", default=DEFAULT_ROOT, help=f"storage root of --run (default: {DEFAULT_ROOT})")
-    evaluation.add_argument("--data", default=None, help="labelled data set URI (default with --run: the run's data)")
-    evaluation.add_argument("--probe", choices=("linear", "knn"), action="append", help="a probe (default: both)")
-    evaluation.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
-    evaluation.add_argument("--json", action="store_true", help="print JSON")
+    add_evaluate_arguments(evaluation, default_storage=DEFAULT_ROOT)
     evaluation.set_defaults(handler=_eval)

@@ -18,6 +18,8 @@ import torch
 
 from jobs import pretrain
 from service import storage
+from service.errors import Failure
+from service.requests import PretrainRequest
 from workers.metrics import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -68,13 +70,13 @@ def args(run_id: str, root: str, data: str, steps: int, *extra: str) -> list[str
 
 
 def pretrain_here(*argv: str) -> dict:
-    return pretrain.run_pretrain(pretrain.parse_args(list(argv)))
+    return pretrain.pretrain(PretrainRequest.from_args(pretrain.parser().parse_args(list(argv))))
 
 
 def load_final(outcome: dict, root: str):
     from ray.train import Checkpoint
 
-    from workers.distributed import load_checkpoint
+    from workers.distributed.checkpoint import load_checkpoint
 
     filesystem, _ = storage.arrow_filesystem(root)
     return load_checkpoint(Checkpoint(outcome["checkpoint"], filesystem=filesystem))
@@ -237,17 +239,18 @@ def test_two_node_cluster_completes_and_resumes(bucket, dataset):
 
 def test_missing_data_and_unreachable_storage_fail_before_workers_start(tmp_path, monkeypatch):
     from service import config
+    from workers.driver import prepare_run
 
     cfg = config.load_recipe("demo", TINY)
     missing = str(tmp_path / "no-data-here")
-    with pytest.raises(pretrain.PretrainError, match=missing):
-        pretrain.build_run(cfg, run_id="r", storage_root=str(tmp_path / "runs"), data_uri=missing)
+    with pytest.raises(Failure, match=missing):
+        prepare_run(cfg, PretrainRequest(run_id="r", storage=str(tmp_path / "runs"), data=missing))
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with pytest.raises(pretrain.PretrainError, match="s3://unreachable/runs"):
-        pretrain.build_run(cfg, run_id="r", storage_root="s3://unreachable/runs", data_uri=missing)
+    with pytest.raises(Failure, match="s3://unreachable/runs"):
+        prepare_run(cfg, PretrainRequest(run_id="r", storage="s3://unreachable/runs", data=missing))
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_session, bucket, dataset, monkeypatch):

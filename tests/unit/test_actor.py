@@ -6,7 +6,7 @@ import torch
 
 from service import config
 from workers.actor import DictionaryService
-from workers.distributed import Replicas, build_replicas
+from workers.distributed.replicas import Replicas, build_replicas
 
 pytestmark = pytest.mark.unit
 
@@ -46,7 +46,7 @@ def test_replicas_that_apply_every_delta_equal_the_actor(sampler):
     replicas = build_replicas(cfg, device=torch.device("cpu"))
     for step in range(8):
         delta = service.submit(step=step, **global_batch(step))
-        assert delta["version"] == step + 1 and delta["step"] == step
+        assert delta.version == step + 1 and delta.step == step
         replicas.apply(delta)
     for modality in "va":
         actor = getattr(service.dictionaries, f"dictionary_{modality}")
@@ -62,8 +62,8 @@ def test_a_clip_of_the_current_batch_never_enters_through_the_sampler():
     for step in range(6):
         batch = global_batch(step)
         delta = service.submit(step=step, **batch)
-        assert not np.isin(delta["ids_v"], batch["clip_ids"]).any()
-        assert not np.isin(delta["ids_a"], batch["clip_ids"]).any()
+        assert not np.isin(delta.entered_v.ids, batch["clip_ids"]).any()
+        assert not np.isin(delta.entered_a.ids, batch["clip_ids"]).any()
 
 
 def test_state_round_trip_continues_identically():
@@ -76,8 +76,9 @@ def test_state_round_trip_continues_identically():
     for step in range(4, 8):
         a = first.submit(step=step, **global_batch(step))
         b = second.submit(step=step, **global_batch(step))
-        for key in ("slots_v", "keys_v", "ids_v", "slots_a", "keys_a", "ids_a"):
-            np.testing.assert_array_equal(a[key], b[key])
+        for m in "va":
+            for part in ("slots", "keys", "ids"):
+                np.testing.assert_array_equal(getattr(a.entered(m), part), getattr(b.entered(m), part))
 
 
 def test_deltas_after_serves_a_replica_that_resumes_behind():
@@ -89,7 +90,7 @@ def test_deltas_after_serves_a_replica_that_resumes_behind():
     for step in range(3, 6):
         service.submit(step=step, **global_batch(step))
     behind = service.deltas_after(replicas.version)
-    assert [d["version"] for d in behind] == [4, 5, 6]
+    assert [d.version for d in behind] == [4, 5, 6]
     for delta in behind:
         replicas.apply(delta)
     assert torch.equal(replicas.dictionary_a.keys, service.dictionaries.dictionary_a.keys)
@@ -116,9 +117,9 @@ def test_reseed_takes_the_replica_and_keeps_counting_versions():
 
 def test_stop_request_rides_on_the_next_delta():
     service = DictionaryService(config=make_cfg().to_dict())
-    assert not service.submit(step=0, **global_batch(0))["stop_requested"]
+    assert not service.submit(step=0, **global_batch(0)).stop_requested
     service.request_stop()
-    assert service.submit(step=1, **global_batch(1))["stop_requested"]
+    assert service.submit(step=1, **global_batch(1)).stop_requested
 
 
 def test_a_resumed_run_does_not_inherit_the_stop_request_of_the_run_that_saved_it():
@@ -130,8 +131,8 @@ def test_a_resumed_run_does_not_inherit_the_stop_request_of_the_run_that_saved_i
     stopped.submit(step=1, **global_batch(1))
     resumed = DictionaryService(config=make_cfg().to_dict())
     resumed.load_state_dict(stopped.state_dict())
-    assert [d["stop_requested"] for d in resumed.deltas_after(0)] == [False, False]
-    assert not resumed.submit(step=2, **global_batch(2))["stop_requested"]
+    assert [d.stop_requested for d in resumed.deltas_after(0)] == [False, False]
+    assert not resumed.submit(step=2, **global_batch(2)).stop_requested
 
 
 @pytest.mark.parametrize("sampler", ["active", "uncertainty", "diversity"])
@@ -140,7 +141,7 @@ def test_a_key_enters_a_dictionary_at_most_once(sampler):
     seen: set[bytes] = set()
     for step in range(10):
         delta = service.submit(step=step, **global_batch(step))
-        for key in np.concatenate([delta["keys_v"], delta["keys_a"]]):
+        for key in np.concatenate([delta.entered_v.keys, delta.entered_a.keys]):
             assert key.tobytes() not in seen
             seen.add(key.tobytes())
     assert len(seen) > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service import catalog, storage
+from service import catalog, layout, storage
 
 pytestmark = pytest.mark.unit
 
@@ -24,9 +24,9 @@ def make_run(root: str, run_id: str, *, steps: list[int], registered: list[int],
     storage.write_bytes(storage.join(run, "run.json"), json.dumps({**info, "updated": updated, "config": {}}).encode())
     for step in steps:
         meta = {"step": step, "run_id": run_id, "time": 1.0e9 + step}
-        storage.write_bytes(storage.join(run, catalog.checkpoint_name(step), "meta.json"), json.dumps(meta).encode())
-    snapshot = {"checkpoints": [{"path": f"{run}/{catalog.checkpoint_name(s)}"} for s in registered]}
-    storage.write_bytes(storage.join(run, catalog.SNAPSHOT_FILE), json.dumps(snapshot).encode())
+        storage.write_bytes(storage.join(run, layout.checkpoint_name(step), "meta.json"), json.dumps(meta).encode())
+    snapshot = {"checkpoints": [{"path": f"{run}/{layout.checkpoint_name(s)}"} for s in registered]}
+    storage.write_bytes(storage.join(run, layout.SNAPSHOT_FILE), json.dumps(snapshot).encode())
     return run
 
 
@@ -47,7 +47,7 @@ def test_runs_are_listed_newest_first_with_their_newest_registered_checkpoint(tm
 def test_a_checkpoint_without_its_meta_is_still_uploading_and_not_listed(tmp_path):
     root = str(tmp_path)
     run = make_run(root, "r", steps=[2], registered=[2], updated="")
-    storage.write_bytes(storage.join(run, catalog.checkpoint_name(4), "train.pt"), b"partial")
+    storage.write_bytes(storage.join(run, layout.checkpoint_name(4), "train.pt"), b"partial")
     assert [c.step for c in catalog.list_checkpoints(run)] == [2]
 
 
@@ -60,7 +60,7 @@ def test_missing_run_names_the_uri(tmp_path):
 @pytest.mark.parametrize("bad", ["", "a/b", ".hidden", "x" * 101, "sp ace", "-dash"])
 def test_run_ids_must_be_folder_and_job_names(bad):
     with pytest.raises(ValueError, match="run id"):
-        catalog.check_run_id(bad)
+        layout.check_run_id(bad)
 
 
 def _cmacc(*argv: str) -> subprocess.CompletedProcess:
@@ -95,15 +95,42 @@ def test_catalog_commands_print_tables_and_fail_clearly(tmp_path):
 
 
 def test_default_data_is_generated_once_and_reused(tmp_path, capsys):
-    from jobs import pretrain
     from service.config import load_recipe
+    from workers import driver
 
     cfg = load_recipe("demo", ["data.num_clips=12", "data.frames=2", "data.size=16", "data.clip_seconds=0.25"])
-    first = pretrain.default_data(cfg, str(tmp_path))
+    first = driver.default_data(cfg, str(tmp_path))
     assert "generating 12 synthetic clips" in capsys.readouterr().out
     written = {p: p.stat().st_mtime_ns for p in Path(first).rglob("*")}
-    assert pretrain.default_data(cfg, str(tmp_path)) == first
+    assert driver.default_data(cfg, str(tmp_path)) == first
     assert "generating" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in Path(first).rglob("*")} == written
     other = load_recipe("demo", ["data.num_clips=13", "data.frames=2", "data.size=16", "data.clip_seconds=0.25"])
-    assert pretrain.default_data(other, str(tmp_path)) != first  # other parameters, another data set
+    assert driver.default_data(other, str(tmp_path)) != first  # other parameters, another data set
+
+
+def test_a_checkpoint_of_another_format_is_refused_naming_both_formats(tmp_path):
+    root = str(tmp_path / "runs")
+    run = make_run(root, "r1", steps=[2], registered=[2], updated="")
+    meta = storage.join(run, layout.checkpoint_name(2), layout.CHECKPOINT_META)
+    storage.write_bytes(meta, json.dumps({"step": 2, "format": layout.CHECKPOINT_FORMAT + 1, "config": {}}).encode())
+    result = _cmacc("eval", "--run", "r1", "--storage", root, "--data", str(tmp_path / "data"))
+    assert result.returncode == 1, result.stderr
+    assert f"checkpoint format {layout.CHECKPOINT_FORMAT + 1}" in result.stderr
+    assert f"reads format {layout.CHECKPOINT_FORMAT}" in result.stderr
+
+
+@pytest.mark.parametrize("door", [["-m", "service.cli", "eval"], ["-m", "jobs.evaluate"]])
+def test_every_door_gives_a_bad_evaluation_request_the_same_exit_code(door, tmp_path):
+    """`cmacc eval` and `python -m jobs.evaluate` map errors to exit codes the same way."""
+    no_data = subprocess.run(
+        [sys.executable, *door, "--checkpoint", str(tmp_path / "c")], cwd=PROJECT, capture_output=True, text=True
+    )
+    assert no_data.returncode == 2 and "--data" in no_data.stderr
+    not_a_checkpoint = subprocess.run(
+        [sys.executable, *door, "--checkpoint", str(tmp_path / "c"), "--data", str(tmp_path / "d")],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+    )
+    assert not_a_checkpoint.returncode == 1 and "is not a checkpoint" in not_a_checkpoint.stderr

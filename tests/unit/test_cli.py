@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -68,13 +67,24 @@ def test_bad_usage_exits_2():
     assert cmacc().returncode == 2
 
 
-def test_help_answers_quickly():
-    started = time.perf_counter()
+def test_help_lists_the_commands():
     result = cmacc("--help")
-    elapsed = time.perf_counter() - started
     assert result.returncode == 0
-    assert "config" in result.stdout
-    assert elapsed < 1.0, f"cmacc --help took {elapsed:.2f} s"
+    for command in ("pretrain", "submit", "runs", "eval", "config", "bench", "data"):
+        assert command in result.stdout
+
+
+def test_bench_cli_reports_the_startup_time_of_help(tmp_path):
+    """How fast `cmacc --help` answers is a benchmark figure, not an assertion: a busy runner
+    would make a time limit flaky. What keeps it fast is the import wall
+    (tests/unit/test_architecture.py)."""
+    out = tmp_path / "cli.json"
+    result = cmacc("bench", "cli", "--repeats", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "cmacc --help" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["repeats"] == 2 and len(report["timings_s"]) == 2
+    assert report["s_min"] <= report["s_median"] <= report["s_max"]
 
 
 def test_importing_the_cli_loads_neither_torch_nor_ray():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service import storage
-from service.commands.common import InputError
+from service.errors import InputError
 from workers.data.decode import CorruptClipError, decode_frames, decode_row, fit_audio, frame_window
 from workers.data.format import (
     DataError,

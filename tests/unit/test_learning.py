@@ -27,11 +27,11 @@ import torch
 import workers.trainer as trainer
 from service.config import load_recipe
 from workers.data.synth import render
-from workers.distributed import build_transforms
+from workers.data.transforms import build_transforms
 from workers.evaluate import untrained_encoders
 from workers.probe import extract_features, linear_probe
 
-pytestmark = [pytest.mark.unit, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 MARGINS = {"video": 0.15, "audio": 0.03}
 

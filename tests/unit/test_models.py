@@ -1,4 +1,4 @@
-"""Encoders, the EMA key update and the single-process trainer's step (DESIGN.md sections 2, 6)."""
+"""Encoders, the EMA key update and the single-process trainer's step (docs/architecture.md, "The method")."""
 
 import itertools
 import math
@@ -176,7 +176,10 @@ def test_train_fills_the_dictionary_with_keys_of_past_clips(sampler):
     cfg = tiny_config(sampler=sampler)
     result = train(cfg, batches(), num_steps=3)
     assert [m["step"] for m in result.metrics] == [1.0, 2.0, 3.0]
-    assert all(math.isfinite(m["loss"]) and m["select_ms"] >= 0 and m["clips_per_s"] > 0 for m in result.metrics)
+    assert all(
+        math.isfinite(m["train/loss"]) and m["dict/select_ms"] >= 0 and m["train/clips_per_s"] > 0
+        for m in result.metrics
+    )
     ids = result.dictionaries.dictionary_a.ids
     real = set(ids[ids >= 0].tolist())
     if sampler == "random":
@@ -198,7 +201,7 @@ def test_resumed_training_equals_uninterrupted_training():
     fresh_dictionaries.load_state_dict(saved["dictionaries"])
     resumed = train(cfg, batches(start=2), num_steps=4, state=fresh, dictionaries=fresh_dictionaries)
 
-    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in whole.metrics[2:]]
+    assert [m["train/loss"] for m in resumed.metrics] == [m["train/loss"] for m in whole.metrics[2:]]
     for a, b in zip(whole.state.query.parameters(), resumed.state.query.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(whole.dictionaries.dictionary_v.keys, resumed.dictionaries.dictionary_v.keys)

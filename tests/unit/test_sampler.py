@@ -1,4 +1,4 @@
-"""The samplers against slow, obviously correct references written here (DESIGN.md section 2)."""
+"""The samplers against slow, obviously correct references written here (docs/architecture.md, "The method")."""
 
 import numpy as np
 import pytest

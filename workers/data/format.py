@@ -1,4 +1,4 @@
-"""The clip-shard format (DESIGN.md section 4): Parquet shards plus `manifest.json`.
+"""The clip-shard format (docs/architecture.md, "Data"): Parquet shards plus `manifest.json`.
 
 A data set is a folder URI holding `manifest.json` and `shard-00000.parquet`, ... with one
 row per clip. The manifest is written last, so a folder without one is an unfinished set.
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from service import storage
-from service.commands.common import InputError
+from service.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -43,13 +43,6 @@ SCHEMA = pa.schema(
         pa.field("split", pa.string(), nullable=True),
     ]
 )
-
-
-class DataError(InputError, ValueError):
-    """A data set, shard or row is missing, corrupt or inconsistent; the message names it.
-
-    The CLI answers it with exit code 1 through its torch-free base `InputError`.
-    """
 
 
 @dataclass(kw_only=True)

@@ -1,4 +1,4 @@
-"""Batch augmentations that run on the training device (DESIGN.md section 4).
+"""Batch augmentations that run on the training device (docs/architecture.md, "Data").
 
 Both transforms take a whole batch from the reader, already on the device, and draw every
 random number from an optional `torch.Generator`: the same generator state gives the same
@@ -7,16 +7,23 @@ output. The evaluation variants (`train=False`) draw nothing and are fully deter
 * `VideoTransform`: uint8 [B, T, H, W, 3] -> float32 [B, 3, frames, size, size], normalised
   with the Kinetics-400 mean and std that torchvision's video models use.
 * `AudioTransform`: float32 waveform [B, S] -> log-mel [B, 1, n_mels, num_frames(S)].
+* `Transforms` (built by `build_transforms` from a run's config) applies both to a reader
+  batch; `step_generator` seeds a training step's augmentation from (seed, rank, step), so
+  no random state needs a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
+
+from service.config import Config
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
@@ -262,3 +269,49 @@ class AudioTransform(nn.Module):
                 band = (positions[None] >= start[:, None]) & (positions[None] < (start + width)[:, None])  # B x extent
                 masked |= band[:, :, None] if axis == 1 else band[:, None, :]
         return torch.where(masked, fill, spec)
+
+
+@dataclass(kw_only=True)
+class Transforms:
+    """Both modalities' transforms of a run: raw reader batch -> model inputs."""
+
+    video: VideoTransform
+    audio: AudioTransform
+
+    def __call__(
+        self, raw: dict[str, Any], *, device: torch.device, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """Raw reader batch (`frames`, `audio`, `index`, `label`) -> model inputs on `device`."""
+        return {
+            "video": self.video(raw["frames"].to(device, non_blocking=True), generator=generator),
+            "audio": self.audio(raw["audio"].to(device, non_blocking=True), generator=generator),
+            "index": raw["index"].to(device),
+            "label": raw["label"].to(device),
+        }
+
+
+def build_transforms(cfg: Config, *, device: torch.device, train: bool = True) -> Transforms:
+    """The model inputs of `cfg.model`: augmented for training, deterministic for evaluation."""
+    video, audio = cfg.model.video, cfg.model.audio
+    return Transforms(
+        video=VideoTransform(
+            frames=video.frames,
+            size=video.size,
+            train=train,
+            scale=(video.crop_scale, 1.0),
+            jitter=video.jitter,
+            clip_norm=video.clip_norm,
+        ).to(device),
+        audio=AudioTransform(
+            sample_rate=cfg.data.sample_rate,
+            n_mels=audio.n_mels,
+            hop_ms=audio.hop_ms,
+            train=train,
+            clip_norm=audio.clip_norm,
+        ).to(device),
+    )
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The augmentation generator of one rank's step: no state to checkpoint."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63))

@@ -1,0 +1,114 @@
+"""Typed requests: what a user asks of a job, parsed once from a command line.
+
+`cmacc pretrain`, `cmacc submit` and `python -m jobs.pretrain` share the pretraining
+arguments and build the same `PretrainRequest`; `cmacc submit` turns it back into the job's
+command line with `PretrainRequest.job_argv`. Likewise `cmacc eval` and `python -m
+jobs.evaluate` build an `EvaluateRequest`. Torch-free: the CLI imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+PROBES = ("linear", "knn")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="demo", help="recipe name in jobs/recipes/ or a TOML path (default: demo)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field, e.g. --set optim.lr=0.1 (repeatable)",
+    )
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser, *, run_id_help: str, run_id_required: bool) -> None:
+    """The arguments of a pretraining run (all but where it runs)."""
+    add_recipe_arguments(parser)
+    parser.add_argument("--run-id", required=run_id_required, default=None, help=run_id_help)
+    parser.add_argument("--storage", default=None, help="storage root URI for runs and data (default: ./runs)")
+    parser.add_argument("--data", default=None, help="clip-shard data set URI (default: data.uri or generated, cached)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a run id that has a checkpoint (required to reuse one)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON instead of the summary")
+
+
+@dataclass(kw_only=True, frozen=True)
+class PretrainRequest:
+    """One pretraining job: which recipe, which run, where its storage and data are."""
+
+    run_id: str
+    recipe: str = "demo"
+    overrides: tuple[str, ...] = ()
+    storage: str | None = None  # storage root URI; None = the recipe's storage.root
+    data: str | None = None  # data set URI; None = data.uri or the generated set
+    address: str | None = None  # Ray address; None = RAY_ADDRESS or a local Ray
+    resume: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **changes: object) -> PretrainRequest:
+        fields = {
+            "run_id": args.run_id,
+            "recipe": args.recipe,
+            "overrides": tuple(args.overrides),
+            "storage": args.storage,
+            "data": args.data,
+            "address": getattr(args, "address", None),
+            "resume": args.resume,
+        }
+        return cls(**{**fields, **changes})
+
+    def job_argv(self) -> list[str]:
+        """The arguments of `python -m jobs.pretrain` for this request (no address: a job
+        runs on the cluster it was submitted to)."""
+        argv = ["--recipe", self.recipe, "--run-id", self.run_id]
+        if self.storage:
+            argv += ["--storage", self.storage]
+        if self.data:
+            argv += ["--data", self.data]
+        for item in self.overrides:
+            argv += ["--set", item]
+        if self.resume:
+            argv.append("--resume")
+        return argv
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser, *, default_storage: str | None) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--run", dest="run_id", default=None, help="run id: its newest checkpoint")
+    which.add_argument("--checkpoint", default=None, help="checkpoint folder URI")
+    parser.add_argument(
+        "--storage", default=default_storage, help=f"storage root of --run (default: {default_storage or './runs'})"
+    )
+    parser.add_argument("--data", default=None, help="labelled data set URI (default with --run: the run's data)")
+    parser.add_argument("--probe", choices=PROBES, action="append", help="a probe (default: both)")
+    parser.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvaluateRequest:
+    """One evaluation: a checkpoint (or a run's newest), the labelled data, the probes."""
+
+    checkpoint: str | None = None
+    run_id: str | None = None
+    storage: str | None = None
+    data: str | None = None
+    probes: tuple[str, ...] = PROBES
+    device: str = "cpu"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvaluateRequest:
+        return cls(
+            checkpoint=args.checkpoint,
+            run_id=args.run_id,
+            storage=args.storage,
+            data=args.data,
+            probes=tuple(args.probe or PROBES),
+            device=args.device,
+        )

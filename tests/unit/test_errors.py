@@ -1,0 +1,46 @@
+"""One error model: every project error carries its exit code, and every door maps it alike."""
+
+import pytest
+
+from service import errors
+from service.config import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [
+        (errors.UsageError("x"), 2),
+        (ConfigError("optim.lr", "bad"), 2),
+        (errors.RunExistsError("x"), 2),
+        (errors.Failure("x"), 1),
+        (errors.DataError("x"), 1),
+        (errors.CheckpointError("x"), 1),
+        (errors.CatalogError("x"), 1),
+        (errors.ActorRestarted("x"), 1),
+        (OSError("disk"), 1),
+        (KeyboardInterrupt(), 130),
+        (RuntimeError("a bug"), None),
+    ],
+)
+def test_exit_codes(err, code):
+    assert errors.exit_code(err) == code
+
+
+def test_run_main_prints_one_line_and_exits_with_the_errors_code(capsys):
+    def main() -> int:
+        raise errors.CheckpointError("s3://b/run/checkpoint-00000002 is not a checkpoint")
+
+    with pytest.raises(SystemExit) as exited:
+        errors.run_main(main)
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == "cmacc: error: s3://b/run/checkpoint-00000002 is not a checkpoint\n"
+
+
+def test_run_main_keeps_the_traceback_of_a_bug():
+    def main() -> int:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        errors.run_main(main)

@@ -1,0 +1,129 @@
+"""What a checkpoint folder holds (docs/architecture.md, "Checkpoints"), written and read.
+
+Every rank writes its reader cursor; rank 0 also writes the encoders, optimiser, schedule,
+step, replicas, the pending delta schedule, the labels seen so far (`train.pt`), the actor's
+state (`actor.pt`) and `meta.json` (step, run id, world size, sampler, time, config and the
+checkpoint format). Randomness needs no saved state: the transforms are seeded per (seed,
+rank, step), the actor's sampler state is part of its state, and the reader is a function
+of (seed, epoch, rank) plus its cursor. File names come from `service.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from service import layout
+from service.config import Config
+from workers.data.reader import ClipReader
+from workers.distributed.replicas import DeltaSchedule, Replicas
+from workers.trainer import TrainState
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (state dicts without the `module.` prefix)."""
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def save_checkpoint(
+    *,
+    cfg: Config,
+    run_id: str,
+    state: TrainState,
+    reader: ClipReader,
+    replicas: Replicas,
+    schedule: DeltaSchedule | None,
+    clip_labels: np.ndarray | None,
+    metrics: dict[str, float],
+) -> None:
+    """Write this rank's part of a checkpoint to a fresh folder and report it to Ray Train,
+    which uploads it in the background. `schedule` is given on rank 0 only."""
+    import ray.train
+
+    context = ray.train.get_context()
+    folder = tempfile.mkdtemp(prefix="cmacc-ckpt-")
+    with open(os.path.join(folder, layout.reader_file(context.get_world_rank())), "w") as f:
+        json.dump(reader.state_dict(), f)
+    if schedule is not None:  # rank 0 writes the shared state
+        # First: re-seeding a restarted actor may drop pending deltas, which changes the rest.
+        torch.save(schedule.actor_state(replicas), os.path.join(folder, layout.ACTOR_FILE))
+        train_state = {**state.state_dict(), "query": unwrap(state.query).state_dict()}  # no DDP prefix
+        torch.save(
+            {
+                "train": train_state,
+                "replicas": replicas.state_dict(),
+                "pending_steps": schedule.pending_steps(),
+                "clip_labels": clip_labels,
+            },
+            os.path.join(folder, layout.TRAIN_FILE),
+        )
+        meta = {
+            "step": state.step,
+            "run_id": run_id,
+            "world_size": context.get_world_size(),
+            "sampler": cfg.method.sampler,
+            "time": time.time(),
+            "format": layout.CHECKPOINT_FORMAT,
+            "config": cfg.to_dict(),  # makes the checkpoint self-describing for `cmacc eval`
+        }
+        with open(os.path.join(folder, layout.CHECKPOINT_META), "w") as f:
+            json.dump(meta, f)
+    ray.train.report(
+        {"step": state.step, **metrics},
+        checkpoint=ray.train.Checkpoint.from_directory(folder),
+        checkpoint_dir_name=layout.checkpoint_name(state.step),
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+    )
+
+
+@dataclass(kw_only=True)
+class Restored:
+    """A checkpoint's contents, as a resumed run reads them."""
+
+    meta: dict[str, Any]
+    train: dict[str, Any]
+    replicas: dict[str, Any]
+    pending_steps: list[int]
+    clip_labels: np.ndarray | None
+    actor: dict[str, Any]
+    readers: list[dict[str, Any]]
+
+
+def load_checkpoint(checkpoint: Any) -> Restored:
+    """Download a Ray Train checkpoint into a folder of this process's own and read it.
+
+    A private folder, not `as_directory()`: ranks on one node would otherwise share a
+    download folder, and one rank can read a file another is still writing.
+    """
+    folder = tempfile.mkdtemp(prefix="cmacc-restore-")
+    try:
+        checkpoint.to_directory(folder)
+        with open(os.path.join(folder, layout.CHECKPOINT_META)) as f:
+            meta = json.load(f)
+        layout.check_checkpoint_format(meta, str(checkpoint.path))
+        saved = torch.load(os.path.join(folder, layout.TRAIN_FILE), map_location="cpu", weights_only=False)
+        actor = torch.load(os.path.join(folder, layout.ACTOR_FILE), map_location="cpu", weights_only=False)
+        names = sorted(name for name in os.listdir(folder) if name.startswith("reader-"))
+        readers = []
+        for name in names:
+            with open(os.path.join(folder, name)) as f:
+                readers.append(json.load(f))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return Restored(
+        meta=meta,
+        train=saved["train"],
+        replicas=saved["replicas"],
+        pending_steps=saved["pending_steps"],
+        clip_labels=saved["clip_labels"],
+        actor=actor,
+        readers=readers,
+    )

@@ -1,0 +1,61 @@
+"""Fault injection for tests: environment variables the training loop reads (never set in
+production; `service.preflight` passes `CMACC_FAULT_*` to the workers).
+
+* `CMACC_FAULT_NAN_STEP=s`: the loss is non-finite at step s.
+* `CMACC_FAULT_STOP_STEP=s`: the run stops after step s as a preemption would (checkpoint,
+  then stop).
+* `CMACC_FAULT_KILL_WORKER=r:s`: rank r SIGKILLs itself at step s.
+* `CMACC_FAULT_KILL_ACTOR=s`: rank 0 SIGKILLs the dictionary actor's process at step s.
+
+Kill hooks fire once per run: a marker file in `CMACC_FAULT_MARKER_DIR` remembers them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+
+from workers.actor import DictionaryClient
+
+
+@dataclass(kw_only=True, frozen=True)
+class Faults:
+    nan_step: int = -1
+    stop_step: int = -1
+    kill_worker: tuple[int, int] | None = None  # (rank, step)
+    kill_actor_step: int = -1
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        kill_worker = os.environ.get("CMACC_FAULT_KILL_WORKER")
+        return cls(
+            nan_step=int(os.environ.get("CMACC_FAULT_NAN_STEP", "-1")),
+            stop_step=int(os.environ.get("CMACC_FAULT_STOP_STEP", "-1")),
+            kill_worker=tuple(int(x) for x in kill_worker.split(":")) if kill_worker else None,  # type: ignore[arg-type]
+            kill_actor_step=int(os.environ.get("CMACC_FAULT_KILL_ACTOR", "-1")),
+        )
+
+    def before_step(self, step: int, rank: int, client: DictionaryClient | None) -> None:
+        """Kill this worker or the actor when a hook says so for this step."""
+        if self.kill_worker == (rank, step) and _fire_once(f"worker-{rank}-{step}"):
+            # Ray Train registers a reported checkpoint when it next polls the workers (every
+            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a crash before that loses it, so wait that long.
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+            os.kill(os.getpid(), signal.SIGKILL)
+        if client is not None and step == self.kill_actor_step and _fire_once(f"actor-{step}"):
+            os.kill(client.status().pid, signal.SIGKILL)
+
+
+def _fire_once(name: str) -> bool:
+    """True the first time a kill hook fires in this run (a marker file remembers it)."""
+    marker_dir = os.environ.get("CMACC_FAULT_MARKER_DIR", tempfile.gettempdir())
+    marker = os.path.join(marker_dir, f"cmacc-fault-{name}")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True

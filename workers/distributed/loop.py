@@ -1,0 +1,373 @@
+"""What every Ray Train worker runs: DDP training against replicas of the dictionaries kept
+by the dictionary actor (docs/architecture.md, "A training step").
+
+Each step, on every rank: a batch from the rank's `ClipReader`, device transforms seeded by
+(seed, rank, step), `train_step` (the per-step math of the single-process trainer, with the
+query encoders in DDP). Then the global batch's keys, queries and clip ids are gathered and
+rank 0 sends them to the actor without waiting; the deltas due at this step (see
+`replicas`) are broadcast and applied on every rank. A checkpoint is written every
+`checkpoint.every_steps`, at the end and on a stop request.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from service import config as config_module
+from service.config import Config
+from workers.actor import DictionaryClient
+from workers.data.reader import ClipReader
+from workers.data.transforms import Transforms, build_transforms, step_generator
+from workers.diagnostics import label_entropy, same_label_fraction
+from workers.distributed import collectives
+from workers.distributed.checkpoint import load_checkpoint, save_checkpoint
+from workers.distributed.faults import Faults
+from workers.distributed.replicas import DeltaSchedule, Replicas, build_replicas
+from workers.metrics import MetricsLog, NullMetricsLog
+from workers.tensors import to_numpy
+from workers.trainer import NonFiniteLossError, StepOutput, TrainState, autocast_dtype, build_train_state, step_metrics
+from workers.trainer import train_step as method_step
+
+PROGRESS_EVERY_S = 0.5  # how often rank 0 tells the actor its step, for the driver's progress bar
+
+
+@dataclass(kw_only=True)
+class RunContext:
+    """What a worker needs besides the config: where data and the run folder are."""
+
+    run_id: str
+    data_uri: str
+    run_uri: str
+    actor_name: str  # the dictionary actor this driver created for the run
+    endpoint_url: str = ""
+    split: str | None = None  # the data set's split to train on (None: every clip)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass(kw_only=True)
+class Worker:
+    """Everything one rank trains with. `schedule` and `clip_labels` (the label of every clip
+    seen so far, -1 for unseen) exist on rank 0 only."""
+
+    cfg: Config
+    run: RunContext
+    rank: int
+    device: torch.device
+    reader: ClipReader
+    transforms: Transforms
+    state: TrainState
+    replicas: Replicas
+    schedule: DeltaSchedule | None
+    clip_labels: np.ndarray | None
+    log: NullMetricsLog
+    faults: Faults
+
+    def close(self) -> None:
+        self.reader.close()
+        self.log.close()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """The function every Ray Train worker runs. Returns the outcome (rank 0's reaches the
+    driver as `Result.return_value`): `state` (succeeded, stopped or failed), `step`,
+    `metrics` of the last step, `error`."""
+    cfg = config_module.from_dict(loop_config["config"])
+    worker = build_worker(cfg, RunContext(**loop_config["run"]))
+    try:
+        return run_steps(worker)
+    finally:
+        worker.close()
+
+
+# --- builders -------------------------------------------------------------------------------
+
+
+def build_device(cfg: Config) -> torch.device:
+    if cfg.resources.use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def build_reader(cfg: Config, run: RunContext, *, rank: int, world_size: int) -> ClipReader:
+    return ClipReader(
+        uri=run.data_uri,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+        frames=cfg.model.video.frames,
+        seconds=cfg.data.clip_seconds,
+        sample_rate=cfg.data.sample_rate,
+        split=run.split,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        num_decode_threads=cfg.data.num_decode_threads,
+        prefetch_batches=cfg.data.prefetch_batches,
+        endpoint_url=run.endpoint_url,
+    )
+
+
+def build_worker(cfg: Config, run: RunContext) -> Worker:
+    """This rank's reader, transforms, state, replicas and (rank 0) actor schedule, restored
+    from the run's newest checkpoint when Ray Train hands one over."""
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = build_device(cfg)
+    torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))
+    reader = build_reader(cfg, run, rank=rank, world_size=world_size)
+    state = build_train_state(cfg, device=device)
+    replicas = build_replicas(cfg, device=device)
+    schedule = None
+    clip_labels = None
+    if rank == 0:
+        client = DictionaryClient.connect(run.actor_name)
+        schedule = DeltaSchedule(client=client, max_staleness=cfg.method.max_staleness)
+        clip_labels = np.full(reader.manifest.num_clips, -1, dtype=np.int64)
+
+    checkpoint = ray.train.get_checkpoint()
+    restored = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if restored is not None:
+        state.load_state_dict(restored.train)
+        replicas.load_state_dict(restored.replicas)
+        reader.load_state_dict(restored.readers)
+    if schedule is not None:
+        schedule.start(
+            actor_state=restored.actor if restored else None,
+            pending_steps=restored.pending_steps if restored else [],
+            replica_version=replicas.version,
+        )
+        if restored is not None:
+            clip_labels = restored.clip_labels
+    if world_size > 1:
+        state.query = torch.nn.parallel.DistributedDataParallel(
+            state.query, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return Worker(
+        cfg=cfg,
+        run=run,
+        rank=rank,
+        device=device,
+        reader=reader,
+        transforms=build_transforms(cfg, device=device),
+        state=state,
+        replicas=replicas,
+        schedule=schedule,
+        clip_labels=clip_labels,
+        log=MetricsLog(run_uri=run.run_uri, endpoint_url=run.endpoint_url) if rank == 0 else NullMetricsLog(),
+        faults=Faults.from_env(),
+    )
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def run_steps(w: Worker) -> dict[str, Any]:
+    """Steps until `train.steps`, a stop request or a non-finite loss; returns the outcome."""
+    cfg, state = w.cfg, w.state
+    total = cfg.train.steps
+    batches = iter(w.reader)
+    start_step = state.step
+    state.query.train()
+    state.key.train()
+    last_log = last_progress = time.perf_counter()
+    metrics: dict[str, float] = {}
+    stop = False
+    while state.step < total and not stop:
+        step = state.step
+        w.faults.before_step(step, w.rank, w.schedule.client if w.schedule else None)
+        started = time.perf_counter()
+        batch = w.transforms(next(batches), device=w.device, generator=step_generator(cfg.train.seed, w.rank, step))
+        loaded = time.perf_counter()
+        try:
+            out = train_step(w, batch)
+        except NonFiniteLossError as err:
+            message = f"{err}; the last good checkpoint is kept"
+            print(f"cmacc: error: {message}", flush=True)
+            return {"state": "failed", "step": step, "metrics": metrics, "error": message}
+        exchanged = exchange_with_actor(w, out, batch)
+        stop = (
+            exchanged.stop_requested or state.step == w.faults.stop_step or _preempted(state.step, cfg.train.log_every)
+        )
+        metrics = step_metrics(out, num_clips=exchanged.clip_ids.shape[0], compute_s=time.perf_counter() - loaded)
+        metrics.update(data_metrics(w, wait_s=loaded - started, clip_ids=exchanged.clip_ids))
+        metrics.update(dictionary_metrics(w, exchanged))
+        if step == start_step:  # marks where each attempt began: the steps a failure cost
+            metrics["run/start_step"] = float(start_step)
+        at_end = state.step >= total or stop
+        if at_end:
+            metrics.update(final_checks(w))
+            if stop:
+                metrics["stopped"] = 1.0
+        w.log.log(state.step, metrics)
+        if w.schedule is not None and (at_end or time.perf_counter() - last_progress >= PROGRESS_EVERY_S):
+            w.schedule.client.report_progress(_progress(state.step, total, metrics))
+            last_progress = time.perf_counter()
+        if w.rank == 0 and (state.step % cfg.train.log_every == 0 or at_end):
+            rate = cfg.train.log_every if state.step % cfg.train.log_every == 0 else 1
+            print(progress_line(state.step, total, metrics, rate / max(time.perf_counter() - last_log, 1e-9)))
+            last_log = time.perf_counter()
+        if at_end or state.step % cfg.checkpoint.every_steps == 0:
+            w.log.sync()
+            save_checkpoint(
+                cfg=cfg,
+                run_id=w.run.run_id,
+                state=state,
+                reader=w.reader,
+                replicas=w.replicas,
+                schedule=w.schedule,
+                clip_labels=w.clip_labels,
+                metrics=metrics,
+            )
+    return {"state": "stopped" if stop else "succeeded", "step": state.step, "metrics": metrics, "error": ""}
+
+
+def train_step(w: Worker, batch: dict[str, Any]) -> StepOutput:
+    """The method's step on this rank's batch, against this rank's replicas; every rank stops
+    together on a non-finite loss."""
+    if w.state.step == w.faults.nan_step:
+        batch["video"] = batch["video"] * float("nan")
+    return method_step(
+        w.state,
+        batch,
+        dictionary_v=w.replicas.dictionary_v,
+        dictionary_a=w.replicas.dictionary_a,
+        method=w.cfg.method,
+        grad_clip=w.cfg.optim.grad_clip,
+        amp_dtype=autocast_dtype(w.cfg.train.precision, w.device),
+        all_finite=lambda ok: collectives.all_ranks_true(ok, w.device),
+    )
+
+
+@dataclass(kw_only=True)
+class Exchanged:
+    """What a step's exchange with the actor gave every rank."""
+
+    stop_requested: bool
+    clip_ids: torch.Tensor  # M: the global batch's clip ids
+    labels: torch.Tensor  # M: their labels (-1 when unknown)
+    select_ms: list[float]  # the actor's selection time of each delta applied now
+
+
+def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Exchanged:
+    """Gather the global batch, send it to the actor (rank 0) and apply the deltas due now
+    on every rank."""
+    gathered = {
+        name: collectives.gather_rows(getattr(out, name)) for name in ("queries_v", "queries_a", "keys_v", "keys_a")
+    }
+    clip_ids = collectives.gather_rows(batch["index"])
+    labels = collectives.gather_rows(batch["label"])
+    control: dict[str, Any] = {"deltas": [], "stop": False}
+    if w.schedule is not None:
+        arrays = {name: to_numpy(value) for name, value in gathered.items()}
+        arrays["clip_ids"] = to_numpy(clip_ids)
+        w.clip_labels[arrays["clip_ids"]] = to_numpy(labels)
+        w.schedule.submit(w.state.step - 1, arrays)  # the batch of the step just taken
+        final = w.state.step >= w.cfg.train.steps
+        control["deltas"] = w.schedule.due(w.state.step, w.replicas, drain=final)
+        control["stop"] = any(delta.stop_requested for delta in control["deltas"])
+    control = collectives.broadcast_from_rank0(control)
+    for delta in control["deltas"]:
+        w.replicas.apply(delta)
+    return Exchanged(
+        stop_requested=control["stop"],
+        clip_ids=clip_ids,
+        labels=labels,
+        select_ms=[delta.select_ms for delta in control["deltas"]],
+    )
+
+
+# --- metrics and checks -----------------------------------------------------------------------
+
+
+def data_metrics(w: Worker, *, wait_s: float, clip_ids: torch.Tensor) -> dict[str, float]:
+    return {
+        "data/wait_s": wait_s,
+        "data/skipped": float(w.reader.num_skipped),
+        # the global batch's clip ids, condensed: resumed and uninterrupted runs must agree
+        "data/batch_digest": float(zlib.crc32(to_numpy(clip_ids).tobytes())),
+    }
+
+
+def dictionary_metrics(w: Worker, exchanged: Exchanged) -> dict[str, float]:
+    """Rank 0's view of the dictionaries: selection time, staleness, restarts, and what the
+    replicas hold (label entropy, false negatives met by this batch's queries)."""
+    if w.schedule is None:
+        return {}
+    labels = to_numpy(exchanged.labels)
+    known_v = w.clip_labels[w.replicas.known_ids("v")]
+    known_a = w.clip_labels[w.replicas.known_ids("a")]
+    return {
+        "dict/select_ms": float(np.mean(exchanged.select_ms)) if exchanged.select_ms else float("nan"),
+        "dict/staleness": float(len(w.schedule.pending)),
+        "dict/version": float(w.replicas.version),
+        "dict/wait_s": w.schedule.wait_s,
+        "dict/actor_restarts": float(w.schedule.actor_restarts),
+        "dict/label_entropy_v": label_entropy(known_v),
+        "dict/label_entropy_a": label_entropy(known_a),
+        "dict/same_label_frac_a": same_label_fraction(labels, known_a),
+        "dict/same_label_frac_v": same_label_fraction(labels, known_v),
+    }
+
+
+def final_checks(w: Worker) -> dict[str, float]:
+    """At the end: are all replicas identical to each other and to the actor, at its version?"""
+    import ray
+
+    mine = torch.tensor([w.replicas.checksum(), float(w.replicas.version)], device=w.device, dtype=torch.float64)
+    everyone = collectives.gather_rows(mine[None])  # W x 2
+    nodes = collectives.gather_objects(ray.get_runtime_context().get_node_id())
+    result = {
+        "dict/replicas_agree": float(bool((everyone == everyone[0]).all())),
+        "cluster/num_nodes": float(len(set(nodes))),
+    }
+    if w.schedule is not None:
+        actor = w.schedule.actor_state(w.replicas)
+        same = actor["version"] == w.replicas.version and all(
+            torch.equal(
+                torch.as_tensor(actor["dictionaries"][f"dictionary_{m}"]["keys"], device=w.device),
+                getattr(w.replicas, f"dictionary_{m}").keys,
+            )
+            for m in "va"
+        )
+        result["dict/replicas_match_actor"] = float(same)
+        result["dict/actor_version"] = float(actor["version"])
+    return result
+
+
+def _preempted(step: int, every: int) -> bool:
+    """A preemption notice for any worker's node; asked every `every` steps by all ranks,
+    because Ray Train answers it with a barrier over the worker group."""
+    import ray.train
+
+    return step % every == 0 and ray.train.get_preemption_info() is not None
+
+
+def _progress(step: int, total: int, metrics: dict[str, float]) -> dict[str, float]:
+    return {"step": step, "total": total, "loss": metrics["train/loss"], "clips_per_s": metrics["train/clips_per_s"]}
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float], steps_per_s: float) -> str:
+    eta = (total - step) / steps_per_s if steps_per_s > 0 else math.inf
+    parts = [
+        f"step {step}/{total}",
+        f"loss {metrics['train/loss']:.4f}",
+        f"clips/s {metrics['train/clips_per_s']:.1f}",
+    ]
+    if "dict/select_ms" in metrics and math.isfinite(metrics["dict/select_ms"]):
+        parts.append(f"select {metrics['dict/select_ms']:.1f} ms")
+    if "dict/staleness" in metrics:
+        parts.append(f"stale {metrics['dict/staleness']:.0f}")
+    parts.append(f"eta {eta:.0f} s")
+    return "  ".join(parts)
