@@ -48,7 +48,12 @@ def pretrain(request: PretrainRequest, *, progress: Any = None) -> dict[str, Any
         evaluation=evaluation,
     )
     driver.record(
-        run, state=outcome["state"], last_step=outcome["step"], error=outcome.get("error", ""), evaluation=evaluation
+        run,
+        state=outcome["state"],
+        last_step=outcome["step"],
+        error=outcome.get("error", ""),
+        evaluation=evaluation,
+        final=True,
     )
     return outcome
 

@@ -133,10 +133,12 @@ def write_run_record(
     last_step: int | None = None,
     error: str = "",
     evaluation: dict[str, Any] | None = None,
+    train_s: float | None = None,
     endpoint_url: str = "",
 ) -> None:
     """Write the run's record, `<run>/run.json` (no credentials in it), keeping what the
-    previous record of the run said about its creation, last step and evaluation."""
+    previous record of the run said about its creation, last step and evaluation.
+    `train_s`: this job's training time, added to the run's total (`timings.train_s_total`)."""
     uri = storage.join(run_uri, layout.RUN_FILE)
     previous = _read_json(uri, endpoint_url) or {}
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -151,8 +153,11 @@ def write_run_record(
         "created": previous.get("created", now),
         "updated": now,
         "eval": previous.get("eval"),
+        "timings": dict(previous.get("timings") or {}),
         "config": config,
     }
+    if train_s is not None:
+        entry["timings"]["train_s_total"] = round(entry["timings"].get("train_s_total", 0.0) + train_s, 2)
     if evaluation is not None:
         entry["eval"] = {
             "step": evaluation["step"],

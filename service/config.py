@@ -39,7 +39,7 @@ def _require(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(field_name, message)
 
 
-Sampler = Literal["active", "random", "uncertainty", "diversity"]
+Sampler = Literal["active", "uncertainty", "diversity", "random", "moco"]
 VideoArch = Literal["r3d_18", "r2plus1d_18"]
 AudioArch = Literal["resnet18"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -114,6 +114,7 @@ class ModelConfig:
     audio: AudioModelConfig = field(default_factory=AudioModelConfig)
     embed_dim: int = 128  # d: output size of the MLP heads
     head_hidden: int = 512  # hidden width of the 2-layer MLP heads
+    head_norm: Literal["none", "batch"] = "none"  # BatchNorm in the heads keeps embeddings from collapsing
 
     def __post_init__(self) -> None:
         _require(self.embed_dim >= 2, "embed_dim", f"must be >= 2, got {self.embed_dim}")
@@ -126,7 +127,8 @@ class MethodConfig:
 
     sampler: Sampler = "active"
     dictionary_size: int = 16384  # K keys per modality
-    pool_size: int = 0  # N candidates per modality; 0 = 8 x the global batch
+    pool_size: int = 0  # N candidates per modality; 0 = 4 x the global batch M
+    enqueue: int = 0  # P keys a pool sampler enqueues per step; 0 = M / 4 (moco enqueues all M)
     pseudo_classes: int = 0  # queries used as pseudo-classes; 0 = min(global batch, 256)
     temperature: float = 0.07  # tau
     momentum: float = 0.999  # EMA momentum of the key encoders
@@ -136,6 +138,7 @@ class MethodConfig:
     def __post_init__(self) -> None:
         _require(self.dictionary_size >= 1, "dictionary_size", f"must be >= 1, got {self.dictionary_size}")
         _require(self.pool_size >= 0, "pool_size", f"must be >= 0, got {self.pool_size}")
+        _require(self.enqueue >= 0, "enqueue", f"must be >= 0, got {self.enqueue}")
         _require(self.pseudo_classes >= 0, "pseudo_classes", f"must be >= 0, got {self.pseudo_classes}")
         _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
@@ -238,17 +241,46 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        batch = f"the global batch M (train.batch_size x resources.num_workers = {self.global_batch_size})"
         _require(
             self.method.pseudo_classes <= self.global_batch_size,
             "method.pseudo_classes",
-            f"must be <= the global batch (train.batch_size x resources.num_workers = "
-            f"{self.global_batch_size}), got {self.method.pseudo_classes}",
+            f"must be <= {batch}, got {self.method.pseudo_classes}",
+        )
+        _require(
+            self.method.enqueue <= self.global_batch_size,
+            "method.enqueue",
+            f"must be <= {batch}: at most M keys arrive per step; got {self.method.enqueue}",
+        )
+        _require(
+            self.method.sampler == "moco" or self.enqueue_per_step <= self.method.dictionary_size,
+            "method.enqueue",
+            f"must be <= method.dictionary_size ({self.method.dictionary_size}): more picks per step than "
+            f"the dictionary holds would push out the best of them; got P = {self.enqueue_per_step}",
+        )
+        _require(
+            self.method.pool_size == 0 or self.method.pool_size >= self.global_batch_size,
+            "method.pool_size",
+            f"must be 0 (= 4M) or >= {batch}, got {self.method.pool_size}",
         )
 
     @property
     def global_batch_size(self) -> int:
         """M: clips per step over all workers."""
         return self.train.batch_size * self.resources.num_workers
+
+    @property
+    def enqueue_per_step(self) -> int:
+        """P: keys that enter each dictionary per step (M for `moco`, which has no pool)."""
+        if self.method.sampler == "moco":
+            return self.global_batch_size
+        return self.method.enqueue or max(1, self.global_batch_size // 4)
+
+    @property
+    def pool_capacity(self) -> int:
+        """N: the arrivals each pool remembers (the most recent N; those already taken into a
+        dictionary stay in their slots but cannot be picked again)."""
+        return self.method.pool_size or 4 * self.global_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -36,9 +36,12 @@ TENSORBOARD_FOLDER = "tensorboard"
 EVAL_FOLDER = "eval"
 DATASETS_FOLDER = "datasets"
 
-# Version of what a checkpoint folder holds. Checkpoints written before the version was
-# recorded (no "format" in meta.json) have the same contents as version 1.
-CHECKPOINT_FORMAT = 1
+# Version of what a checkpoint folder holds; meta.json records it ("format"). Format 1 (no
+# "format" recorded) was written before the candidate-pool rule (a pool of 4M arrivals, P
+# entering per step): its pools and its `random` sampler mean something else, so a run
+# cannot continue from it. Its encoders are the same and can still be evaluated.
+CHECKPOINT_FORMAT = 2
+EVALUABLE_FORMATS = (1, 2)
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8})$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -70,12 +73,20 @@ def checkpoint_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def check_checkpoint_format(meta: dict[str, Any], where: str) -> None:
-    """Refuse a checkpoint (its `meta.json`) of a format this code does not read."""
-    found = int(meta.get("format", 1))  # no "format": written before it was recorded, same as 1
-    if found != CHECKPOINT_FORMAT:
+def checkpoint_format(meta: dict[str, Any]) -> int:
+    return int(meta.get("format", 1))  # no "format": written before it was recorded
+
+
+def check_checkpoint_format(meta: dict[str, Any], where: str, *, to: str = "resume") -> None:
+    """Refuse a checkpoint (its `meta.json`) whose format this code cannot `to` "resume" (only
+    the current format) or "evaluate" (any format with the same encoders)."""
+    found = checkpoint_format(meta)
+    readable = (CHECKPOINT_FORMAT,) if to == "resume" else EVALUABLE_FORMATS
+    if found not in readable:
+        known = " or ".join(str(f) for f in readable)
+        hint = " (format 1 predates the candidate-pool rule): start a new run id" if found == 1 else ""
         raise CheckpointError(
-            f"{where} has checkpoint format {found}; this version of cmacc reads format {CHECKPOINT_FORMAT}"
+            f"{where} has checkpoint format {found}; this version of cmacc can {to} format {known}{hint}"
         )
 
 

@@ -36,16 +36,19 @@ from workers.trainer import Dictionaries, build_dictionaries, update_dictionarie
 DELTA_HISTORY = 64  # deltas kept for replicas that resume behind the actor
 RESTART_WAIT_S = 120.0  # how long a caller waits for Ray to restart a dead actor
 MODALITIES = ("v", "a")
+ENTERED_PARTS = ("slots", "keys", "ids", "labels", "steps")
 
 
 @dataclass(kw_only=True)
 class Entered:
     """The keys that entered one dictionary: `slots` [P] of the dictionary now hold `keys`
-    [P, d] of the clips `ids` [P]."""
+    [P, d] of the clips `ids` [P], with their `labels` [P] (-1 unknown) and arrival `steps` [P]."""
 
     slots: np.ndarray
     keys: np.ndarray
     ids: np.ndarray
+    labels: np.ndarray
+    steps: np.ndarray
 
 
 @dataclass(kw_only=True)
@@ -74,14 +77,17 @@ class Delta:
         out: dict[str, Any] = {"version": self.version, "step": self.step, "incarnation": self.incarnation}
         for m in MODALITIES:
             entered = self.entered(m)
-            out.update({f"slots_{m}": entered.slots, f"keys_{m}": entered.keys, f"ids_{m}": entered.ids})
+            for part in ENTERED_PARTS:
+                out[f"{part}_{m}"] = getattr(entered, part)
         out.update({"select_ms": self.select_ms, "stop_requested": self.stop_requested})
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Delta:
         def entered(m: str) -> Entered:
-            return Entered(slots=raw[f"slots_{m}"], keys=raw[f"keys_{m}"], ids=raw[f"ids_{m}"])
+            unknown = np.full_like(raw[f"ids_{m}"], -1)  # deltas saved before labels and steps were kept
+            parts = {part: raw.get(f"{part}_{m}", unknown) for part in ENTERED_PARTS}
+            return Entered(**parts)
 
         return cls(
             version=int(raw["version"]),
@@ -128,8 +134,10 @@ class DictionaryService:
         keys_v: np.ndarray,
         keys_a: np.ndarray,
         clip_ids: np.ndarray,
+        labels: np.ndarray | None = None,
     ) -> Delta:
-        """Select and enqueue for one global batch (all arrays [M, d], clip_ids [M]); the delta."""
+        """Select and enqueue for one global batch of training step `step` (all arrays
+        [M, d], clip_ids and labels [M]); the delta."""
         started = time.perf_counter()
         pointers = {m: getattr(self.dictionaries, f"dictionary_{m}").pointer for m in MODALITIES}
         counts = update_dictionaries(
@@ -139,15 +147,21 @@ class DictionaryService:
             keys_v=to_torch(keys_v, self.device),
             keys_a=to_torch(keys_a, self.device),
             clip_ids=to_torch(clip_ids, self.device),
+            labels=None if labels is None else to_torch(labels, self.device),
+            step=step,
         )
         self.version += 1
         entered = {}
         for m in MODALITIES:
             dictionary = getattr(self.dictionaries, f"dictionary_{m}")
-            num_enqueued = int(counts[f"enqueued_{m}"])
-            slots = (pointers[m] + torch.arange(num_enqueued, device=self.device)) % dictionary.size
+            num_entered = int(counts[f"entered_{m}"])
+            slots = (pointers[m] + torch.arange(num_entered, device=self.device)) % dictionary.size
             entered[m] = Entered(
-                slots=to_numpy(slots), keys=to_numpy(dictionary.keys[slots]), ids=to_numpy(dictionary.ids[slots])
+                slots=to_numpy(slots),
+                keys=to_numpy(dictionary.keys[slots]),
+                ids=to_numpy(dictionary.ids[slots]),
+                labels=to_numpy(dictionary.labels[slots]),
+                steps=to_numpy(dictionary.steps[slots]),
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,7 +1,7 @@
 """Benchmarks of the parts that must be fast (docs/performance figures come from here).
 
-`sampler`: one dictionary selection (step 4 of the method) for pool sizes N and picks M on
-random unit keys: `--warmup` untimed runs, then the median of `--repeats` timed ones, with
+`sampler`: one dictionary selection (step 4 of the method) of P keys from a pool of N for a
+global batch of M, on random unit keys: `--warmup` untimed runs, then the median of `--repeats` timed ones, with
 CUDA synchronised around each. `cmacc bench sampler` and `python -m jobs.bench sampler` run
 `service.commands.bench.run_sampler`.
 """
@@ -41,6 +41,7 @@ def time_selection(
     *,
     sampler: str,
     num_candidates: int,
+    batch_size: int,
     num_picks: int,
     dim: int,
     device: torch.device,
@@ -49,7 +50,8 @@ def time_selection(
     seed: int,
     temperature: float = 0.07,
 ) -> dict[str, Any]:
-    """Milliseconds per selection of `num_picks` keys from `num_candidates` on `device`.
+    """Milliseconds per selection of P = `num_picks` keys from N = `num_candidates` on
+    `device`, for a global batch of M = `batch_size` clips.
 
     The batch is M fresh clips (none in the pool, so nothing is excluded); the pseudo-classes
     are min(M, 256) of its M queries. Returns the case, the median and every timing.
@@ -59,9 +61,9 @@ def time_selection(
     def unit_rows(n: int) -> torch.Tensor:
         return F.normalize(torch.randn(n, dim, generator=inputs), dim=1).to(device)
 
-    pool_keys, queries, batch_keys = unit_rows(num_candidates), unit_rows(num_picks), unit_rows(num_picks)
+    pool_keys, queries, batch_keys = unit_rows(num_candidates), unit_rows(batch_size), unit_rows(batch_size)
     pool_ids = torch.arange(num_candidates, device=device)
-    batch_ids = torch.arange(num_candidates, num_candidates + num_picks, device=device)
+    batch_ids = torch.arange(num_candidates, num_candidates + batch_size, device=device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     timings = []
@@ -87,8 +89,9 @@ def time_selection(
     assert selection.ids.shape[0] == min(num_picks, num_candidates)
     return {
         "N": num_candidates,
-        "M": num_picks,
-        "C": resolve_pseudo_classes(0, num_picks),
+        "M": batch_size,
+        "P": num_picks,
+        "C": resolve_pseudo_classes(0, batch_size),
         "ms": statistics.median(timings),
         "ms_min": min(timings),
         "timings_ms": timings,
@@ -97,7 +100,7 @@ def time_selection(
 
 def bench_sampler(
     *,
-    cases: Sequence[tuple[int, int]],
+    cases: Sequence[tuple[int, int, int]],
     sampler: str = "active",
     dim: int = 128,
     device: str = "cpu",
@@ -106,13 +109,14 @@ def bench_sampler(
     seed: int = 0,
     on_case: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Time every (N, M) case; returns the setting and one result per case."""
+    """Time every (N, M, P) case; returns the setting and one result per case."""
     torch_device = check_device(device)
     results = []
-    for num_candidates, num_picks in cases:
+    for num_candidates, batch_size, num_picks in cases:
         result = time_selection(
             sampler=sampler,
             num_candidates=num_candidates,
+            batch_size=batch_size,
             num_picks=num_picks,
             dim=dim,
             device=torch_device,
@@ -138,15 +142,18 @@ def bench_sampler(
     }
 
 
-TABLE_HEADER = f"{'N':>7} {'M':>6} {'C':>5} {'ms (median)':>12} {'ms (min)':>10}"
+TABLE_HEADER = f"{'N':>7} {'M':>6} {'P':>6} {'C':>5} {'ms (median)':>12} {'ms (min)':>10}"
 
 
 def table_row(result: dict[str, Any]) -> str:
-    return f"{result['N']:>7} {result['M']:>6} {result['C']:>5} {result['ms']:>12.2f} {result['ms_min']:>10.2f}"
+    return (
+        f"{result['N']:>7} {result['M']:>6} {result['P']:>6} {result['C']:>5} "
+        f"{result['ms']:>12.2f} {result['ms_min']:>10.2f}"
+    )
 
 
-def run_sampler_command(args: argparse.Namespace, cases: Sequence[tuple[int, int]]) -> int:
-    """The `sampler` benchmark of `cases` (N, M): a table (rows as they finish) or JSON, and
+def run_sampler_command(args: argparse.Namespace, cases: Sequence[tuple[int, int, int]]) -> int:
+    """The `sampler` benchmark of `cases` (N, M, P): a table (rows as they finish) or JSON, and
     JSON to `--out`."""
     repeats = 2 if args.quick else args.repeats
     if repeats < 1 or args.warmup < 0 or args.dim < 2:
@@ -160,7 +167,9 @@ def run_sampler_command(args: argparse.Namespace, cases: Sequence[tuple[int, int
 
     def show(result: dict[str, Any]) -> None:
         if args.json:
-            print(f"N={result['N']} M={result['M']}: {result['ms']:.2f} ms", file=sys.stderr, flush=True)
+            print(
+                f"N={result['N']} M={result['M']} P={result['P']}: {result['ms']:.2f} ms", file=sys.stderr, flush=True
+            )
         else:
             print(table_row(result), flush=True)
 

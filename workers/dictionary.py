@@ -1,13 +1,19 @@
 """The negative dictionaries D_a, D_v and the candidate pools U_a, U_v (docs/architecture.md, "The method").
 
-Both are ring buffers of L2-normalised keys [size, d] with the clip id of each key [size]:
+Both are ring buffers of L2-normalised keys [size, d] with, per key, the clip id, the clip's
+label (-1 when unknown) and the step its batch was trained at (its arrival; -1 for none):
 
 * `NegativeDictionary` (K keys): the negatives of the loss. Enqueueing n keys overwrites the
   n oldest. It starts full of random unit vectors with clip id -1 (no clip), as MoCo does: the
   loss has K negatives from the first step, and the random ones are pushed out as real keys
-  arrive (after K / M steps with M keys a step).
+  arrive (after K / P steps with P keys entering a step).
 * `CandidatePool` (N keys): the last N keys from the key encoder (FIFO of recent batches),
-  from which the sampler picks what enters the dictionary. It starts empty.
+  from which the sampler picks what enters the dictionary; a key that entered is marked
+  taken (clip id -1), so the pool holds the recent arrivals that have not entered. It
+  starts empty.
+
+Labels and arrival steps are not used by training: they make the dictionaries measurable
+(label entropy, false negatives, key age; `workers/diagnostics.py`).
 
 Plain classes with `state_dict` / `load_state_dict`: the trainer owns them in one process,
 the dictionary actor in a cluster.
@@ -36,34 +42,50 @@ class _KeyRing:
         self.dim = dim
         self.keys = torch.zeros(size, dim, device=device, dtype=dtype)  # size x d
         self.ids = torch.full((size,), EMPTY_ID, device=device, dtype=torch.long)  # size
+        self.labels = torch.full((size,), EMPTY_ID, device=device, dtype=torch.long)  # size
+        self.steps = torch.full((size,), EMPTY_ID, device=device, dtype=torch.long)  # size: arrival step
         self.pointer = 0  # slot the next key is written to (the oldest key)
 
     @property
     def device(self) -> torch.device:
         return self.keys.device
 
-    def _write(self, keys: Tensor, ids: Tensor) -> Tensor:
-        """Write keys [n, d] and ids [n] over the n oldest slots; returns their slots [n].
+    def _write(self, keys: Tensor, ids: Tensor, labels: Tensor | None = None, steps: Tensor | None = None) -> Tensor:
+        """Write keys [n, d], ids [n] and optionally labels [n] and arrival steps [n] (else -1)
+        over the n oldest slots; returns their slots [n].
 
         With n > size only the last `size` keys are kept (the newest win).
         """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must be [n, {self.dim}], got {list(keys.shape)}")
-        if ids.shape != keys.shape[:1]:
-            raise ValueError(f"ids must be [{keys.shape[0]}], got {list(ids.shape)}")
+        for name, column in (("ids", ids), ("labels", labels), ("steps", steps)):
+            if column is not None and column.shape != keys.shape[:1]:
+                raise ValueError(f"{name} must be [{keys.shape[0]}], got {list(column.shape)}")
+        unknown = torch.full_like(ids, EMPTY_ID)
+        labels = unknown if labels is None else labels
+        steps = unknown if steps is None else steps
         if keys.shape[0] > self.size:
-            keys, ids = keys[-self.size :], ids[-self.size :]
+            keys, ids, labels, steps = (x[-self.size :] for x in (keys, ids, labels, steps))
         num_keys = keys.shape[0]
         slots = (self.pointer + torch.arange(num_keys, device=self.device)) % self.size  # n
         self.keys[slots] = keys.detach().to(self.keys.dtype)
         self.ids[slots] = ids.to(self.device, torch.long)
+        self.labels[slots] = labels.to(self.device, torch.long)
+        self.steps[slots] = steps.to(self.device, torch.long)
         self.pointer = (self.pointer + num_keys) % self.size
         return slots
 
     def state_dict(self) -> dict[str, Any]:
-        return {"keys": self.keys.clone(), "ids": self.ids.clone(), "pointer": self.pointer}
+        return {
+            "keys": self.keys.clone(),
+            "ids": self.ids.clone(),
+            "labels": self.labels.clone(),
+            "steps": self.steps.clone(),
+            "pointer": self.pointer,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state; one saved before labels and steps were kept has them unknown (-1)."""
         keys, ids = state["keys"], state["ids"]
         if tuple(keys.shape) != (self.size, self.dim) or tuple(ids.shape) != (self.size,):
             raise ValueError(
@@ -72,6 +94,9 @@ class _KeyRing:
             )
         self.keys.copy_(keys)
         self.ids.copy_(ids)
+        for name in ("labels", "steps"):
+            column = state.get(name)
+            getattr(self, name).copy_(column if column is not None else torch.full_like(self.ids, EMPTY_ID))
         self.pointer = int(state["pointer"])
 
 
@@ -94,9 +119,10 @@ class NegativeDictionary(_KeyRing):
         noise = torch.randn(size, dim, generator=generator)  # K x d, drawn on the CPU: same on every device
         self.keys.copy_(F.normalize(noise, dim=1))
 
-    def enqueue(self, keys: Tensor, ids: Tensor) -> Tensor:
-        """Put keys [n, d] with clip ids [n] in place of the n oldest; returns their slots [n]."""
-        return self._write(keys, ids)
+    def enqueue(self, keys: Tensor, ids: Tensor, labels: Tensor | None = None, steps: Tensor | None = None) -> Tensor:
+        """Put keys [n, d] with clip ids [n] (labels and arrival steps [n] when known) in place
+        of the n oldest; returns their slots [n]."""
+        return self._write(keys, ids, labels, steps)
 
 
 class CandidatePool(_KeyRing):
@@ -106,10 +132,15 @@ class CandidatePool(_KeyRing):
         super().__init__(size=size, dim=dim, device=device)
         self.num_filled = 0
 
-    def push(self, keys: Tensor, ids: Tensor) -> None:
-        """Add keys [n, d] with clip ids [n]; the oldest leave once N are held."""
-        self._write(keys, ids)
+    def push(self, keys: Tensor, ids: Tensor, labels: Tensor | None = None, steps: Tensor | None = None) -> None:
+        """Add keys [n, d] with clip ids [n] (labels and arrival steps [n] when known); the
+        oldest leave once N are held."""
+        self._write(keys, ids, labels, steps)
         self.num_filled = min(self.size, self.num_filled + keys.shape[0])
+
+    def take(self, rows: Tensor) -> None:
+        """Mark candidate rows [P] as taken: they entered a dictionary and never enter again."""
+        self.ids[rows] = EMPTY_ID
 
     def candidates(self) -> tuple[Tensor, Tensor]:
         """The keys [n, d] and clip ids [n] held now (n <= N), in slot order."""

@@ -64,6 +64,9 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
     endpoint = cfg.storage.endpoint_url
     existing = preflight.read_run(root, run_id, endpoint_url=endpoint)
     start_step = preflight.check_start(existing, run_id=run_id, root=root, resume=request.resume)
+    if existing is not None and existing.newest_checkpoint is not None:
+        newest = existing.newest_checkpoint
+        layout.check_checkpoint_format(newest.meta, newest.uri, to="resume")
     probe = storage.join(root, f".write-probe-{run_id}")  # beside the run: a refused run leaves no folder
     try:
         storage.write_bytes(probe, b"ok", endpoint_url=endpoint)
@@ -71,29 +74,43 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
     except OSError as err:
         raise Failure(f"storage {root} is not writable: {err}") from None
     data = storage.absolute(request.data or cfg.data.uri or default_data(cfg, root))
-    from workers.data.format import read_manifest
-
-    try:
-        manifest = read_manifest(data, endpoint_url=endpoint)
-    except (DataError, OSError) as err:
-        raise Failure(f"data set {data} cannot be read: {err}") from None
-    split = "train" if manifest.splits.get("train") else None
-    num_train = manifest.splits["train"] if split else manifest.num_clips
-    if not (manifest.has_video and manifest.has_audio):
-        raise Failure(f"data set {data} must hold both video and audio for CM-ACC")
-    if cfg.method.dictionary_size > num_train:
-        raise Failure(
-            f"method.dictionary_size ({cfg.method.dictionary_size}) exceeds the {num_train} training clips of {data}"
-        )
+    split, has_test_split = check_data(cfg, data)
     return Run(
         run_id=run_id,
         cfg=cfg,
         storage_root=root,
         data_uri=data,
         split=split,
-        has_test_split=bool(manifest.splits.get("test")),
+        has_test_split=has_test_split,
         start_step=start_step,
     )
+
+
+def check_data(cfg: Config, data: str, *, need_test_split: bool = False) -> tuple[str | None, bool]:
+    """Can a run of `cfg` train on the data set `data`? (the split it trains on, whether it
+    has a test split); Failure naming the URI when it cannot, or when `need_test_split` and
+    it has none."""
+    from workers.data.format import read_manifest
+
+    try:
+        manifest = read_manifest(data, endpoint_url=cfg.storage.endpoint_url)
+    except (DataError, OSError) as err:
+        raise Failure(f"data set {data} cannot be read: {err}") from None
+    split = "train" if manifest.splits.get("train") else None
+    num_train = manifest.splits["train"] if split else manifest.num_clips
+    has_test_split = bool(manifest.splits.get("test"))
+    if not (manifest.has_video and manifest.has_audio):
+        raise Failure(f"data set {data} must hold both video and audio for CM-ACC")
+    if cfg.method.dictionary_size > num_train:
+        raise Failure(
+            f"method.dictionary_size ({cfg.method.dictionary_size}) exceeds the {num_train} training clips of {data}"
+        )
+    if need_test_split and not (split and has_test_split):
+        splits = sorted(name or "none" for name in manifest.splits)
+        raise Failure(f"data set {data} needs a train and a test split to be evaluated (it has {splits})")
+    if need_test_split and not manifest.label_names:
+        raise Failure(f"data set {data} has no labels (manifest label_names is empty): the probes need them")
+    return split, has_test_split
 
 
 def default_data(cfg: Config, root: str) -> str:
@@ -346,9 +363,16 @@ def evaluate_run(run: Run, outcome: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def record(
-    run: Run, *, state: str, last_step: int | None = None, error: str = "", evaluation: dict[str, Any] | None = None
+    run: Run,
+    *,
+    state: str,
+    last_step: int | None = None,
+    error: str = "",
+    evaluation: dict[str, Any] | None = None,
+    final: bool = False,
 ) -> None:
-    """Write the run record (`run.json`) with the run's state."""
+    """Write the run record (`run.json`) with the run's state; the `final` record of a job
+    adds its training time to the run's total."""
     catalog.write_run_record(
         run.run_uri,
         run_id=run.run_id,
@@ -360,5 +384,6 @@ def record(
         last_step=last_step,
         error=error,
         evaluation=evaluation,
+        train_s=run.timings.get("train_s") if final else None,
         endpoint_url=run.endpoint_url,
     )

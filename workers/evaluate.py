@@ -98,7 +98,7 @@ def checkpoint_config(checkpoint_uri: str, *, endpoint_url: str = "") -> tuple[C
     if not storage.exists(meta_uri, endpoint_url=endpoint_url):
         raise CheckpointError(f"{checkpoint_uri} is not a checkpoint (no {layout.CHECKPOINT_META})")
     meta = json.loads(storage.read_bytes(meta_uri, endpoint_url=endpoint_url))
-    layout.check_checkpoint_format(meta, checkpoint_uri)
+    layout.check_checkpoint_format(meta, checkpoint_uri, to="evaluate")
     raw = meta.get("config")
     if raw is None:
         run_json = storage.join(checkpoint_uri.rstrip("/").rsplit("/", 1)[0], layout.RUN_FILE)

@@ -45,10 +45,26 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class ProjectionHead(nn.Sequential):
-    """2-layer MLP (Linear, ReLU, Linear) from backbone features to the embedding size d."""
+    """2-layer MLP from backbone features to the embedding size d.
 
-    def __init__(self, *, in_features: int, hidden: int, out_features: int):
-        super().__init__(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+    `norm="none"`: Linear, ReLU, Linear. `norm="batch"`: Linear, BatchNorm, ReLU, Linear,
+    BatchNorm without affine parameters (as MoCo v3's heads): the batch statistics keep the
+    embeddings spread across the batch, so they cannot all collapse to one direction.
+    """
+
+    def __init__(self, *, in_features: int, hidden: int, out_features: int, norm: str = "none"):
+        if norm == "none":
+            super().__init__(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+        elif norm == "batch":
+            super().__init__(
+                nn.Linear(in_features, hidden, bias=False),
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden, out_features, bias=False),
+                nn.BatchNorm1d(out_features, affine=False),
+            )
+        else:
+            raise ValueError(f"model.head_norm: unknown head normalisation {norm!r}")
 
 
 class VideoBackbone(nn.Module):
@@ -145,10 +161,14 @@ class AudioBackbone(nn.Module):
 class Encoder(nn.Module):
     """A backbone and its projection head: one modality's f_m (or its key encoder h_m)."""
 
-    def __init__(self, *, backbone: VideoBackbone | AudioBackbone, embed_dim: int, head_hidden: int):
+    def __init__(
+        self, *, backbone: VideoBackbone | AudioBackbone, embed_dim: int, head_hidden: int, head_norm: str = "none"
+    ):
         super().__init__()
         self.backbone = backbone
-        self.head = ProjectionHead(in_features=backbone.out_features, hidden=head_hidden, out_features=embed_dim)
+        self.head = ProjectionHead(
+            in_features=backbone.out_features, hidden=head_hidden, out_features=embed_dim, norm=head_norm
+        )
 
     def features(self, x: Tensor) -> Tensor:
         """Pooled backbone output, B x C (C = 512 x width, rounded)."""
@@ -159,16 +179,16 @@ class Encoder(nn.Module):
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
 
-def build_video_encoder(cfg: VideoModelConfig, *, embed_dim: int, head_hidden: int) -> Encoder:
+def build_video_encoder(cfg: VideoModelConfig, *, embed_dim: int, head_hidden: int, head_norm: str = "none") -> Encoder:
     backbone = VideoBackbone(arch=cfg.arch, width=cfg.width)
-    return Encoder(backbone=backbone, embed_dim=embed_dim, head_hidden=head_hidden)
+    return Encoder(backbone=backbone, embed_dim=embed_dim, head_hidden=head_hidden, head_norm=head_norm)
 
 
-def build_audio_encoder(cfg: AudioModelConfig, *, embed_dim: int, head_hidden: int) -> Encoder:
+def build_audio_encoder(cfg: AudioModelConfig, *, embed_dim: int, head_hidden: int, head_norm: str = "none") -> Encoder:
     if cfg.arch != "resnet18":
         raise ValueError(f"model.audio.arch: unknown audio architecture {cfg.arch!r}")
     backbone = AudioBackbone(width=cfg.width)
-    return Encoder(backbone=backbone, embed_dim=embed_dim, head_hidden=head_hidden)
+    return Encoder(backbone=backbone, embed_dim=embed_dim, head_hidden=head_hidden, head_norm=head_norm)
 
 
 class AudioVisualEncoder(nn.Module):
@@ -188,9 +208,10 @@ class AudioVisualEncoder(nn.Module):
 
 def build_encoders(cfg: ModelConfig) -> AudioVisualEncoder:
     """Randomly initialised query encoders f_v, f_a with their heads, as `cfg` describes."""
+    head = {"embed_dim": cfg.embed_dim, "head_hidden": cfg.head_hidden, "head_norm": cfg.head_norm}
     return AudioVisualEncoder(
-        video=build_video_encoder(cfg.video, embed_dim=cfg.embed_dim, head_hidden=cfg.head_hidden),
-        audio=build_audio_encoder(cfg.audio, embed_dim=cfg.embed_dim, head_hidden=cfg.head_hidden),
+        video=build_video_encoder(cfg.video, **head),
+        audio=build_audio_encoder(cfg.audio, **head),
     )
 
 

@@ -1,6 +1,9 @@
 """What enters a negative dictionary each step (docs/architecture.md, "The method").
 
-One interface, `select(name, ...)`, for the four samplers of `method.sampler`:
+One interface, `select(name, ...)`, for the five samplers of `method.sampler`. Each step M
+keys arrive per modality (the global batch); the pool samplers pick P <= M (default M / 4)
+of the candidate pool (the recent arrivals that have not entered), so most arrivals never enter and the
+sampler decides which do:
 
 * `active` (CM-ACC): for each pool candidate key u and pseudo-classes Q (queries of the
   other modality), p = softmax(Q u / tau), y = argmax p, a = p - onehot(y). The gradient
@@ -8,18 +11,16 @@ One interface, `select(name, ...)`, for the four samplers of `method.sampler`:
       ||g_i - g_j||^2 = |a_i|^2 |u_i|^2 + |a_j|^2 |u_j|^2 - 2 (a_i . a_j)(u_i . u_j).
   k-means++ seeding over the g's: the first pick is the largest |g|, each next one is drawn
   with probability proportional to its squared distance to the nearest pick (D^2 sampling).
-* `random`: the current batch's keys (plain cross-modal MoCo).
-* `uncertainty`: the M candidates with the largest |g|.
+* `uncertainty`: the P candidates with the largest |g|.
 * `diversity`: k-means++ seeding over the keys themselves (first pick uniform).
+* `random`: P candidates drawn uniformly from the pool: the fair control for the three above.
+* `moco`: the current batch's M keys, no pool (plain cross-modal MoCo, the paper's baseline).
 
 Rules shared by the pool samplers: candidates whose clip id is in `exclude_ids` (the current
 batch) are never picked, so a query never meets its own positive as a negative; and one
 selection takes at most one key per clip id, so picks are distinct keys of distinct clips.
 Across steps, `update_dictionaries` takes a picked key out of its pool, so a key enters a
-dictionary at most once. With M keys arriving and M picked each step,
-that rule leaves only about one batch of unpicked candidates in steady state (measured: 29 to
-40 available for M = 32, N = 256), so the picks are close to the previous batch: an open
-design question (allow re-picks, enqueue fewer than M, or draw fresh candidates).
+dictionary at most once.
 
 Everything runs on the device of the inputs, with a `torch.Generator` on that device, and is
 deterministic given the generator's state. The seeding loop (one iteration per pick) has no
@@ -47,7 +48,7 @@ MAX_DEFAULT_PSEUDO_CLASSES = 256
 class Selection:
     """What to enqueue: keys [P, d], their clip ids [P], and the candidate rows picked [P].
 
-    `indices` are rows of the pool for the pool samplers and rows of the batch for `random`.
+    `indices` are rows of the pool for the pool samplers and rows of the batch for `moco`.
     P <= the number of picks asked for (fewer when fewer distinct clips are available).
     """
 
@@ -203,14 +204,15 @@ def select(
     pool_keys [N, d] and pool_ids [N]: the candidate pool U of this modality. queries [B, d]:
     the current batch's queries of the OTHER modality (pseudo-classes for `active` and
     `uncertainty`; C = `num_pseudo_classes` of them are drawn, 0 = min(B, 256)). batch_keys
-    [M, d] and batch_ids [M]: this modality's keys of the current batch (what `random`
-    enqueues). exclude_ids [E]: clip ids that must not be picked. `num_picks`: M. tau =
-    `temperature`. `generator` lives on the tensors' device.
+    [M, d] and batch_ids [M]: this modality's keys of the current batch (what `moco`
+    enqueues, all of them). exclude_ids [E]: clip ids that must not be picked. `num_picks`:
+    P, how many the pool samplers pick. tau = `temperature`. `generator` lives on the
+    tensors' device.
     """
     if name not in SAMPLER_NAMES:
         raise ValueError(f"method.sampler: unknown sampler {name!r} (known: {', '.join(SAMPLER_NAMES)})")
     _check_inputs(pool_keys, pool_ids, queries, batch_keys, batch_ids)
-    if name == "random":
+    if name == "moco":
         rows = torch.arange(batch_keys.shape[0], device=batch_keys.device)
         return Selection(keys=batch_keys, ids=batch_ids, indices=rows)
 
@@ -218,6 +220,11 @@ def select(
         rows = torch.zeros(0, dtype=torch.long, device=pool_keys.device)
         return Selection(keys=pool_keys, ids=pool_ids, indices=rows)
     available = ~torch.isin(pool_ids, exclude_ids)  # N
+    if name == "random":
+        order = torch.randperm(pool_ids.shape[0], generator=generator, device=pool_ids.device)  # N
+        keep = _first_per_clip(order, pool_ids) & available[order]
+        rows = order[keep][:num_picks]
+        return Selection(keys=pool_keys[rows], ids=pool_ids[rows], indices=rows)
     if name == "diversity":
         rows = kmeans_pp_seeding(
             factors=(pool_keys,),

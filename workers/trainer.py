@@ -29,12 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from service.config import Config, MethodConfig, ModelConfig, OptimConfig
+from workers.diagnostics import step_statistics
 from workers.dictionary import EMPTY_ID, CandidatePool, NegativeDictionary
 from workers.loss import cross_modal_nce
 from workers.models import AudioVisualEncoder, build_encoders, make_key_encoder, momentum_update
 from workers.sampler import Sampler
-
-POOL_BATCHES = 8  # default candidate pool: the keys of the last 8 global batches (N = 8M)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,6 +141,7 @@ class Dictionaries:
     pool_v: CandidatePool
     pool_a: CandidatePool
     sampler: Sampler
+    num_enqueue: int  # P: keys a pool sampler enqueues per modality and step
 
     def state_dict(self) -> dict[str, Any]:
         parts = ("dictionary_v", "dictionary_a", "pool_v", "pool_a", "sampler")
@@ -153,10 +153,11 @@ class Dictionaries:
 
 
 def build_dictionaries(cfg: Config, *, device: torch.device) -> Dictionaries:
-    """Dictionaries of `method.dictionary_size` random unit keys, empty pools of
-    `method.pool_size` (0 = 8 global batches) and the `method.sampler` seeded from `train.seed`."""
+    """Dictionaries of `method.dictionary_size` random unit keys, empty pools of N =
+    `cfg.pool_capacity` candidates and the `method.sampler` seeded from `train.seed`, which
+    enqueues P = `cfg.enqueue_per_step` keys per step."""
     method, dim = cfg.method, cfg.model.embed_dim
-    pool_size = method.pool_size or POOL_BATCHES * cfg.global_batch_size
+    pool_size = cfg.pool_capacity
     init = torch.Generator().manual_seed(cfg.train.seed)
     return Dictionaries(
         dictionary_v=NegativeDictionary(size=method.dictionary_size, dim=dim, device=device, generator=init),
@@ -170,6 +171,7 @@ def build_dictionaries(cfg: Config, *, device: torch.device) -> Dictionaries:
             seed=cfg.train.seed,
             device=device,
         ),
+        num_enqueue=cfg.enqueue_per_step,
     )
 
 
@@ -289,18 +291,25 @@ def update_dictionaries(
     keys_v: Tensor,
     keys_a: Tensor,
     clip_ids: Tensor,
+    labels: Tensor | None = None,
+    step: int = -1,
 ) -> dict[str, float]:
     """Step 4 of the method (docs/architecture.md) for one (global) batch of M clips.
 
-    For each modality: the sampler picks up to M keys from the candidate pool (pseudo-classes:
-    the other modality's queries; the batch's clips excluded), they enter the dictionary and
-    leave the pool (a key enters a dictionary at most once), and then the batch's keys join
-    the pool (so a batch is a candidate from the next step on).
-    queries_v, queries_a, keys_v, keys_a: [M, d]; clip_ids: [M]. Returns the number of keys
-    enqueued per modality.
+    For each modality: the sampler picks P keys from the candidate pool (pseudo-classes: the
+    other modality's queries; the batch's clips excluded), they enter the dictionary and are
+    taken out of the pool (a key enters a dictionary at most once), and then the batch's M
+    keys join the pool, so a batch is a candidate from the next step on and a key that is
+    not picked within N / M steps leaves unpicked. `moco` enqueues the batch's M keys instead.
+    queries_v, queries_a, keys_v, keys_a: [M, d]; clip_ids, labels: [M] (labels -1 when
+    unknown); `step`: the training step of the batch (the keys' arrival, for their age).
+    Returns the keys that arrived (`arrived`, M) and entered per modality (`entered_v`,
+    `entered_a`).
     """
-    num_picks = clip_ids.shape[0]
-    counts = {}
+    labels = torch.full_like(clip_ids, EMPTY_ID) if labels is None else labels
+    steps = torch.full_like(clip_ids, step)
+    moco = dictionaries.sampler.name == "moco"
+    counts = {"arrived": float(clip_ids.shape[0])}
     for modality, keys, other_queries in (("v", keys_v, queries_a), ("a", keys_a, queries_v)):
         pool: CandidatePool = getattr(dictionaries, f"pool_{modality}")
         dictionary: NegativeDictionary = getattr(dictionaries, f"dictionary_{modality}")
@@ -312,14 +321,16 @@ def update_dictionaries(
             batch_keys=keys,
             batch_ids=clip_ids,
             exclude_ids=torch.cat([clip_ids, clip_ids.new_tensor([EMPTY_ID])]),
-            num_picks=num_picks,
+            num_picks=dictionaries.num_enqueue,
         )
-        dictionary.enqueue(selection.keys, selection.ids)
-        if dictionaries.sampler.name != "random":
-            # A key enters a dictionary at most once: a picked candidate leaves the pool.
-            pool.ids[selection.indices] = EMPTY_ID
-        pool.push(keys, clip_ids)
-        counts[f"enqueued_{modality}"] = float(selection.ids.shape[0])
+        if moco:
+            dictionary.enqueue(selection.keys, selection.ids, labels, steps)
+        else:
+            rows = selection.indices
+            dictionary.enqueue(selection.keys, selection.ids, pool.labels[rows], pool.steps[rows])
+            pool.take(rows)
+            pool.push(keys, clip_ids, labels, steps)
+        counts[f"entered_{modality}"] = float(min(selection.ids.shape[0], dictionary.size))  # moco: M may exceed K
     return counts
 
 
@@ -355,8 +366,10 @@ def train(
     """Run CM-ACC steps until `state.step` reaches `num_steps` (default `train.steps`).
 
     Builds a fresh state and dictionaries unless given (pass both to continue a run). Each
-    step's metrics (`step`, `step_metrics`, `data/wait_s`, `dict/select_ms`,
-    `dict/enqueued_v`, `dict/enqueued_a`) are appended to the result and passed to `on_step`.
+    step's metrics (`step`, `step_metrics`, `data/wait_s`, `dict/select_ms`, and every
+    `train.log_every` steps and at the end the `workers.diagnostics` statistics under the
+    names the distributed loop logs) are appended to the result and passed to `on_step`.
+    A batch's `label` (-1 when unknown) only feeds the statistics.
     Raises NonFiniteLossError on a non-finite loss and ValueError when `batches` runs out.
     """
     device = torch.device(device)
@@ -375,6 +388,7 @@ def train(
         except StopIteration:
             raise ValueError(f"the batches ran out after step {state.step} of {total}") from None
         loaded = time.perf_counter()
+        step = state.step
         out = train_step(
             state,
             batch,
@@ -386,6 +400,7 @@ def train(
         )
         _sync(device)
         select_started = time.perf_counter()
+        labels = batch.get("label")
         counts = update_dictionaries(
             dictionaries,
             queries_v=out.queries_v,
@@ -393,6 +408,8 @@ def train(
             keys_v=out.keys_v,
             keys_a=out.keys_a,
             clip_ids=batch["index"],
+            labels=labels,
+            step=step,
         )
         _sync(device)
         finished = time.perf_counter()
@@ -401,8 +418,21 @@ def train(
             **step_metrics(out, num_clips=batch["index"].shape[0], compute_s=finished - loaded),
             "data/wait_s": loaded - started,
             "dict/select_ms": 1000 * (finished - select_started),
-            **{f"dict/{name}": value for name, value in counts.items()},
         }
+        if state.step % cfg.train.log_every == 0 or state.step == total:
+            metrics.update(
+                step_statistics(
+                    queries_v=out.queries_v,
+                    queries_a=out.queries_a,
+                    keys_v=out.keys_v,
+                    keys_a=out.keys_a,
+                    labels=labels if labels is not None else torch.full_like(batch["index"], -1),
+                    dictionary_v=dictionaries.dictionary_v,
+                    dictionary_a=dictionaries.dictionary_a,
+                    step=step,
+                    **counts,
+                )
+            )
         result.metrics.append(metrics)
         if on_step is not None:
             on_step(metrics)

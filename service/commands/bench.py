@@ -1,8 +1,8 @@
 """`cmacc bench sampler|cli`: measure the parts that must be fast; each prints a table and
 can write JSON.
 
-* `sampler`: milliseconds per dictionary selection (the sampler's cost against pool size N
-  and picks M). The arguments are defined here, torch-free, and shared with
+* `sampler`: milliseconds per dictionary selection (the sampler's cost against pool size N,
+  global batch M and picks P). The arguments are defined here, torch-free, and shared with
   `python -m jobs.bench`; the work is `workers.bench`, imported only when it runs.
 * `cli`: seconds `cmacc --help` takes in a fresh process (the CLI must answer at once, so
   it never imports torch or ray).
@@ -20,20 +20,28 @@ import time
 from service import storage
 from service.errors import UsageError
 
-DEFAULT_POOL_SIZES = (1024, 4096, 16384)  # N
-DEFAULT_PICKS = (128, 256, 1024)  # M
-QUICK_CASES = ((256, 16), (512, 32))
-SAMPLERS = ("active", "uncertainty", "diversity")  # `random` selects nothing, there is nothing to time
+# The method's defaults (N = 4M candidates, P = M / 4 picks) at the paper recipe's 128 clips
+# per GPU: one GPU, 8 GPUs and 64 GPUs.
+DEFAULT_BATCHES = (128, 1024, 8192)  # M
+QUICK_CASES = ((256, 64, 16), (512, 128, 32))
+SAMPLERS = ("active", "uncertainty", "diversity", "random")  # `moco` selects nothing, there is nothing to time
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """`"1024x128,4096x256"` -> [(1024, 128), (4096, 256)]: (N candidates, M picks) per case."""
+def default_case(batch: int) -> tuple[int, int, int]:
+    """(N, M, P) of the method's defaults for a global batch of M clips."""
+    return 4 * batch, batch, max(1, batch // 4)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    """`"4096x1024x256,512x128"` -> [(4096, 1024, 256), (512, 128, 32)]: (N candidates, M clips
+    in the global batch, P picks) per case; P defaults to M / 4."""
     cases = []
     for item in text.split(","):
-        n, sep, m = item.strip().lower().partition("x")
-        if not sep or not n.isdigit() or not m.isdigit() or int(n) < 1 or int(m) < 1:
-            raise UsageError(f"cmacc bench sampler: --sizes expects NxM[,NxM...] with positive integers, got {item!r}")
-        cases.append((int(n), int(m)))
+        parts = item.strip().lower().split("x")
+        if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise UsageError(f"cmacc bench sampler: --sizes expects NxM[xP][,...] with positive integers, got {item!r}")
+        n, m = int(parts[0]), int(parts[1])
+        cases.append((n, m, int(parts[2]) if len(parts) == 3 else max(1, m // 4)))
     return cases
 
 
@@ -42,9 +50,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, default="active", help="sampler to time (default: active)")
     parser.add_argument(
         "--sizes",
-        metavar="NxM,...",
-        help="cases as pool size x picks, e.g. 1024x128,4096x256 "
-        "(default: N in 1024, 4096, 16384 by M in 128, 256, 1024)",
+        metavar="NxM[xP],...",
+        help="cases as pool size N x global batch M x picks P (default P = M/4), e.g. 4096x1024x256 "
+        "(default: the method's N = 4M, P = M/4 for M = 128, 1024, 8192: 1, 8 and 64 GPUs of 128 clips)",
     )
     parser.add_argument("--quick", action="store_true", help="two small cases and two repeats (a smoke test)")
     parser.add_argument("--dim", type=int, default=128, help="key dimension d (default: 128)")
@@ -55,14 +63,14 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="URI", help="also write the JSON results to this file or URI")
 
 
-def sampler_cases(args: argparse.Namespace) -> list[tuple[int, int]]:
+def sampler_cases(args: argparse.Namespace) -> list[tuple[int, int, int]]:
     if args.quick and args.sizes:
         raise UsageError("cmacc bench sampler: give --quick or --sizes, not both")
     if args.quick:
         return list(QUICK_CASES)
     if args.sizes:
         return parse_sizes(args.sizes)
-    return [(n, m) for n in DEFAULT_POOL_SIZES for m in DEFAULT_PICKS]
+    return [default_case(m) for m in DEFAULT_BATCHES]
 
 
 def run_sampler(args: argparse.Namespace) -> int:
@@ -109,9 +117,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     sub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     sampler = sub.add_parser(
         "sampler",
-        help="milliseconds per dictionary selection for pool sizes N and picks M",
-        description="Time one selection of M keys from a pool of N candidates (d-dimensional keys, "
-        "min(M, 256) pseudo-classes): warm-up, then the median of repeats; CUDA is synchronised.",
+        help="milliseconds per dictionary selection for pool size N, global batch M and picks P",
+        description="Time one selection of P keys from a pool of N candidates for a global batch of M "
+        "(d-dimensional keys, min(M, 256) pseudo-classes): warm-up, then the median of repeats; CUDA is "
+        "synchronised.",
     )
     add_sampler_arguments(sampler)
     sampler.set_defaults(handler=run_sampler)

@@ -39,7 +39,7 @@ def global_batch(step: int) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("sampler", ["active", "random", "uncertainty", "diversity"])
+@pytest.mark.parametrize("sampler", ["active", "uncertainty", "diversity", "random", "moco"])
 def test_replicas_that_apply_every_delta_equal_the_actor(sampler):
     cfg = make_cfg(sampler)
     service = DictionaryService(config=cfg.to_dict())
@@ -135,7 +135,7 @@ def test_a_resumed_run_does_not_inherit_the_stop_request_of_the_run_that_saved_i
     assert not resumed.submit(step=2, **global_batch(2)).stop_requested
 
 
-@pytest.mark.parametrize("sampler", ["active", "uncertainty", "diversity"])
+@pytest.mark.parametrize("sampler", ["active", "uncertainty", "diversity", "random"])
 def test_a_key_enters_a_dictionary_at_most_once(sampler):
     service = DictionaryService(config=make_cfg(sampler).to_dict())
     seen: set[bytes] = set()
@@ -145,3 +145,65 @@ def test_a_key_enters_a_dictionary_at_most_once(sampler):
             assert key.tobytes() not in seen
             seen.add(key.tobytes())
     assert len(seen) > 0
+
+
+def labelled_stream(step: int, *, batch: int, num_classes: int) -> dict[str, np.ndarray]:
+    """A global batch of fresh clips (ids never recur) with balanced labels."""
+    g = torch.Generator().manual_seed(1000 + step)
+
+    def unit(n: int) -> np.ndarray:
+        return torch.nn.functional.normalize(torch.randn(n, DIM, generator=g), dim=1).numpy()
+
+    ids = np.arange(step * batch, (step + 1) * batch)
+    return {
+        "queries_v": unit(batch),
+        "queries_a": unit(batch),
+        "keys_v": unit(batch),
+        "keys_a": unit(batch),
+        "clip_ids": ids,
+        "labels": ids % num_classes,
+    }
+
+
+@pytest.mark.parametrize("sampler", ["active", "uncertainty", "diversity", "random"])
+def test_in_steady_state_the_fraction_of_arrivals_that_enter_is_p_over_m(sampler):
+    batch, enqueue = 16, 4
+    cfg = config.from_dict(
+        {
+            "model": {"embed_dim": DIM},
+            "method": {"sampler": sampler, "dictionary_size": 32, "enqueue": enqueue},
+            "train": {"batch_size": batch, "seed": 1},
+        }
+    )
+    assert (cfg.enqueue_per_step, cfg.pool_capacity) == (enqueue, 4 * batch)
+    service = DictionaryService(config=cfg.to_dict())
+    entered = []
+    for step in range(12):
+        delta = service.submit(step=step, **labelled_stream(step, batch=batch, num_classes=4))
+        entered.append((len(delta.entered_v.slots), len(delta.entered_a.slots)))
+    assert entered[0] == (0, 0)  # nothing has reached the pool before the first batch
+    assert all(pair == (enqueue, enqueue) for pair in entered[1:])  # P of the M arrivals enter each step
+    ages = service.dictionaries.dictionary_v.steps
+    assert (ages >= 0).all() and (ages <= 10).all()  # each entered key came from an earlier step
+
+
+def test_random_from_the_pool_meets_same_label_negatives_at_chance():
+    from workers.diagnostics import same_label_fraction
+
+    batch, num_classes = 32, 4
+    cfg = config.from_dict(
+        {
+            "model": {"embed_dim": DIM},
+            "method": {"sampler": "random", "dictionary_size": 64, "enqueue": 8},
+            "train": {"batch_size": batch, "seed": 2},
+        }
+    )
+    service = DictionaryService(config=cfg.to_dict())
+    fractions = []
+    for step in range(60):
+        arrays = labelled_stream(step, batch=batch, num_classes=num_classes)
+        service.submit(step=step, **arrays)
+        if step >= 20:  # the dictionary is full of real keys (64 / 8 = 8 steps after the first)
+            labels = service.dictionaries.dictionary_a.labels.numpy()
+            fractions.append(same_label_fraction(arrays["labels"], labels))
+    assert abs(np.mean(fractions) - 1 / num_classes) < 0.03

@@ -117,7 +117,18 @@ def test_a_checkpoint_of_another_format_is_refused_naming_both_formats(tmp_path)
     result = _cmacc("eval", "--run", "r1", "--storage", root, "--data", str(tmp_path / "data"))
     assert result.returncode == 1, result.stderr
     assert f"checkpoint format {layout.CHECKPOINT_FORMAT + 1}" in result.stderr
-    assert f"reads format {layout.CHECKPOINT_FORMAT}" in result.stderr
+    assert "can evaluate format 1 or 2" in result.stderr
+
+
+def test_a_run_whose_checkpoint_predates_the_pool_rule_is_refused_a_resume_with_nothing_touched(tmp_path):
+    root = tmp_path / "runs"
+    make_run(str(root), "old", steps=[2], registered=[2], updated="")  # meta.json without "format": format 1
+    before = {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    result = _cmacc("pretrain", "--run-id", "old", "--storage", str(root), "--resume")
+    assert result.returncode == 1, result.stderr
+    assert "checkpoint format 1" in result.stderr and "predates the candidate-pool rule" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("door", [["-m", "service.cli", "eval"], ["-m", "jobs.evaluate"]])

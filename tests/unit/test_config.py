@@ -88,6 +88,34 @@ def test_cross_field_check_names_the_field():
     )
 
 
+def test_enqueue_and_pool_default_to_a_quarter_and_four_times_the_global_batch():
+    cfg = config.from_dict({"train": {"batch_size": 8}, "resources": {"num_workers": 4}})  # M = 32
+    assert (cfg.enqueue_per_step, cfg.pool_capacity) == (8, 128)
+    tiny = config.from_dict({"train": {"batch_size": 2}})
+    assert tiny.enqueue_per_step == 1  # at least one key enters per step
+    moco = config.from_dict({"train": {"batch_size": 8}, "method": {"sampler": "moco", "enqueue": 2}})
+    assert moco.enqueue_per_step == 8  # moco has no pool: the whole batch enters
+    small = config.from_dict({"train": {"batch_size": 8}, "method": {"sampler": "moco", "dictionary_size": 4}})
+    assert small.enqueue_per_step == 8  # like MoCo's queue, a batch larger than K leaves its newest K
+    custom = config.from_dict({"train": {"batch_size": 8}, "method": {"enqueue": 3, "pool_size": 40}})
+    assert (custom.enqueue_per_step, custom.pool_capacity) == (3, 40)
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ({"enqueue": 9}, r"^method.enqueue: must be <= the global batch M .* got 9"),
+        ({"enqueue": -1}, r"^method.enqueue: must be >= 0"),
+        ({"pool_size": 7}, r"^method.pool_size: must be 0 \(= 4M\) or >= the global batch M"),
+        ({"sampler": "greedy"}, r"^method.sampler: 'greedy' is not one of"),
+        ({"enqueue": 6, "dictionary_size": 4}, r"^method.enqueue: must be <= method.dictionary_size \(4\).* P = 6"),
+    ],
+)
+def test_enqueue_pool_and_sampler_are_checked_against_the_global_batch(method, message):
+    with pytest.raises(ConfigError, match=message):
+        config.from_dict({"train": {"batch_size": 8}, "method": method})
+
+
 def test_set_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         config.load_recipe("demo", ["optim.lr"])

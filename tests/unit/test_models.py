@@ -171,9 +171,9 @@ def test_non_finite_loss_stops_before_the_optimiser_step_with_weights_unchanged(
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("sampler", ["active", "random"])
+@pytest.mark.parametrize("sampler", ["active", "random", "moco"])
 def test_train_fills_the_dictionary_with_keys_of_past_clips(sampler):
-    cfg = tiny_config(sampler=sampler)
+    cfg = tiny_config(sampler=sampler, enqueue=2)
     result = train(cfg, batches(), num_steps=3)
     assert [m["step"] for m in result.metrics] == [1.0, 2.0, 3.0]
     assert all(
@@ -182,10 +182,13 @@ def test_train_fills_the_dictionary_with_keys_of_past_clips(sampler):
     )
     ids = result.dictionaries.dictionary_a.ids
     real = set(ids[ids >= 0].tolist())
-    if sampler == "random":
+    if sampler == "moco":  # the current batch's M keys every step
         assert (ids >= 0).sum() == 3 * BATCH and real == set(range(12))
-    else:  # an empty pool at step 1; later the current batch is excluded and joins the pool after
-        assert (ids >= 0).sum() == 2 * BATCH and real <= set(range(8))
+    else:  # an empty pool at step 1, then P = 2 a step from earlier batches (the current one excluded)
+        assert (ids >= 0).sum() == 2 * 2 and real <= set(range(8))
+    labels = result.dictionaries.dictionary_a.labels
+    assert torch.equal(labels[ids >= 0], ids[ids >= 0] % 3)  # each key keeps its clip's label
+    assert result.metrics[-1]["dict/entered_frac_a"] == (1.0 if sampler == "moco" else 2 / BATCH)  # P of the M arrivals
 
 
 def test_resumed_training_equals_uninterrupted_training():
@@ -205,3 +208,20 @@ def test_resumed_training_equals_uninterrupted_training():
     for a, b in zip(whole.state.query.parameters(), resumed.state.query.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(whole.dictionaries.dictionary_v.keys, resumed.dictionaries.dictionary_v.keys)
+
+
+def test_batchnorm_heads_give_unit_embeddings_that_stay_spread_across_the_batch():
+    cfg = tiny_config()
+    cfg.model.head_norm = "batch"
+    model = build_encoders(cfg.model)
+    batch = make_batch(0, batch=8)
+    batch["video"] = batch["video"][:1].expand(8, -1, -1, -1, -1) + 0.01 * batch["video"]  # nearly one clip
+    z_v, _ = model(batch["video"], batch["audio"])
+    torch.testing.assert_close(z_v.norm(dim=1), torch.ones(8))
+    cosines = z_v @ z_v.T
+    assert cosines[~torch.eye(8, dtype=torch.bool)].mean() < 0.5  # the batch statistics spread them out
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.video.head)
+    with pytest.raises(ValueError, match="head_norm"):
+        from workers.models import ProjectionHead
+
+        ProjectionHead(in_features=4, hidden=4, out_features=4, norm="layer")

@@ -168,7 +168,7 @@ def test_active_picks_distinct_clips_never_excluded_ones():
 def test_when_clips_run_out_every_available_clip_is_picked_once():
     inputs = make_inputs(seed=8)
     available = set(inputs["pool_ids"].tolist()) - set(inputs["exclude_ids"].tolist())
-    for name in ("active", "diversity", "uncertainty"):
+    for name in ("active", "diversity", "uncertainty", "random"):
         got = run(name, inputs, num_picks=100, seed=8)
         assert sorted(got.ids.tolist()) == sorted(available), name
 
@@ -185,7 +185,7 @@ def test_selection_is_deterministic_given_the_generator_and_varies_with_it():
 def test_an_empty_pool_selects_nothing():
     inputs = make_inputs()
     inputs["pool_keys"], inputs["pool_ids"] = inputs["pool_keys"][:0], inputs["pool_ids"][:0]
-    for name in ("active", "diversity", "uncertainty"):
+    for name in ("active", "diversity", "uncertainty", "random"):
         got = run(name, inputs, num_picks=5, seed=0)
         assert got.keys.shape == (0, 8) and got.ids.shape == (0,)
 
@@ -193,11 +193,33 @@ def test_an_empty_pool_selects_nothing():
 # --- baselines ------------------------------------------------------------------------------
 
 
-def test_random_enqueues_the_current_batch():
+def test_moco_enqueues_the_whole_current_batch():
     inputs = make_inputs()
-    got = run("random", inputs, num_picks=12, seed=0)
+    got = run("moco", inputs, num_picks=3, seed=0)  # no pool, no choice: all M keys of the batch
     assert torch.equal(got.keys, inputs["batch_keys"])
     assert torch.equal(got.ids, inputs["batch_ids"])
+
+
+def test_random_draws_uniformly_from_the_pool_distinct_clips_never_excluded_ones():
+    inputs = make_inputs(n=64, d=16, seed=7, dtype=torch.float32)
+    excluded = set(inputs["exclude_ids"].tolist())
+    available = set(inputs["pool_ids"].tolist()) - excluded
+    got = run("random", inputs, num_picks=10, seed=3)
+    assert len(got.ids) == 10 and len(set(got.ids.tolist())) == 10
+    assert set(got.ids.tolist()) <= available
+    assert torch.equal(got.keys, inputs["pool_keys"][got.indices])
+    again = run("random", inputs, num_picks=10, seed=3)
+    assert got.indices.tolist() == again.indices.tolist()
+    counts = torch.zeros(64)
+    for seed in range(400):  # every available row is about equally likely
+        counts[run("random", inputs, num_picks=10, seed=seed).indices] += 1
+    rows = torch.tensor([i for i, c in enumerate(inputs["pool_ids"].tolist()) if c not in excluded])
+    assert counts[rows].min() > 0
+    assert counts.sum() == 4000
+    duplicated = inputs["pool_ids"][rows].bincount().gt(1)[inputs["pool_ids"][rows]]
+    single = counts[rows][~duplicated]  # rows whose clip appears once: chance 10 / available clips
+    expected = 400 * 10 / len(available)
+    assert (single - expected).abs().max() < 0.35 * expected
 
 
 def test_uncertainty_is_the_top_m_by_gradient_embedding_norm():

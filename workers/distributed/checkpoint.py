@@ -1,7 +1,7 @@
 """What a checkpoint folder holds (docs/architecture.md, "Checkpoints"), written and read.
 
 Every rank writes its reader cursor; rank 0 also writes the encoders, optimiser, schedule,
-step, replicas, the pending delta schedule, the labels seen so far (`train.pt`), the actor's
+step, replicas and the pending delta schedule (`train.pt`), the actor's
 state (`actor.pt`) and `meta.json` (step, run id, world size, sampler, time, config and the
 checkpoint format). Randomness needs no saved state: the transforms are seeded per (seed,
 rank, step), the actor's sampler state is part of its state, and the reader is a function
@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from service import layout
@@ -41,7 +40,6 @@ def save_checkpoint(
     reader: ClipReader,
     replicas: Replicas,
     schedule: DeltaSchedule | None,
-    clip_labels: np.ndarray | None,
     metrics: dict[str, float],
 ) -> None:
     """Write this rank's part of a checkpoint to a fresh folder and report it to Ray Train,
@@ -61,7 +59,6 @@ def save_checkpoint(
                 "train": train_state,
                 "replicas": replicas.state_dict(),
                 "pending_steps": schedule.pending_steps(),
-                "clip_labels": clip_labels,
             },
             os.path.join(folder, layout.TRAIN_FILE),
         )
@@ -92,7 +89,6 @@ class Restored:
     train: dict[str, Any]
     replicas: dict[str, Any]
     pending_steps: list[int]
-    clip_labels: np.ndarray | None
     actor: dict[str, Any]
     readers: list[dict[str, Any]]
 
@@ -123,7 +119,6 @@ def load_checkpoint(checkpoint: Any) -> Restored:
         train=saved["train"],
         replicas=saved["replicas"],
         pending_steps=saved["pending_steps"],
-        clip_labels=saved["clip_labels"],
         actor=actor,
         readers=readers,
     )

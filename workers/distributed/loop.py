@@ -12,6 +12,7 @@ rank 0 sends them to the actor without waiting; the deltas due at this step (see
 from __future__ import annotations
 
 import math
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ import torch
 
 from service import config as config_module
 from service.config import Config
-from workers.actor import DictionaryClient
+from workers.actor import Delta, DictionaryClient
 from workers.data.reader import ClipReader
 from workers.data.transforms import Transforms, build_transforms, step_generator
-from workers.diagnostics import label_entropy, same_label_fraction
+from workers.diagnostics import step_statistics
 from workers.distributed import collectives
 from workers.distributed.checkpoint import load_checkpoint, save_checkpoint
 from workers.distributed.faults import Faults
@@ -55,8 +56,7 @@ class RunContext:
 
 @dataclass(kw_only=True)
 class Worker:
-    """Everything one rank trains with. `schedule` and `clip_labels` (the label of every clip
-    seen so far, -1 for unseen) exist on rank 0 only."""
+    """Everything one rank trains with. `schedule` exists on rank 0 only."""
 
     cfg: Config
     run: RunContext
@@ -67,7 +67,6 @@ class Worker:
     state: TrainState
     replicas: Replicas
     schedule: DeltaSchedule | None
-    clip_labels: np.ndarray | None
     log: NullMetricsLog
     faults: Faults
 
@@ -130,11 +129,9 @@ def build_worker(cfg: Config, run: RunContext) -> Worker:
     state = build_train_state(cfg, device=device)
     replicas = build_replicas(cfg, device=device)
     schedule = None
-    clip_labels = None
     if rank == 0:
         client = DictionaryClient.connect(run.actor_name)
         schedule = DeltaSchedule(client=client, max_staleness=cfg.method.max_staleness)
-        clip_labels = np.full(reader.manifest.num_clips, -1, dtype=np.int64)
 
     checkpoint = ray.train.get_checkpoint()
     restored = load_checkpoint(checkpoint) if checkpoint is not None else None
@@ -148,8 +145,6 @@ def build_worker(cfg: Config, run: RunContext) -> Worker:
             pending_steps=restored.pending_steps if restored else [],
             replica_version=replicas.version,
         )
-        if restored is not None:
-            clip_labels = restored.clip_labels
     if world_size > 1:
         state.query = torch.nn.parallel.DistributedDataParallel(
             state.query, device_ids=[device.index] if device.type == "cuda" else None
@@ -164,7 +159,6 @@ def build_worker(cfg: Config, run: RunContext) -> Worker:
         state=state,
         replicas=replicas,
         schedule=schedule,
-        clip_labels=clip_labels,
         log=MetricsLog(run_uri=run.run_uri, endpoint_url=run.endpoint_url) if rank == 0 else NullMetricsLog(),
         faults=Faults.from_env(),
     )
@@ -194,7 +188,7 @@ def run_steps(w: Worker) -> dict[str, Any]:
             out = train_step(w, batch)
         except NonFiniteLossError as err:
             message = f"{err}; the last good checkpoint is kept"
-            print(f"cmacc: error: {message}", flush=True)
+            say(f"cmacc: error: {message}")
             return {"state": "failed", "step": step, "metrics": metrics, "error": message}
         exchanged = exchange_with_actor(w, out, batch)
         stop = (
@@ -202,10 +196,12 @@ def run_steps(w: Worker) -> dict[str, Any]:
         )
         metrics = step_metrics(out, num_clips=exchanged.clip_ids.shape[0], compute_s=time.perf_counter() - loaded)
         metrics.update(data_metrics(w, wait_s=loaded - started, clip_ids=exchanged.clip_ids))
-        metrics.update(dictionary_metrics(w, exchanged))
+        metrics.update(actor_metrics(w, exchanged))
+        at_end = state.step >= total or stop
+        if w.schedule is not None and (state.step % cfg.train.log_every == 0 or at_end):
+            metrics.update(measured(w, exchanged, step))
         if step == start_step:  # marks where each attempt began: the steps a failure cost
             metrics["run/start_step"] = float(start_step)
-        at_end = state.step >= total or stop
         if at_end:
             metrics.update(final_checks(w))
             if stop:
@@ -216,7 +212,7 @@ def run_steps(w: Worker) -> dict[str, Any]:
             last_progress = time.perf_counter()
         if w.rank == 0 and (state.step % cfg.train.log_every == 0 or at_end):
             rate = cfg.train.log_every if state.step % cfg.train.log_every == 0 else 1
-            print(progress_line(state.step, total, metrics, rate / max(time.perf_counter() - last_log, 1e-9)))
+            say(progress_line(state.step, total, metrics, rate / max(time.perf_counter() - last_log, 1e-9)))
             last_log = time.perf_counter()
         if at_end or state.step % cfg.checkpoint.every_steps == 0:
             w.log.sync()
@@ -227,7 +223,6 @@ def run_steps(w: Worker) -> dict[str, Any]:
                 reader=w.reader,
                 replicas=w.replicas,
                 schedule=w.schedule,
-                clip_labels=w.clip_labels,
                 metrics=metrics,
             )
     return {"state": "stopped" if stop else "succeeded", "step": state.step, "metrics": metrics, "error": ""}
@@ -257,7 +252,8 @@ class Exchanged:
     stop_requested: bool
     clip_ids: torch.Tensor  # M: the global batch's clip ids
     labels: torch.Tensor  # M: their labels (-1 when unknown)
-    select_ms: list[float]  # the actor's selection time of each delta applied now
+    gathered: dict[str, torch.Tensor]  # the global batch's queries_v, queries_a, keys_v, keys_a [M, d]
+    deltas: list[Delta]  # the deltas applied now
 
 
 def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Exchanged:
@@ -272,7 +268,7 @@ def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Ex
     if w.schedule is not None:
         arrays = {name: to_numpy(value) for name, value in gathered.items()}
         arrays["clip_ids"] = to_numpy(clip_ids)
-        w.clip_labels[arrays["clip_ids"]] = to_numpy(labels)
+        arrays["labels"] = to_numpy(labels)
         w.schedule.submit(w.state.step - 1, arrays)  # the batch of the step just taken
         final = w.state.step >= w.cfg.train.steps
         control["deltas"] = w.schedule.due(w.state.step, w.replicas, drain=final)
@@ -284,7 +280,8 @@ def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Ex
         stop_requested=control["stop"],
         clip_ids=clip_ids,
         labels=labels,
-        select_ms=[delta.select_ms for delta in control["deltas"]],
+        gathered=gathered,
+        deltas=control["deltas"],
     )
 
 
@@ -300,25 +297,34 @@ def data_metrics(w: Worker, *, wait_s: float, clip_ids: torch.Tensor) -> dict[st
     }
 
 
-def dictionary_metrics(w: Worker, exchanged: Exchanged) -> dict[str, float]:
-    """Rank 0's view of the dictionaries: selection time, staleness, restarts, and what the
-    replicas hold (label entropy, false negatives met by this batch's queries)."""
+def actor_metrics(w: Worker, exchanged: Exchanged) -> dict[str, float]:
+    """Rank 0's view of the actor, every step: selection time, staleness, restarts."""
     if w.schedule is None:
         return {}
-    labels = to_numpy(exchanged.labels)
-    known_v = w.clip_labels[w.replicas.known_ids("v")]
-    known_a = w.clip_labels[w.replicas.known_ids("a")]
+    select_ms = [delta.select_ms for delta in exchanged.deltas]
     return {
-        "dict/select_ms": float(np.mean(exchanged.select_ms)) if exchanged.select_ms else float("nan"),
+        "dict/select_ms": float(np.mean(select_ms)) if select_ms else float("nan"),
         "dict/staleness": float(len(w.schedule.pending)),
         "dict/version": float(w.replicas.version),
         "dict/wait_s": w.schedule.wait_s,
         "dict/actor_restarts": float(w.schedule.actor_restarts),
-        "dict/label_entropy_v": label_entropy(known_v),
-        "dict/label_entropy_a": label_entropy(known_a),
-        "dict/same_label_frac_a": same_label_fraction(labels, known_a),
-        "dict/same_label_frac_v": same_label_fraction(labels, known_v),
     }
+
+
+def measured(w: Worker, exchanged: Exchanged, step: int) -> dict[str, float]:
+    """Rank 0's statistics every `train.log_every` steps: the global batch's embeddings
+    (collapse, correspondence), what the replicas of the dictionaries hold, and the fraction
+    of arrivals that entered through the deltas applied now."""
+    return step_statistics(
+        **exchanged.gathered,
+        labels=exchanged.labels,
+        dictionary_v=w.replicas.dictionary_v,
+        dictionary_a=w.replicas.dictionary_a,
+        step=step,
+        arrived=float(exchanged.clip_ids.shape[0] * len(exchanged.deltas)),
+        entered_v=float(sum(len(delta.entered_v.slots) for delta in exchanged.deltas)),
+        entered_a=float(sum(len(delta.entered_a.slots) for delta in exchanged.deltas)),
+    )
 
 
 def final_checks(w: Worker) -> dict[str, float]:
@@ -358,6 +364,14 @@ def _progress(step: int, total: int, metrics: dict[str, float]) -> dict[str, flo
     return {"step": step, "total": total, "loss": metrics["train/loss"], "clips_per_s": metrics["train/clips_per_s"]}
 
 
+def say(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver. Not `print`: inside a
+    Ray Train worker, print is patched to go both to stdout and to Train's logger, and the
+    driver then shows every line twice."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
 def progress_line(step: int, total: int, metrics: dict[str, float], steps_per_s: float) -> str:
     eta = (total - step) / steps_per_s if steps_per_s > 0 else math.inf
     parts = [
@@ -369,5 +383,9 @@ def progress_line(step: int, total: int, metrics: dict[str, float], steps_per_s:
         parts.append(f"select {metrics['dict/select_ms']:.1f} ms")
     if "dict/staleness" in metrics:
         parts.append(f"stale {metrics['dict/staleness']:.0f}")
+    if "embed/cos_qv" in metrics:  # collapse shows here: cosines near 1, no positive-negative gap
+        parts.append(f"q cos v/a {metrics['embed/cos_qv']:.2f}/{metrics['embed/cos_qa']:.2f}")
+        gap = metrics["embed/pos_cos_va"] - metrics["embed/neg_cos_va"]
+        parts.append(f"pos-neg {gap:+.2f}")
     parts.append(f"eta {eta:.0f} s")
     return "  ".join(parts)

@@ -42,6 +42,8 @@ def apply_entered(dictionary: NegativeDictionary, entered: Entered) -> None:
     index = to_torch(entered.slots, device, torch.long)
     dictionary.keys[index] = to_torch(entered.keys, device, dictionary.keys.dtype)
     dictionary.ids[index] = to_torch(entered.ids, device, torch.long)
+    dictionary.labels[index] = to_torch(entered.labels, device, torch.long)
+    dictionary.steps[index] = to_torch(entered.steps, device, torch.long)
     dictionary.pointer = (int(entered.slots[-1]) + 1) % dictionary.size
 
 
@@ -79,11 +81,6 @@ class Replicas:
 
     def checksum(self) -> float:
         return float(self.dictionary_v.keys.double().sum() + 3 * self.dictionary_a.keys.double().sum())
-
-    def known_ids(self, modality: str) -> np.ndarray:
-        """Clip ids of the keys of D_v or D_a that came from a clip (not the initial noise)."""
-        ids = to_numpy(getattr(self, f"dictionary_{modality}").ids)
-        return ids[ids >= 0]
 
 
 def build_replicas(cfg: Config, *, device: torch.device) -> Replicas:
