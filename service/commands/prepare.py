@@ -101,12 +101,14 @@ def _av_digits(args: argparse.Namespace) -> int:
             size=args.size,
             seconds=args.seconds,
             seed=args.seed,
+            sync=args.sync,
             progress=progress,
         )
     splits = ", ".join(f"{name or 'none'} {n}" for name, n in sorted(manifest.splits.items()))
     num_bytes = sum(s.bytes for s in manifest.shards)
+    variant = "class only" if args.sync == "none" else f"picture synchronised with the sound: {args.sync}"
     print(
-        f"wrote {manifest.num_clips} clips (10 digits; test speaker {args.test_speaker}; splits {splits}; "
+        f"wrote {manifest.num_clips} clips (10 digits, {variant}; test speaker {args.test_speaker}; splits {splits}; "
         f"{args.frames} frames of {args.size}x{args.size}) in {len(manifest.shards)} shard(s), "
         f"{num_bytes / 2**20:.1f} MiB, to {args.out}"
     )
@@ -160,4 +162,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     av_digits.add_argument("--seconds", type=float, default=1.0, help="clip length, seconds (default: 1.0)")
     av_digits.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     av_digits.add_argument("--test-speaker", default="theo", help="FSDD speaker held out as test (default: theo)")
+    av_digits.add_argument(
+        "--sync",
+        choices=("none", "scale", "ink", "both", "spectral"),
+        default="none",
+        help="none: the digit is all picture and sound share (default); scale, ink, both: the digit's size "
+        "and/or ink also follow the recording's loudness, as lips move with speech; spectral: its width and "
+        "height follow the low and the high band of the sound",
+    )
     av_digits.set_defaults(handler=_av_digits)

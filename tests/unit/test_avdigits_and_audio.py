@@ -224,3 +224,78 @@ def test_cli_refuses_an_unknown_test_speaker(shared_data, tmp_path, capsys):
     argv = ["data", "av-digits", str(tmp_path / "out"), "--fsdd", str(shared_data / "fsdd"), "--digits", digits]
     assert main([*argv, "--test-speaker", "nobody"]) == 2
     assert "'nobody' is not an FSDD speaker" in capsys.readouterr().err
+
+
+def test_loudness_envelope_follows_the_sound_frame_by_frame():
+    from workers.data.avdigits import loudness_envelope
+
+    rate, frames = 16000, 8
+    t = np.arange(rate) / rate
+    audio = np.where((t >= 0.25) & (t < 0.5), 0.5 * np.sin(2 * np.pi * 440 * t), 0.0).astype(np.float32)
+    audio[: rate // 8] += 0.005  # a faint hum in frame 0: 40 dB below the tone, under the floor
+    envelope = loudness_envelope(audio, frames)
+    np.testing.assert_allclose(envelope, [0, 0, 1, 1, 0, 0, 0, 0], atol=1e-6)
+    assert loudness_envelope(np.zeros(rate, dtype=np.float32), frames).tolist() == [0.0] * frames
+
+
+def test_band_envelopes_tell_a_vowel_from_a_fricative_frame_by_frame():
+    from workers.data.avdigits import band_envelopes
+
+    rate, frames = 16000, 4
+    t = np.arange(rate) / rate
+    noise = np.random.default_rng(0).standard_normal(rate)
+    hiss = np.fft.irfft(
+        np.fft.rfft(noise) * ((np.fft.rfftfreq(rate, 1 / rate) > 2000) & (np.fft.rfftfreq(rate, 1 / rate) < 3500))
+    )
+    audio = np.zeros(rate)
+    # frame 0: a low "vowel", as loud (RMS 0.3) as the "s" of frame 1
+    audio[: rate // 4] = 0.3 * np.sqrt(2) * np.sin(2 * np.pi * 300 * t[: rate // 4])
+    audio[rate // 4 : rate // 2] = 0.3 * hiss[rate // 4 : rate // 2] / hiss.std()
+    levels = band_envelopes(audio.astype(np.float32), frames, sample_rate=rate)  # frames x (low, high)
+    assert levels.shape == (4, 2)
+    assert levels[0, 0] > 0.9 and levels[0, 1] < 0.2  # the vowel fills the low band only
+    assert levels[1, 1] > 0.9 and levels[1, 0] < 0.2  # the hiss fills the high band only
+    assert (levels[2:] == 0).all()  # silence
+
+
+@pytest.mark.parametrize("mode", ["scale", "ink", "both"])
+def test_synchronised_frames_show_more_digit_when_the_sound_is_loud(mode):
+    from workers.data.avdigits import _background, render_synced_frames
+
+    image = np.zeros((8, 8), dtype=np.float32)
+    image[1:7, 2:6] = 1.0  # a block "digit"
+    size = 64
+    background, _ = _background(np.random.default_rng(3), size)  # the renderer draws the same one first
+    video = render_synced_frames(image, np.array([0.0, 1.0, 0.0]), np.random.default_rng(3), size=size, mode=mode)
+    ink = np.abs(video.astype(np.float64) - 255 * background).sum(axis=3)  # T x size x size
+    digit_pixels = (ink > 60).sum(axis=(1, 2))
+    strength = ink.sum(axis=(1, 2))
+    assert digit_pixels[1] > digit_pixels[0] and digit_pixels[1] > digit_pixels[2], digit_pixels
+    assert strength[1] > 1.5 * strength[0], strength
+
+
+def test_the_synchronised_variant_is_recorded_and_keeps_the_split(shared_data, tmp_path):
+    inputs = {"fsdd_dir": str(shared_data / "fsdd"), "digits_csv": str(shared_data / "digits" / "digits.csv.gz")}
+    synced = write_av_digits(str(tmp_path / "s"), **inputs, max_takes=1, frames=4, size=32, sync="both")
+    plain = write_av_digits(str(tmp_path / "p"), **inputs, max_takes=1, frames=4, size=32)
+    assert synced.made_by["params"]["sync"] == "both" and plain.made_by["params"]["sync"] == "none"
+    assert synced.splits == plain.splits == {"train": 50, "test": 10}
+    rows = {r["clip_id"]: r for r in _shard_rows(tmp_path / "s")}
+    for row in _shard_rows(tmp_path / "p"):  # the same recordings, labels and splits
+        assert (rows[row["clip_id"]]["label"], rows[row["clip_id"]]["split"]) == (row["label"], row["split"])
+    with pytest.raises(ValueError, match="sync must be one of"):
+        write_av_digits(str(tmp_path / "x"), **inputs, max_takes=1, sync="loud")
+
+
+def test_spectral_frames_stretch_the_digit_with_each_band():
+    from workers.data.avdigits import _background, render_synced_frames
+
+    image = np.ones((8, 8), dtype=np.float32)  # a solid block shows its own size
+    size = 64
+    background, _ = _background(np.random.default_rng(4), size)
+    levels = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)  # wide and flat, then narrow and tall
+    video = render_synced_frames(image, levels, np.random.default_rng(4), size=size, mode="spectral")
+    ink = np.abs(video.astype(np.float64) - 255 * background).sum(axis=3) > 60  # T x size x size
+    widths = ink.any(axis=1).sum(axis=1)
+    heights = ink.any(axis=2).sum(axis=1)
+    assert widths[0] > 1.5 * heights[0] and heights[1] > 1.5 * widths[1], (widths, heights)

@@ -9,11 +9,28 @@ motion are distractors that only one of them sees.
 The split is speaker-disjoint: every recording of `test_speaker` is `test`, the others
 `train`. The handwritten images are split too (a fixed share of each digit's images only
 appears in test clips), so test clips are new to both modalities. Deterministic per seed.
+
+Two variants (`sync`, recorded in the manifest's parameters):
+
+* `none` (class-only, the harder benchmark): the digit is all the two streams share. At
+  random initialisation the encoders' features share no linear signal across the
+  modalities on it, so the cross-modal loss has nothing to start from.
+* `scale`, `ink` or `both` (synchronised): the picture also moves with the sound, as lips
+  move with speech. The digit's size (`scale`), its ink (`ink`) or both follow the loudness
+  envelope of the clip's recording: frame t shows the RMS level of the audio samples it
+  spans, in dB below the clip's loudest frame (`FLOOR_DB` and quieter count as silence).
+  The envelope is relative, so it carries timing, not the speaker's recording level.
+* `spectral` (synchronised, like lips that shape each sound): the digit's width follows the
+  level of the low band (voicing, vowels) and its height the level of the high band
+  (fricatives such as the s of six and seven, the f of four and five), frame by frame, both
+  in dB below the clip's loudest band-frame. What the picture shares with the sound then
+  depends on the word said, not only on when it is said.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -29,6 +46,11 @@ LABEL_NAMES = [str(d) for d in range(10)]
 TEST_IMAGE_FRACTION = 0.2  # share of each digit's images kept for test clips
 DIGIT_SCALE = 0.5  # side of the upscaled digit, as a fraction of the frame side
 PEAK_LEVEL = (0.3, 0.9)  # range of the random peak amplitude of each clip's recording
+SYNC_MODES = ("none", "scale", "ink", "both", "spectral")
+SPECTRAL_BANDS_HZ = ((50.0, 700.0), (1500.0, 4000.0))  # voicing and low formants; fricatives and high formants
+FLOOR_DB = 30.0  # a frame this far below the clip's loudest one counts as silent
+SYNC_SCALE = (0.25, 0.6)  # digit side (fraction of the frame side) when silent and at the loudest frame
+SYNC_INK = (0.15, 1.0)  # digit opacity when silent and at the loudest frame
 _FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[a-z]+)_(?P<take>\d+)\.wav$")
 
 
@@ -104,6 +126,14 @@ def _image_pools(labels: np.ndarray, *, seed: int) -> dict[tuple[str, int], np.n
     return pools
 
 
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An 8x8 image in 0..1 resized to height x width with bilinear interpolation."""
+    from PIL import Image
+
+    resized = Image.fromarray(image.astype(np.float32)).resize((width, height), Image.BILINEAR)
+    return np.asarray(resized).clip(0.0, 1.0)
+
+
 def _upscale(image: np.ndarray, side: int) -> np.ndarray:
     """An 8x8 image in 0..1 resized to side x side with bilinear interpolation."""
     from PIL import Image
@@ -111,8 +141,8 @@ def _upscale(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image.astype(np.float32)).resize((side, side), Image.BILINEAR)).clip(0.0, 1.0)
 
 
-def render_frames(image: np.ndarray, rng: np.random.Generator, *, frames: int, size: int) -> np.ndarray:
-    """T x size x size x 3 uint8: the digit moving in a straight line over a textured background."""
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A textured background [size, size, 3] in 0..1 and an ink colour [3] that contrasts with it."""
     grid = (np.arange(size) + 0.5) / size
     angle = rng.uniform(0, np.pi)
     freq = rng.uniform(2, 6)
@@ -122,7 +152,12 @@ def render_frames(image: np.ndarray, rng: np.random.Generator, *, frames: int, s
     # The digit's colour contrasts with the background's brightness, so it stays visible.
     bright = float(background.mean()) < 0.5
     ink = rng.uniform(0.75, 1.0, size=3) if bright else rng.uniform(0.0, 0.25, size=3)
+    return background, ink
 
+
+def render_frames(image: np.ndarray, rng: np.random.Generator, *, frames: int, size: int) -> np.ndarray:
+    """T x size x size x 3 uint8: the digit moving in a straight line over a textured background."""
+    background, ink = _background(rng, size)
     side = max(8, round(DIGIT_SCALE * size))
     alpha = _upscale(image, side)[:, :, None]
     start, end = rng.uniform(0, size - side, size=(2, 2))
@@ -132,6 +167,76 @@ def render_frames(image: np.ndarray, rng: np.random.Generator, *, frames: int, s
         frame = background.copy()
         patch = frame[y : y + side, x : x + side]
         frame[y : y + side, x : x + side] = (1 - alpha) * patch + alpha * ink
+        video[t] = frame + 0.02 * rng.standard_normal(frame.shape)
+    return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def loudness_envelope(audio: np.ndarray, frames: int, *, floor_db: float = FLOOR_DB) -> np.ndarray:
+    """[frames] levels in [0, 1]: frame t covers samples [t S / frames, (t + 1) S / frames) of
+    `audio` (S samples, the clip's span); its RMS in dB relative to the loudest frame, with
+    -floor_db and below mapped to 0 and the loudest frame to 1."""
+    bounds = (np.arange(frames + 1) * audio.size) // frames
+    rms = np.array(
+        [
+            np.sqrt(np.mean(np.square(audio[a:b], dtype=np.float64))) if b > a else 0.0
+            for a, b in itertools.pairwise(bounds)
+        ]
+    )
+    peak = float(rms.max()) if rms.size else 0.0
+    if peak <= 0:
+        return np.zeros(frames, dtype=np.float32)
+    level_db = 20 * np.log10(np.maximum(rms / peak, 1e-10))
+    return np.clip(1 + level_db / floor_db, 0.0, 1.0).astype(np.float32)
+
+
+def band_envelopes(audio: np.ndarray, frames: int, *, sample_rate: int, floor_db: float = FLOOR_DB) -> np.ndarray:
+    """[frames, 2] levels in [0, 1] of the low and the high band of `SPECTRAL_BANDS_HZ`: the
+    RMS of each frame's samples (as `loudness_envelope` splits them) in each band, in dB
+    relative to the loudest band-frame of the clip, -floor_db and below mapped to 0."""
+    bounds = (np.arange(frames + 1) * audio.size) // frames
+    rms = np.zeros((frames, len(SPECTRAL_BANDS_HZ)))
+    for t, (a, b) in enumerate(itertools.pairwise(bounds)):
+        if b - a < 2:
+            continue
+        power = np.abs(np.fft.rfft(audio[a:b].astype(np.float64))) ** 2
+        hz = np.fft.rfftfreq(b - a, d=1.0 / sample_rate)
+        for band, (lo, hi) in enumerate(SPECTRAL_BANDS_HZ):
+            rms[t, band] = np.sqrt(power[(hz >= lo) & (hz < hi)].sum() / (b - a) ** 2)
+    peak = float(rms.max())
+    if peak <= 0:
+        return np.zeros((frames, len(SPECTRAL_BANDS_HZ)), dtype=np.float32)
+    level_db = 20 * np.log10(np.maximum(rms / peak, 1e-10))
+    return np.clip(1 + level_db / floor_db, 0.0, 1.0).astype(np.float32)
+
+
+def render_synced_frames(
+    image: np.ndarray, envelope: np.ndarray, rng: np.random.Generator, *, size: int, mode: str
+) -> np.ndarray:
+    """T x size x size x 3 uint8 (T = len(envelope)): the digit moving in a straight line over
+    a textured background (as `render_frames`), following `envelope` frame by frame: its size
+    (`scale`), ink (`ink`) or both with a loudness envelope [T]; its width and height with
+    the two band envelopes [T, 2] (`spectral`)."""
+    if mode not in SYNC_MODES[1:]:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_MODES[1:])} here, got {mode!r}")
+    levels = envelope.reshape(len(envelope), -1)  # T x 1 (loudness) or T x 2 (low band, high band)
+    background, ink = _background(rng, size)
+    low, high = SYNC_SCALE if mode in ("scale", "both", "spectral") else (DIGIT_SCALE, DIGIT_SCALE)
+    largest = max(8, round(high * size))
+    start, end = rng.uniform(largest / 2, size - largest / 2, size=(2, 2))  # the path of the digit's centre
+    video = np.empty((len(levels), size, size, 3), dtype=np.float32)
+    for t, frame_levels in enumerate(levels.tolist()):
+        width_level, height_level = frame_levels[0], frame_levels[-1]
+        width = max(8, round((low + (high - low) * width_level) * size))
+        height = max(8, round((low + (high - low) * height_level) * size))
+        alpha = _resize(image, width, height)[:, :, None]
+        if mode in ("ink", "both"):
+            alpha = alpha * (SYNC_INK[0] + (SYNC_INK[1] - SYNC_INK[0]) * width_level)
+        cx, cy = start + (end - start) * (t / max(len(levels) - 1, 1))
+        x = int(np.clip(round(cx - width / 2), 0, size - width))
+        y = int(np.clip(round(cy - height / 2), 0, size - height))
+        frame = background.copy()
+        patch = frame[y : y + height, x : x + width]
+        frame[y : y + height, x : x + width] = (1 - alpha) * patch + alpha * ink
         video[t] = frame + 0.02 * rng.standard_normal(frame.shape)
     return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
 
@@ -167,12 +272,16 @@ def write_av_digits(
     seed: int = 0,
     sample_rate: int = 16000,
     max_takes: int | None = None,
+    sync: str = "none",
     target_shard_bytes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Write the AV-digits set to `out` (any URI): one clip per FSDD recording (or per
     recording with take < `max_takes`), `frames` frames of `size` x `size` pixels over
-    `seconds`, mono audio at `sample_rate` Hz. `progress(done, total)` after each clip."""
+    `seconds`, mono audio at `sample_rate` Hz; `sync` picks the variant (see the module
+    docstring). `progress(done, total)` after each clip."""
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
     if frames < 1 or size < 16 or seconds <= 0 or sample_rate < 1000:
         raise ValueError(
             f"need frames >= 1, size >= 16, seconds > 0, sample_rate >= 1000; "
@@ -198,6 +307,7 @@ def write_av_digits(
         "seed": seed,
         "sample_rate": sample_rate,
         "max_takes": max_takes,
+        "sync": sync,
     }
     extra = {} if target_shard_bytes is None else {"target_shard_bytes": target_shard_bytes}
     writer = DatasetWriter(
@@ -215,7 +325,16 @@ def write_av_digits(
         rng = np.random.default_rng([seed, rec.digit, speakers.index(rec.speaker), rec.take])
         image_index = int(rng.choice(pools[split, rec.digit]))
         wave, _ = decode_audio(rec.path, rate=sample_rate)
-        video = render_frames(images[image_index], rng, frames=frames, size=size)
+        if sync == "none":
+            video = render_frames(images[image_index], rng, frames=frames, size=size)
+            audio = fit_audio(wave, rng, num_samples=num_samples)
+        else:  # the audio first: the picture follows what is stored
+            audio = fit_audio(wave, rng, num_samples=num_samples)
+            if sync == "spectral":
+                envelope = band_envelopes(audio, frames, sample_rate=sample_rate)
+            else:
+                envelope = loudness_envelope(audio, frames)
+            video = render_synced_frames(images[image_index], envelope, rng, size=size, mode=sync)
         writer.add(
             Clip(
                 clip_id=f"avdigits-{rec.digit}_{rec.speaker}_{rec.take}",
@@ -225,7 +344,7 @@ def write_av_digits(
                 frames=[encode_jpeg(f) for f in video],
                 height=size,
                 width=size,
-                audio=encode_pcm(fit_audio(wave, rng, num_samples=num_samples)),
+                audio=encode_pcm(audio),
                 sample_rate=sample_rate,
                 label=rec.digit,
                 split=split,
