@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from service.commands import ablate as ablate_commands
 from service.commands import bench as bench_commands
 from service.commands import cluster as cluster_commands
 from service.commands import config as config_commands
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     pretrain_commands.register(commands)
+    ablate_commands.register(commands)
     cluster_commands.register(commands)
     runs_commands.register(commands)
     config_commands.register(commands)

@@ -9,7 +9,11 @@ jobs.evaluate` build an `EvaluateRequest`. Torch-free: the CLI imports it.
 from __future__ import annotations
 
 import argparse
+import typing
 from dataclasses import dataclass
+
+from service.config import Sampler
+from service.errors import UsageError
 
 PROBES = ("linear", "knn")
 
@@ -111,4 +115,74 @@ class EvaluateRequest:
             data=args.data,
             probes=tuple(args.probe or PROBES),
             device=args.device,
+        )
+
+
+SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)  # active, uncertainty, diversity, random, moco
+
+
+def parse_samplers(text: str) -> tuple[str, ...]:
+    """`"active,random"` -> ("active", "random"); a UsageError names an unknown sampler."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise UsageError("--samplers: name at least one sampler")
+    for name in names:
+        if name not in SAMPLERS:
+            raise UsageError(f"--samplers: unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--samplers: {text!r} names a sampler twice")
+    return names
+
+
+def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, help="labelled data set URI with a test split (the probes score on it)"
+    )
+    parser.add_argument(
+        "--samplers",
+        default=",".join(SAMPLERS),
+        help=f"comma-separated samplers to compare (default: {','.join(SAMPLERS)})",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per sampler: 0..N-1 (default: 3)")
+    add_recipe_arguments(parser)
+    parser.add_argument(
+        "--storage", default=None, help="storage root URI for the runs and the report (default: ./runs)"
+    )
+    parser.add_argument(
+        "--id", dest="ablation_id", default=None, help="name of the ablation (default: from the settings)"
+    )
+    parser.add_argument(
+        "--address", default=None, help="Ray dashboard address: run side by side as cluster jobs (default: here)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of its table")
+
+
+@dataclass(kw_only=True, frozen=True)
+class AblateRequest:
+    """An ablation: the same recipe and data, one run per sampler and seed."""
+
+    data: str
+    samplers: tuple[str, ...] = SAMPLERS
+    seeds: int = 3
+    recipe: str = "demo"
+    overrides: tuple[str, ...] = ()
+    storage: str | None = None
+    ablation_id: str | None = None
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise UsageError(f"--seeds must be >= 1, got {self.seeds}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AblateRequest:
+        return cls(
+            data=args.data,
+            samplers=parse_samplers(args.samplers),
+            seeds=args.seeds,
+            recipe=args.recipe,
+            overrides=tuple(args.overrides),
+            storage=args.storage,
+            ablation_id=args.ablation_id,
+            address=args.address,
         )

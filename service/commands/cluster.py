@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,17 +138,11 @@ def job_entrypoint(request: PretrainRequest) -> list[str]:
     return ["python", "-m", "jobs.pretrain", *request.job_argv()]
 
 
-def _submit(args: argparse.Namespace) -> int:
-    cfg = config.load_recipe(args.recipe, args.overrides)  # usage errors before any contact
-    run_id = preflight.check_run_id(args.run_id)
-    request = PretrainRequest.from_args(
-        args,
-        recipe=_recipe_for_job(args.recipe),
-        storage=_storage_root(args, cfg),
-        data=storage.absolute(args.data) if args.data else None,
-        address=None,
-    )
-    jobs = Jobs(args.address)
+def submit_run(jobs: Jobs, request: PretrainRequest, cfg: config.Config, *, resume_if_submitted: bool = False) -> str:
+    """Submit a pretraining job for `request` (storage and data URIs absolute, the recipe as
+    it travels) after the shared pre-run checks; returns its submission id.
+    `resume_if_submitted`: a run submitted before continues (as `cmacc ablate` wants)."""
+    run_id = request.run_id
     previous = jobs.jobs_of(run_id)
     running = [job for job in previous if str(job.status) not in TERMINAL]
     if running:
@@ -153,15 +150,18 @@ def _submit(args: argparse.Namespace) -> int:
             f"run {run_id!r} is still running as job {running[-1].submission_id} "
             f"({running[-1].status}): stop it first (cmacc stop {run_id})"
         )
+    if previous and resume_if_submitted:
+        request = dataclasses.replace(request, resume=True)
     readable, entry = _read_storage(request.storage, run_id, endpoint_url=cfg.storage.endpoint_url)
     if readable:
-        preflight.check_start(entry, run_id=run_id, root=request.storage, resume=args.resume, may_be_new=bool(previous))
-    if previous and not args.resume:
+        preflight.check_start(
+            entry, run_id=run_id, root=request.storage, resume=request.resume, may_be_new=bool(previous)
+        )
+    if previous and not request.resume:
         raise UsageError(
             f"run {run_id!r} was submitted before (job {previous[-1].submission_id}, {previous[-1].status}): "
             "pass --resume to continue it, or choose another --run-id"
         )
-
     taken = {job.submission_id for job in previous}
     submission_id = run_id
     attempt = len(previous) + 1
@@ -170,7 +170,7 @@ def _submit(args: argparse.Namespace) -> int:
         attempt += 1
     env = preflight.passed_environment()
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(STOP_WAIT_S)
-    job_id = jobs.call(
+    return jobs.call(
         "submitting the job",
         "submit_job",
         entrypoint=shlex.join(job_entrypoint(request)),
@@ -178,6 +178,21 @@ def _submit(args: argparse.Namespace) -> int:
         runtime_env={"working_dir": str(PROJECT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
         metadata={RUN_ID_KEY: run_id, "cmacc_recipe": request.recipe, "cmacc_storage": request.storage},
     )
+
+
+def _submit(args: argparse.Namespace) -> int:
+    cfg = config.load_recipe(args.recipe, args.overrides)  # usage errors before any contact
+    run_id = preflight.check_run_id(args.run_id)
+    request = PretrainRequest.from_args(
+        args,
+        run_id=run_id,
+        recipe=_recipe_for_job(args.recipe),
+        storage=_storage_root(args, cfg),
+        data=storage.absolute(args.data) if args.data else None,
+        address=None,
+    )
+    jobs = Jobs(args.address)
+    job_id = submit_run(jobs, request, cfg)
     if args.json:
         print(
             json.dumps({"run_id": run_id, "submission_id": job_id, "address": jobs.address, "storage": request.storage})
@@ -186,6 +201,39 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"submitted run {run_id} as job {job_id} to {jobs.address} (storage {request.storage})")
         print(f"  follow it: cmacc logs {run_id} --follow   status: cmacc status {run_id}")
     return 0
+
+
+def ablation_jobs(
+    address: str, cfg: config.Config, recipe: str
+) -> tuple[Callable[[PretrainRequest], str], Callable[[str], str], Callable[[str], str]]:
+    """(submit, status, progress) for `cmacc ablate --address`: submit a run's job, the status
+    of a run's newest job ("" when it has none), and the newest progress line in its logs
+    ("step N/T ... eta S s", or ""). The address and the recipe are checked here, before
+    anything is submitted or written."""
+    jobs = Jobs(address)
+    travelling_recipe = _recipe_for_job(recipe)
+
+    def submit(request: PretrainRequest) -> str:
+        travelling = dataclasses.replace(request, recipe=travelling_recipe, address=None)
+        return submit_run(jobs, travelling, cfg, resume_if_submitted=True)
+
+    def status(run_id: str) -> str:
+        runs = jobs.jobs_of(run_id)
+        return str(runs[-1].status) if runs else ""
+
+    def progress(run_id: str) -> str:
+        runs = jobs.jobs_of(run_id)
+        if not runs:
+            return ""
+        logs = jobs.call(f"reading the logs of job {runs[-1].submission_id}", "get_job_logs", runs[-1].submission_id)
+        lines = PROGRESS_LINE.findall(logs or "")
+        return lines[-1] if lines else ""
+
+    return submit, status, progress
+
+
+# The training loop's progress line (workers.distributed.loop.progress_line), as it reaches a job's logs.
+PROGRESS_LINE = re.compile(r"step \d+/\d+ .*? eta \S+ s")
 
 
 def _job_dict(job: Any) -> dict[str, Any]:

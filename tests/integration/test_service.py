@@ -261,3 +261,20 @@ def test_submission_errors_are_one_line_with_the_right_exit_code(head, dataset, 
     assert not root.exists(), "a rejected submission wrote to storage"
     for result in (unknown, invalid, unreachable, missing):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_ablate_with_an_address_runs_side_by_side_as_jobs_and_reports(head, dataset, tmp_path):
+    """`cmacc ablate --address`: every run is a job on the cluster; the report comes from storage."""
+    root = tmp_path / "runs"
+    sets = [f"--set={item}" for item in [*TINY, "train.steps=2", "eval.linear_epochs=5"]]
+    argv = ["ablate", "--data", dataset, "--samplers", "active,random", "--seeds", "1", "--storage", str(root)]
+    result = cmacc(head, *argv, "--id", "cl", *sets, "--address", head["address"])
+    assert "cl-active-s0: submitted as job cl-active-s0" in result.stderr
+    assert "cl-random-s0: SUCCEEDED" in result.stderr
+    jobs = {j["run_id"]: j["status"] for j in json.loads(cmacc(head, "list", "--json").stdout)}
+    assert jobs["cl-active-s0"] == jobs["cl-random-s0"] == "SUCCEEDED"
+    report = json.loads((root / "ablations" / "cl" / "report.json").read_text())
+    assert [r["run_id"] for r in report["runs"]] == ["cl-active-s0", "cl-random-s0"]
+    assert all(r["state"] == "succeeded" and r["figures"]["video/linear"] is not None for r in report["runs"])
+    again = cmacc(head, *argv, "--id", "cl", *sets, "--address", head["address"])
+    assert "cl-active-s0: finished before, skipped" in again.stderr
