@@ -26,6 +26,7 @@ from service import catalog, layout, preflight, storage
 from service.config import Config
 from service.errors import DataError, Failure
 from service.requests import PretrainRequest
+from workers import ray_init
 from workers.actor import DictionaryClient
 
 
@@ -148,14 +149,8 @@ def start_ray(cfg: Config, address: str | None, *, log_to_driver: bool = True) -
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        local = address in (None, "local")
         wanted, _ = preflight.resources_needed(cfg)
-        ray.init(
-            address=address,
-            num_cpus=max(os.cpu_count() or 1, wanted) if local else None,
-            log_to_driver=log_to_driver,
-        )
+        ray_init.init(address, num_cpus=max(os.cpu_count() or 1, wanted), log_to_driver=log_to_driver)
     total = ray.cluster_resources()
     cpus, gpus = preflight.resources_needed(cfg)
     if total.get("CPU", 0) < cpus or total.get("GPU", 0) < gpus:

@@ -351,3 +351,45 @@ def test_big_buck_bunny_becomes_clips_with_sound_and_the_requested_frames(ray_se
         assert row["sample_rate"] == 16000 and wave.size == 16000  # 6-channel 48 kHz AAC -> mono 16 kHz
         assert np.sqrt(np.mean(wave**2)) > 1e-3, f"clip {row['clip_id']} is silent"
     assert [r["start_s"] for r in rows] == pytest.approx([0.16, 1.48, 2.80, 4.12], abs=0.01)
+
+
+def test_a_stale_current_cluster_file_is_ignored_without_an_address(tmp_path):
+    """A Ray head stopped with Ctrl-C leaves `<ray temp>/ray_current_cluster` behind; a
+    command without `--address` or RAY_ADDRESS starts its own local Ray instead of failing
+    on the dead cluster (a separate process: the file is read by `ray.init`)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Unix socket paths are limited
+    try:
+        Path(ray_tmp, "ray").mkdir()
+        Path(ray_tmp, "ray", "ray_current_cluster").write_text("127.0.0.1:9\n")  # nobody listens
+        src = tmp_path / "src"
+        src.mkdir()
+        write_video(src / "a.mp4", seconds=1.0)
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(Path(__file__).parents[2])}
+        env.pop("RAY_ADDRESS", None)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "data",
+                "prepare",
+                str(src),
+                str(tmp_path / "out"),
+                "--clips-per-video",
+                "1",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "num_cpus" not in result.stderr
+        assert read_manifest(str(tmp_path / "out")).num_clips == 1
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

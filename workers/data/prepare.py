@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from service import storage
+from workers import ray_init
 from workers.data.audio_folders import AUDIO_EXTENSIONS, FOLDERS, label_files, read_audio_clips
 from workers.data.format import DEFAULT_TARGET_SHARD_BYTES, Clip, DataError, DatasetWriter
 from workers.data.splits import read_splits
@@ -192,7 +193,7 @@ def prepare(
     )
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+        ray_init.init(None, num_cpus=os.cpu_count() or 1, include_dashboard=False, configure_logging=False)
     files_ok = num_clips = 0
     try:
         for done, result in enumerate(_results_in_order(ray, jobs, options), start=1):

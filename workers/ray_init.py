@@ -1,0 +1,62 @@
+"""Start or join Ray the one way every entry point does it.
+
+Without an address (no `--address`, no `RAY_ADDRESS`) a command starts a private local Ray.
+It never joins "the cluster Ray started last": Ray records that cluster in a file under its
+temp folder, and a head stopped with Ctrl-C or killed leaves the file behind, so joining
+it would fail with Ray's traceback about `num_cpus` or hang on a dead address. With an
+address, the cluster must answer: a GCS address (`host:port`) that refuses or times out a
+TCP connection is a one-line `ClusterUnreachable` error naming it, before Ray retries for
+minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from service.errors import Failure
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class ClusterUnreachable(Failure):
+    """The Ray cluster at the given address does not answer."""
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The address to join (`--address`, else `RAY_ADDRESS`), or None for a local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "local") else address
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise `ClusterUnreachable` when `host:port` does not accept a TCP connection.
+    Other forms (`auto`, `ray://...`, URLs) are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ClusterUnreachable(
+            f"cannot reach the Ray cluster at {address} ({err.strerror or err}); is it running? "
+            f"(--address or RAY_ADDRESS; leave both unset to start a local Ray)"
+        ) from None
+
+
+def init(address: str | None, *, num_cpus: int, **kwargs: Any) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray with `num_cpus`
+    logical CPUs. Returns True when a local Ray was started. Extra arguments go to `ray.init`."""
+    import ray
+
+    address = resolve_address(address)
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        return True
+    check_reachable(address)
+    ray.init(address=address, **kwargs)
+    return False
