@@ -27,16 +27,22 @@ def pretrain(request: PretrainRequest, *, progress: Any = None) -> dict[str, Any
     started = time.perf_counter()
     cfg = config.load_recipe(request.recipe, list(request.overrides))
     run = driver.prepare_run(cfg, request)  # refusals happen here, before anything is written
-    driver.start_ray(cfg, request.address, log_to_driver=progress is None)
-    client = driver.start_actor(run)
-    driver.record(run, state="running")
-    try:
-        outcome = driver.summarise(run, driver.fit(run, client, progress=progress))
-    except Exception as err:
-        driver.record(run, state="failed", error=str(err))
-        raise
-    finally:
-        client.kill()
+    shortage = driver.start_ray(cfg, request.address, log_to_driver=progress is None)
+    with driver.StopSignals() as stop:
+        client = driver.start_actor(run)
+        stop.client = client
+        note = f"waiting for resources: {shortage}" if shortage else "starting workers"
+        driver.record(run, state="waiting", note=note)
+        try:
+            outcome = driver.summarise(run, driver.fit(run, client, stop, progress=progress))
+        except driver.StoppedBeforeStart:
+            outcome = {"run_id": run.run_id, "state": "stopped", "step": run.start_step, "checkpoint": None}
+            outcome["note"] = "stopped before any step was trained"
+        except Exception as err:
+            driver.record(run, state="failed", error=str(err))
+            raise
+        finally:
+            client.kill()
     evaluation = None
     if outcome["state"] == "succeeded" and cfg.eval.after_training:
         evaluation = driver.evaluate_run(run, outcome)
@@ -52,6 +58,7 @@ def pretrain(request: PretrainRequest, *, progress: Any = None) -> dict[str, Any
         state=outcome["state"],
         last_step=outcome["step"],
         error=outcome.get("error", ""),
+        note=outcome.get("note", ""),
         evaluation=evaluation,
         final=True,
     )

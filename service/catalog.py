@@ -132,13 +132,15 @@ def write_run_record(
     state: str,
     last_step: int | None = None,
     error: str = "",
+    note: str = "",
     evaluation: dict[str, Any] | None = None,
     train_s: float | None = None,
     endpoint_url: str = "",
 ) -> None:
     """Write the run's record, `<run>/run.json` (no credentials in it), keeping what the
     previous record of the run said about its creation, last step and evaluation.
-    `train_s`: this job's training time, added to the run's total (`timings.train_s_total`)."""
+    `train_s`: this job's training time, added to the run's total (`timings.train_s_total`).
+    `note`: what the state waits on (`waiting`: the resources the cluster lacks)."""
     uri = storage.join(run_uri, layout.RUN_FILE)
     previous = _read_json(uri, endpoint_url) or {}
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -150,6 +152,7 @@ def write_run_record(
         "state": state,
         "last_step": previous.get("last_step", 0) if last_step is None else last_step,
         "error": error,
+        "note": note,
         "created": previous.get("created", now),
         "updated": now,
         "eval": previous.get("eval"),

@@ -54,6 +54,8 @@ def format_summary(outcome: dict[str, Any]) -> str:
         lines.append(f"  newest checkpoint {outcome['checkpoint']}")
     if outcome.get("error"):
         lines.append(f"  error: {outcome['error']}")
+    if outcome.get("note"):
+        lines.append(f"  {outcome['note']}")
     if outcome.get("evaluation"):
         lines.append(format_table(outcome["evaluation"]))
     elif outcome.get("evaluation_note"):

@@ -39,6 +39,11 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, *, run_id_help: str,
     parser.add_argument(
         "--resume", action="store_true", help="continue a run id that has a checkpoint (required to reuse one)"
     )
+    parser.add_argument(
+        "--resume-if-any",
+        action="store_true",
+        help="continue the run id when it has a checkpoint, else start it (for jobs that a scheduler retries)",
+    )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON instead of the summary")
 
 
@@ -53,6 +58,7 @@ class PretrainRequest:
     data: str | None = None  # data set URI; None = data.uri or the generated set
     address: str | None = None  # Ray address; None = RAY_ADDRESS or a local Ray
     resume: bool = False
+    resume_if_any: bool = False  # resume when there is a checkpoint, else start (retried jobs)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **changes: object) -> PretrainRequest:
@@ -64,6 +70,7 @@ class PretrainRequest:
             "data": args.data,
             "address": getattr(args, "address", None),
             "resume": args.resume,
+            "resume_if_any": getattr(args, "resume_if_any", False),
         }
         return cls(**{**fields, **changes})
 
@@ -79,6 +86,8 @@ class PretrainRequest:
             argv += ["--set", item]
         if self.resume:
             argv.append("--resume")
+        if self.resume_if_any:
+            argv.append("--resume-if-any")
         return argv
 
 

@@ -64,7 +64,13 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
     root = storage.absolute(request.storage or cfg.storage.root)
     endpoint = cfg.storage.endpoint_url
     existing = preflight.read_run(root, run_id, endpoint_url=endpoint)
-    start_step = preflight.check_start(existing, run_id=run_id, root=root, resume=request.resume)
+    start_step = preflight.check_start(
+        existing,
+        run_id=run_id,
+        root=root,
+        resume=request.resume or request.resume_if_any,
+        may_be_new=request.resume_if_any,
+    )
     if existing is not None and existing.newest_checkpoint is not None:
         newest = existing.newest_checkpoint
         layout.check_checkpoint_format(newest.meta, newest.uri, to="resume")
@@ -142,10 +148,11 @@ def default_data(cfg: Config, root: str) -> str:
 # --- Ray -------------------------------------------------------------------------------------
 
 
-def start_ray(cfg: Config, address: str | None, *, log_to_driver: bool = True) -> None:
+def start_ray(cfg: Config, address: str | None, *, log_to_driver: bool = True) -> str:
     """Join the Ray at `address` (or RAY_ADDRESS), or start a local one with enough logical
     CPUs for the run's workers and actor; nothing when this process is already connected.
-    Says plainly when the cluster cannot hold the run now (an autoscaler may add nodes)."""
+    Says plainly when the cluster cannot hold the run now (an autoscaler may add nodes) and
+    returns that shortage ("" when the cluster has enough)."""
     import ray
 
     if not ray.is_initialized():
@@ -153,14 +160,15 @@ def start_ray(cfg: Config, address: str | None, *, log_to_driver: bool = True) -
         ray_init.init(address, num_cpus=max(os.cpu_count() or 1, wanted), log_to_driver=log_to_driver)
     total = ray.cluster_resources()
     cpus, gpus = preflight.resources_needed(cfg)
-    if total.get("CPU", 0) < cpus or total.get("GPU", 0) < gpus:
-        print(
-            f"cmacc: warning: the run asks for {cpus} CPUs and {gpus:g} GPUs "
-            f"(resources.num_workers, cpus_per_worker, use_gpu, gpus_per_worker, actor_gpus); the cluster "
-            f"has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs now and will wait for more",
-            file=sys.stderr,
-            flush=True,
-        )
+    if total.get("CPU", 0) >= cpus and total.get("GPU", 0) >= gpus:
+        return ""
+    shortage = (
+        f"the run asks for {cpus} CPUs and {gpus:g} GPUs "
+        f"(resources.num_workers, cpus_per_worker, use_gpu, gpus_per_worker, actor_gpus); the cluster "
+        f"has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs now"
+    )
+    print(f"cmacc: warning: {shortage} and will wait for more", file=sys.stderr, flush=True)
+    return shortage
 
 
 def start_actor(run: Run) -> DictionaryClient:
@@ -212,57 +220,111 @@ def build_trainer(run: Run, client: DictionaryClient) -> Any:
 ProgressFactory = Callable[[DictionaryClient, int, int], Any]
 
 
-def fit(run: Run, client: DictionaryClient, *, progress: ProgressFactory | None = None) -> Any:
-    """Train: Ray Train's `fit()` with a graceful stop; returns its Result. `progress(client,
-    total, initial)`, when given, makes the progress display: an object with `poll()`
-    (called twice a second) and `close()`."""
+class StoppedBeforeStart(Exception):
+    """A stop (Ctrl-C, SIGTERM, `cmacc stop`) arrived before any worker trained a step: there
+    is nothing to checkpoint, so the driver ends at once instead of waiting for workers
+    (which may never get their resources) to reach a step."""
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM for the whole job, from Ray's start to the end of training.
+
+    Before rank 0 reported its first step, a signal ends the job at the next `check()`
+    (`StoppedBeforeStart`: nothing to checkpoint). Afterwards the first asks the workers to
+    write a checkpoint and stop; a second one aborts (the previous handlers are back).
+    Installed right after Ray starts, whose own SIGTERM handler would kill the process.
+    """
+
+    def __init__(self) -> None:
+        self.client: DictionaryClient | None = None  # set once the actor exists
+        self.started = False  # rank 0 reported a step
+        self.requested = False  # a stop arrived before that
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, old in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)  # None: a handler set outside Python
+        self.previous = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self.started or self.client is None:
+            self.requested = True
+            print("\ncmacc: stopping: no step was trained yet, so there is nothing to checkpoint", flush=True)
+            return
+        print("\ncmacc: stopping after the next step and a checkpoint (again to abort)", flush=True)
+        self.client.request_stop()
+        self._restore()
+
+    def check(self) -> None:
+        if self.requested:
+            raise StoppedBeforeStart()
+
+
+def fit(run: Run, client: DictionaryClient, stop: StopSignals, *, progress: ProgressFactory | None = None) -> Any:
+    """Train: Ray Train's `fit()`, stopped gracefully through `stop`; returns its Result.
+    `progress(client, total, initial)`, when given, makes the progress display: an object
+    with `show(progress)` (rank 0's newest step, loss and rate) and `close()`. The run
+    record says `waiting` until rank 0 reports its first step, then `running`."""
+    stop.check()
+    trainer = build_trainer(run, client)
     display = progress(client, run.cfg.train.steps, run.start_step) if progress else None
     started = time.perf_counter()
     run.fit_started_at = time.time()
+    watcher = Watcher(run, client, display, stop)
     try:
-        return fit_with_graceful_stop(build_trainer(run, client), client, poll=display.poll if display else None)
+        return fit_in_thread(trainer, stop, poll=watcher.poll)
     finally:
         run.timings["train_s"] = time.perf_counter() - started
         if display:
             display.close()
 
 
-def fit_with_graceful_stop(trainer: Any, client: DictionaryClient, *, poll: Callable[[], None] | None = None) -> Any:
-    """`trainer.fit()`, where the first Ctrl-C (SIGINT or SIGTERM) asks the workers to write a
-    checkpoint and stop; a second one aborts.
+class Watcher:
+    """Polls rank 0's progress from the actor (never blocks): feeds the display, and at the
+    first step turns the run record from `waiting` to `running` and arms the graceful stop."""
 
-    fit() runs in a helper thread so that Ray Train does not install its own SIGINT handler
-    (which aborts the run without a checkpoint); this thread keeps the signals. `poll` is
-    called twice a second meanwhile (the progress display).
-    """
+    def __init__(self, run: Run, client: DictionaryClient, display: Any, stop: StopSignals):
+        self.run, self.client, self.display, self.stop = run, client, display, stop
+
+    def poll(self) -> None:
+        progress = self.client.poll_progress()
+        if not progress:
+            return
+        if not self.stop.started:
+            self.stop.started = True
+            record(self.run, state="running")
+        if self.display is not None:
+            self.display.show(progress)
+
+
+def fit_in_thread(trainer: Any, stop: StopSignals, *, poll: Callable[[], None]) -> Any:
+    """`trainer.fit()` in a helper thread, so that Ray Train does not install its own SIGINT
+    handler (which aborts the run without a checkpoint) and this thread keeps the signals;
+    `poll` is called twice a second meanwhile. A stop before the first step raises
+    `StoppedBeforeStart` at once (the helper thread is left to die with the process)."""
     outcome: dict[str, Any] = {}
 
-    def fit_in_thread() -> None:
+    def target() -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as err:  # re-raised in the calling thread
             outcome["error"] = err
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: Any) -> None:
-        print("\ncmacc: stopping after the next step and a checkpoint (again to abort)", flush=True)
-        client.request_stop()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    thread = threading.Thread(target=fit_in_thread, name="cmacc-fit", daemon=True)
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-            if poll is not None:
-                poll()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    thread = threading.Thread(target=target, name="cmacc-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        stop.check()
+        thread.join(timeout=0.5)
+        poll()
     if "error" in outcome:
         err = outcome["error"]
         raise Failure(f"training failed: {type(err).__name__}: {err}") from err
@@ -271,18 +333,14 @@ def fit_with_graceful_stop(trainer: Any, client: DictionaryClient, *, poll: Call
 
 class ProgressBar:
     """The driver's progress bar (step, loss, clips/s, ETA) from what rank 0 reports to the
-    dictionary actor; `poll()` never blocks (an answer not there yet is picked up later)."""
+    dictionary actor."""
 
     def __init__(self, client: DictionaryClient, total: int, initial: int):
         from tqdm import tqdm
 
-        self.client = client
         self.bar = tqdm(total=total, initial=initial, unit="step", desc="pretrain", file=sys.stderr, dynamic_ncols=True)
 
-    def poll(self) -> None:
-        progress = self.client.poll_progress()
-        if not progress:
-            return
+    def show(self, progress: dict[str, float]) -> None:
         step = int(progress["step"])
         if step < self.bar.n:  # a restarted attempt replays steps since its checkpoint
             self.bar.reset(total=self.bar.total)
@@ -363,6 +421,7 @@ def record(
     state: str,
     last_step: int | None = None,
     error: str = "",
+    note: str = "",
     evaluation: dict[str, Any] | None = None,
     final: bool = False,
 ) -> None:
@@ -378,6 +437,7 @@ def record(
         state=state,
         last_step=last_step,
         error=error,
+        note=note,
         evaluation=evaluation,
         train_s=run.timings.get("train_s") if final else None,
         endpoint_url=run.endpoint_url,

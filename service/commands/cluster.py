@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service import config, preflight, storage
+from service import catalog, config, preflight, storage
 from service.errors import Failure, UsageError
 from service.requests import PretrainRequest, add_pretrain_arguments
 
@@ -155,9 +155,13 @@ def submit_run(jobs: Jobs, request: PretrainRequest, cfg: config.Config, *, resu
     readable, entry = _read_storage(request.storage, run_id, endpoint_url=cfg.storage.endpoint_url)
     if readable:
         preflight.check_start(
-            entry, run_id=run_id, root=request.storage, resume=request.resume, may_be_new=bool(previous)
+            entry,
+            run_id=run_id,
+            root=request.storage,
+            resume=request.resume or request.resume_if_any,
+            may_be_new=bool(previous) or request.resume_if_any,
         )
-    if previous and not request.resume:
+    if previous and not (request.resume or request.resume_if_any):
         raise UsageError(
             f"run {run_id!r} was submitted before (job {previous[-1].submission_id}, {previous[-1].status}): "
             "pass --resume to continue it, or choose another --run-id"
@@ -180,17 +184,26 @@ def submit_run(jobs: Jobs, request: PretrainRequest, cfg: config.Config, *, resu
     )
 
 
-def _submit(args: argparse.Namespace) -> int:
-    cfg = config.load_recipe(args.recipe, args.overrides)  # usage errors before any contact
-    run_id = preflight.check_run_id(args.run_id)
+def submission(args: argparse.Namespace) -> tuple[PretrainRequest, config.Config]:
+    """The job's request from `cmacc submit`'s arguments (the recipe as it travels, storage
+    and data URIs absolute, no address), and the recipe's config; usage errors before any
+    contact with the cluster. `job_entrypoint` of it is the job's command line, the same as
+    a KubeRay RayJob's entrypoint for the same run (infra/k8s/rayjob-pretrain.yaml)."""
+    cfg = config.load_recipe(args.recipe, args.overrides)
     request = PretrainRequest.from_args(
         args,
-        run_id=run_id,
+        run_id=preflight.check_run_id(args.run_id),
         recipe=_recipe_for_job(args.recipe),
         storage=_storage_root(args, cfg),
         data=storage.absolute(args.data) if args.data else None,
         address=None,
     )
+    return request, cfg
+
+
+def _submit(args: argparse.Namespace) -> int:
+    request, cfg = submission(args)
+    run_id = request.run_id
     jobs = Jobs(args.address)
     job_id = submit_run(jobs, request, cfg)
     if args.json:
@@ -252,14 +265,39 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
+def _run_record(job: Any) -> dict[str, Any] | None:
+    """The run record (`run.json`) of a job's run, read from the storage in its metadata;
+    None when this machine cannot read it (the cluster's storage may be out of reach)."""
+    metadata = job.metadata or {}
+    root, run_id = metadata.get("cmacc_storage"), metadata.get(RUN_ID_KEY)
+    if not root or not run_id:
+        return None
+    try:
+        entry = catalog.read_run(root, run_id)  # the endpoint: AWS_ENDPOINT_URL_S3 as for every command
+    except Exception:  # status must answer even when storage does not
+        return None
+    return entry.info if entry is not None else None
+
+
 def _status(args: argparse.Namespace) -> int:
+    """The job's status; while the job runs, the run's own state from its record: `waiting`
+    (for workers or resources, with what it lacks) or `running` (at step N)."""
     jobs = Jobs(args.address)
     job = jobs.newest(args.run_id)
     info = _job_dict(job)
+    record = _run_record(job)
+    info["run_state"] = (record or {}).get("state", "")
+    info["run_note"] = (record or {}).get("note", "")
+    info["last_step"] = (record or {}).get("last_step")
+    shown = info["status"]
+    if info["status"] == "RUNNING" and info["run_state"] in ("waiting", "running"):
+        shown = info["run_state"].upper()  # the job runs; its run may still wait for its workers
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "shown": shown}, indent=2))
     else:
-        print(f"{info['status']}  run {args.run_id}  job {info['submission_id']}  started {_when(info['start_time'])}")
+        print(f"{shown}  run {args.run_id}  job {info['submission_id']}  started {_when(info['start_time'])}")
+        if info["run_note"] and shown == "WAITING":
+            print(f"  {info['run_note']}")
         if info["message"]:
             print(f"  {info['message']}")
     return 0

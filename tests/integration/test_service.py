@@ -278,3 +278,32 @@ def test_ablate_with_an_address_runs_side_by_side_as_jobs_and_reports(head, data
     assert all(r["state"] == "succeeded" and r["figures"]["video/linear"] is not None for r in report["runs"])
     again = cmacc(head, *argv, "--id", "cl", *sets, "--address", head["address"])
     assert "cl-active-s0: finished before, skipped" in again.stderr
+
+
+def test_a_run_the_cluster_cannot_hold_is_shown_waiting_and_stops_within_seconds(head, dataset, tmp_path):
+    """The head offers 3 CPUs; a run asking for 9 (8 for its worker, 1 for the actor) waits
+    for resources: `cmacc status` says so and what it lacks, `cmacc stop` ends it within
+    seconds (there is no step to checkpoint), and the run record says `stopped` at step 0."""
+    root = tmp_path / "runs"
+    sets = [f"--set={item}" for item in [*TINY, "resources.cpus_per_worker=8", "train.steps=4"]]
+    cmacc(head, "submit", "--recipe", "demo", "--run-id", "big", "--storage", str(root), "--data", dataset, *sets)
+    deadline = time.monotonic() + 300
+    while True:
+        status = json.loads(cmacc(head, "status", "big", "--json").stdout)
+        if status["shown"] == "WAITING":
+            break
+        assert status["status"] in ("PENDING", "RUNNING"), status
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert "waiting for resources" in status["run_note"] and "9 CPUs" in status["run_note"], status
+    text = cmacc(head, "status", "big").stdout
+    assert text.startswith("WAITING") and "waiting for resources" in text
+    assert json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]["state"] == "waiting"
+
+    asked = time.monotonic()
+    cmacc(head, "stop", "big")
+    assert wait_for(head, "big", timeout_s=60) == "STOPPED"
+    took = time.monotonic() - asked
+    assert took < 30, f"the stop took {took:.0f} s"
+    info = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]
+    assert (info["state"], info["last_step"]) == ("stopped", 0), (info, cmacc(head, "logs", "big").stdout[-3000:])
