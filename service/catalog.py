@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service import layout, reports, storage
-from service.errors import CatalogError
+from service.errors import CatalogError, UsageError
 
 __all__ = ["CatalogError", "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "require_run"]
 
@@ -84,8 +84,12 @@ def list_checkpoints(run_uri: str, *, endpoint_url: str = "") -> list[Checkpoint
 
 
 def read_run(root: str, run_id: str, *, endpoint_url: str = "") -> RunEntry | None:
-    """The run `run_id` under `root`, or None when it has neither a run.json nor a checkpoint."""
-    uri = layout.run_uri(root, run_id)
+    """The run `run_id` under `root`, or None when it has neither a run.json nor a checkpoint.
+    UsageError for an id that is not a run id (it would name a folder outside the run's)."""
+    try:
+        uri = layout.run_uri(root, run_id)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     info = _read_json(storage.join(uri, layout.RUN_FILE), endpoint_url)
     checkpoints = list_checkpoints(uri, endpoint_url=endpoint_url)
     if info is None and not checkpoints:
@@ -104,7 +108,9 @@ def list_runs(root: str, *, endpoint_url: str = "") -> list[RunEntry]:
     """Every run under `root` (folders with a run.json), newest update first."""
     runs = []
     for name in storage.list_dir(root, endpoint_url=endpoint_url):
-        if not storage.exists(storage.join(root, name, layout.RUN_FILE), endpoint_url=endpoint_url):
+        if not layout.is_run_id(name) or not storage.exists(
+            storage.join(root, name, layout.RUN_FILE), endpoint_url=endpoint_url
+        ):
             continue  # datasets/ and anything else that is not a run
         entry = read_run(root, name, endpoint_url=endpoint_url)
         if entry is not None:

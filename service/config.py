@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -342,14 +343,19 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
                 pass
         raise ConfigError(path, f"expected an integer, got {value!r}")
     if kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(path, f"expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        if not math.isfinite(number):  # inf and nan pass float() but no rate, length or size is infinite
+            raise ConfigError(path, f"expected a finite number, got {value!r}")
+        return number
     if kind is str:
         if isinstance(value, str):
             return value

@@ -52,15 +52,20 @@ def check_run_id(run_id: str) -> str:
 
     Raises ValueError with the rule; callers turn it into their own error.
     """
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):  # fullmatch: no trailing newline
         raise ValueError(
             f"run id {run_id!r}: use 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
     return run_id
 
 
+def is_run_id(name: str) -> bool:
+    return bool(_RUN_ID.fullmatch(name))
+
+
 def run_uri(root: str, run_id: str) -> str:
-    return storage.join(root, run_id)
+    """The run's folder; ValueError for an id that is not a run id (`../x` never leaves the root)."""
+    return storage.join(root, check_run_id(run_id))
 
 
 def checkpoint_name(step: int) -> str:

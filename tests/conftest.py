@@ -7,6 +7,7 @@ Markers: `unit` (pure, fast), `integration` (Ray and/or S3 on loopback), `slow` 
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -105,3 +106,20 @@ def storage_root(tmp_path: Path) -> str:
     root = tmp_path / "storage"
     root.mkdir()
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """`free_ports(n)`: n TCP ports on 127.0.0.1 that were free a moment ago (bound, then
+    released), for servers the tests start (Ray heads, S3 endpoints)."""
+
+    def pick(count: int) -> list[int]:
+        sockets = [socket.socket() for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in sockets]
+        for s in sockets:
+            s.close()
+        return ports
+
+    return pick

@@ -9,7 +9,8 @@
 #
 # Settings (environment): CMACC_LOCAL (state folder, default /tmp/cmacc-local), S3_PORT
 # (9000), DASHBOARD_PORT (8265), GCS_PORT (6380), RAY_CPUS (logical CPUs of the head,
-# default 4: the demo asks for 3), BUCKET (cmacc). Ray's files go to $CMACC_LOCAL/ray, so
+# default 4: the demo asks for 3), BUCKET (cmacc), RAY_START_ARGS (more `ray start` options,
+# for example other agent ports when another Ray runs here). Ray's files go to $CMACC_LOCAL/ray, so
 # the head never leaves a "current cluster" record where other commands look.
 set -euo pipefail
 
@@ -75,7 +76,8 @@ EOF
     # project's `python`.
     PATH="$venv:$PATH" "$venv/ray" start --head --node-ip-address=127.0.0.1 --port="$gcs_port" \
       --num-cpus="$cpus" --include-dashboard=true --dashboard-host=127.0.0.1 \
-      --dashboard-port="$dashboard_port" --temp-dir="$state/ray" --disable-usage-stats >"$state/ray-start.log" 2>&1 \
+      --dashboard-port="$dashboard_port" --temp-dir="$state/ray" --disable-usage-stats ${RAY_START_ARGS:-} \
+      >"$state/ray-start.log" 2>&1 \
       || { tail -20 "$state/ray-start.log" >&2; die "the Ray head did not start"; }
     wait_for "the Ray dashboard" 120 ray_up
     echo "Ray head up at $RAY_ADDRESS ($cpus logical CPUs; log $state/ray-start.log)"

@@ -44,6 +44,16 @@ WORKING_DIR_EXCLUDES = [
     "build",
     "dist",
     "tests",
+    # secrets never travel with a job
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "id_ed25519*",
+    ".aws",
+    "credentials",
+    ".netrc",
 ]
 STOP_WAIT_S = 180  # after `cmacc stop`: time the run gets to write its checkpoint before SIGKILL
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

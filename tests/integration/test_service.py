@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,21 +38,11 @@ TINY = [
 ]
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
-def head():
+def head(free_ports):
     """A Ray head on loopback with the dashboard and token authentication; stopped after."""
     token = secrets.token_hex(32)
-    gcs, dashboard, agent_listen, agent_grpc, metrics, client, runtime_env = _free_ports(7)
+    gcs, dashboard, agent_listen, agent_grpc, metrics, client, runtime_env = free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")  # short: Unix socket paths are limited
     env = {
         **os.environ,

@@ -57,10 +57,20 @@ def test_missing_run_names_the_uri(tmp_path):
         catalog.require_run(str(tmp_path), "nope")
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", ".hidden", "x" * 101, "sp ace", "-dash"])
+@pytest.mark.parametrize("bad", ["", "a/b", ".hidden", "x" * 101, "sp ace", "-dash", "ok\n", "../x", ".."])
 def test_run_ids_must_be_folder_and_job_names(bad):
     with pytest.raises(ValueError, match="run id"):
         layout.check_run_id(bad)
+
+
+def test_commands_that_read_a_run_refuse_an_id_that_leaves_the_storage_root(tmp_path):
+    root = tmp_path / "root"
+    make_run(str(tmp_path), "outside", steps=[2], registered=[2], updated="2026-01-01")
+    root.mkdir()
+    for argv in (["checkpoints", "../outside"], ["eval", "--run", "../outside"]):
+        result = _cmacc(*argv, "--storage", str(root))
+        assert result.returncode == 2, result.stderr
+        assert "run id '../outside'" in result.stderr and "Traceback" not in result.stderr
 
 
 def _cmacc(*argv: str) -> subprocess.CompletedProcess:

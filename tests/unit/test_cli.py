@@ -95,3 +95,25 @@ def test_importing_the_cli_loads_neither_torch_nor_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_a_job_package_leaves_secrets_and_environments_behind(tmp_path):
+    """What `cmacc submit` uploads as the job's working_dir, matched as Ray matches it."""
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    from service.commands.cluster import WORKING_DIR_EXCLUDES
+
+    excluded = _get_excludes(tmp_path, WORKING_DIR_EXCLUDES)
+    for path in (
+        ".env",
+        ".env.local",
+        "deploy/server.pem",
+        "tls.key",
+        ".ssh/id_rsa",
+        ".aws/credentials",
+        ".venv/bin/python",
+        "runs/r1/run.json",
+    ):
+        assert excluded(tmp_path / path), f"{path} would travel with the job"
+    for path in ("service/cli.py", "jobs/recipes/demo.toml", "pyproject.toml"):
+        assert not excluded(tmp_path / path), f"{path} would be missing from the job"

@@ -51,6 +51,9 @@ def test_integer_literals_are_accepted_for_float_fields():
         ("resources.use_gpu=maybe", "resources.use_gpu", "true or false"),
         ("model.video.size=4", "model.video.size", ">= 16"),
         ("checkpoint.every_steps=0", "checkpoint.every_steps", ">= 1"),
+        ("optim.lr=inf", "optim.lr", "finite"),
+        ("data.clip_seconds=nan", "data.clip_seconds", "finite"),
+        ("method.temperature=-inf", "method.temperature", "finite"),
     ],
 )
 def test_bad_values_name_the_field(override, field_name, words):

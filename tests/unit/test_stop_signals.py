@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from workers.driver import StopSignals, StoppedBeforeStart, fit_in_thread
+from workers.driver import StoppedBeforeStart, StopSignals, fit_in_thread
 
 pytestmark = pytest.mark.unit
 
