@@ -9,6 +9,7 @@ This module is imported by the CLI, so it must never import torch or ray.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -347,10 +348,8 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
         elif isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value.strip())
-            except ValueError:
-                pass
         if number is None:
             raise ConfigError(path, f"expected a number, got {value!r}")
         if not math.isfinite(number):  # inf and nan pass float() but no rate, length or size is infinite

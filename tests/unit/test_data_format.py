@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -124,6 +125,29 @@ def test_manifest_errors_name_the_uri(tmp_path):
     (bad / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(DataError, match="format version 99"):
         read_manifest(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda m: m["shards"][0].update(name="../../etc/passwd.parquet"), "not a file name"),
+        (lambda m: m["shards"][0].update(name="sub/shard-00000.parquet"), "not a file name"),
+        (lambda m: m["shards"][0].update(rows="12"), "rows '12' is not a count"),
+        (lambda m: m["shards"][0].update(bytes=-1), "bytes -1 is not a count"),
+        (lambda m: m["shards"][0].update(sha256="abc"), "not a hex digest"),
+        (lambda m: m.update(label_names="abc"), "not a list of names"),
+        (lambda m: m["modalities"].update(video="yes"), "true or false"),
+        (lambda m: m.update(splits={"train": "many"}), "not a table of clip counts"),
+    ],
+)
+def test_a_manifest_with_wrong_field_types_or_a_shard_outside_the_folder_is_refused(tmp_path, change, words):
+    uri = str(tmp_path / "ds")
+    write_synthetic(uri, 4, **SMALL)
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    change(manifest)
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{uri}/manifest.json: not a valid manifest .*{re.escape(words)}"):
+        read_manifest(uri)
 
 
 def test_data_errors_are_input_errors_the_cli_maps_to_exit_1():

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from service.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.parquet")  # a file of the data set's own folder
 DEFAULT_ROWS_PER_GROUP = 64
 DEFAULT_TARGET_SHARD_BYTES = 256 * 2**20
 
@@ -73,6 +75,21 @@ class ShardInfo:
     bytes: int
     sha256: str
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ShardInfo:
+        """A manifest's shard entry, its types checked; a name must be a file of the data set's
+        own folder (no `/`, no `..`), so a manifest cannot point a reader elsewhere."""
+        shard = cls(**raw)
+        if not isinstance(shard.name, str) or not _SHARD_NAME.fullmatch(shard.name) or ".." in shard.name:
+            raise TypeError(f"shard name {shard.name!r} is not a file name of the data set's folder")
+        for field_name in ("rows", "bytes"):
+            value = getattr(shard, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TypeError(f"shard {shard.name}: {field_name} {value!r} is not a count")
+        if not isinstance(shard.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", shard.sha256):
+            raise TypeError(f"shard {shard.name}: sha256 {shard.sha256!r} is not a hex digest")
+        return shard
+
 
 @dataclass(kw_only=True)
 class Manifest:
@@ -108,13 +125,24 @@ class Manifest:
             raw = json.loads(text)
             if raw["format_version"] != FORMAT_VERSION:
                 raise DataError(f"{uri}: format version {raw['format_version']} is not {FORMAT_VERSION}")
+            label_names = raw["label_names"]
+            modalities = raw["modalities"]
+            splits = raw.get("splits", {})
+            if not isinstance(label_names, list) or not all(isinstance(n, str) for n in label_names):
+                raise TypeError(f"label_names {label_names!r} is not a list of names")
+            if not all(isinstance(modalities[m], bool) for m in ("video", "audio")):
+                raise TypeError(f"modalities {modalities!r}: video and audio must be true or false")
+            if not isinstance(splits, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in splits.items()
+            ):
+                raise TypeError(f"splits {splits!r} is not a table of clip counts")
             return cls(
-                shards=[ShardInfo(**s) for s in raw["shards"]],
-                label_names=list(raw["label_names"]),
-                has_video=bool(raw["modalities"]["video"]),
-                has_audio=bool(raw["modalities"]["audio"]),
+                shards=[ShardInfo.from_dict(s) for s in raw["shards"]],
+                label_names=list(label_names),
+                has_video=modalities["video"],
+                has_audio=modalities["audio"],
                 made_by=dict(raw["made_by"]),
-                splits=dict(raw.get("splits", {})),
+                splits=dict(splits),
                 format_version=raw["format_version"],
             )
         except (KeyError, TypeError, json.JSONDecodeError) as err:
