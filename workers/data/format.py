@@ -211,7 +211,11 @@ def read_shard_columns(dataset_uri: str, shard: ShardInfo, columns: list[str], *
 
     def read() -> pa.Table:
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            # No Arrow thread may call back into this Python file object: neither decoding
+            # threads (use_threads) nor pre-buffering I/O threads (pre_buffer). One still inside
+            # such a call when the interpreter exits aborts the process after its output
+            # ("terminate called without an active exception", exit 134).
+            return pq.read_table(f, columns=columns, use_threads=False, pre_buffer=False)
 
     try:
         table = storage.retry("read columns of", uri, read)
