@@ -37,8 +37,22 @@ export AWS_DEFAULT_REGION=us-east-1
 EOF
 }
 
+s3_answers() { "$venv/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$s3_port', timeout=2)" 2>/dev/null; }
 s3_up() { [[ -f "$state/moto.pid" ]] && kill -0 "$(cat "$state/moto.pid")" 2>/dev/null; }
-ray_up() { "$venv/python" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$dashboard_port/api/version', timeout=3)" 2>/dev/null; }
+# Up when the dashboard answers at all (401 included: Ray's token authentication is on by
+# default; Ray keeps the token in ~/.ray/auth_token, where cmacc finds it).
+ray_up() {
+  "$venv/python" - "http://127.0.0.1:$dashboard_port/api/version" 2>/dev/null <<'EOF'
+import sys
+import urllib.error
+import urllib.request
+
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=3)
+except urllib.error.HTTPError:
+    pass  # it answered
+EOF
+}
 
 wait_for() {  # wait_for WHAT SECONDS COMMAND...
   local what="$1" seconds="$2"; shift 2
@@ -57,7 +71,7 @@ start() {
   else
     nohup "$venv/moto_server" -H 127.0.0.1 -p "$s3_port" >"$state/moto.log" 2>&1 &
     echo $! >"$state/moto.pid"
-    wait_for "the S3 endpoint" 30 "$venv/python" -c "import urllib.request; urllib.request.urlopen('$AWS_ENDPOINT_URL_S3', timeout=2)"
+    wait_for "the S3 endpoint" 30 s3_answers
     echo "S3 endpoint up at $AWS_ENDPOINT_URL_S3 (log $state/moto.log)"
   fi
   "$venv/python" - "$bucket" <<'EOF'
@@ -72,9 +86,11 @@ EOF
   if ray_up; then
     echo "Ray head already up at $RAY_ADDRESS"
   else
-    # The head's processes inherit this environment: jobs find the S3 endpoint and run the
-    # project's `python`.
-    PATH="$venv:$PATH" "$venv/ray" start --head --node-ip-address=127.0.0.1 --port="$gcs_port" \
+    # Token authentication on: the token is Ray's default file (~/.ray/auth_token, made
+    # here when missing), where cmacc finds it. The head's processes inherit this
+    # environment: jobs find the S3 endpoint and run the project's `python`.
+    "$venv/ray" get-auth-token --generate >/dev/null 2>&1 || die "could not make a Ray token in ~/.ray/auth_token"
+    RAY_AUTH_MODE=token PATH="$venv:$PATH" "$venv/ray" start --head --node-ip-address=127.0.0.1 --port="$gcs_port" \
       --num-cpus="$cpus" --include-dashboard=true --dashboard-host=127.0.0.1 \
       --dashboard-port="$dashboard_port" --temp-dir="$state/ray" --disable-usage-stats ${RAY_START_ARGS:-} \
       >"$state/ray-start.log" 2>&1 \

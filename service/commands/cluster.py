@@ -290,8 +290,9 @@ def _run_record(job: Any) -> dict[str, Any] | None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    """The job's status; while the job runs, the run's own state from its record: `waiting`
-    (for workers or resources, with what it lacks) or `running` (at step N)."""
+    """The job's status; while the job runs, the run's own state from its record: STARTING
+    (checks, a generated data set), WAITING (for its workers or for resources, with what it
+    lacks) or RUNNING (training)."""
     jobs = Jobs(args.address)
     job = jobs.newest(args.run_id)
     info = _job_dict(job)
@@ -300,8 +301,8 @@ def _status(args: argparse.Namespace) -> int:
     info["run_note"] = (record or {}).get("note", "")
     info["last_step"] = (record or {}).get("last_step")
     shown = info["status"]
-    if info["status"] == "RUNNING" and info["run_state"] in ("waiting", "running"):
-        shown = info["run_state"].upper()  # the job runs; its run may still wait for its workers
+    if info["status"] == "RUNNING":  # the job runs; its run may still prepare or wait for its workers
+        shown = info["run_state"].upper() if info["run_state"] in ("waiting", "running") else "STARTING"
     if args.json:
         print(json.dumps({**info, "shown": shown}, indent=2))
     else:

@@ -93,9 +93,7 @@ def test_the_readme_cluster_example_works_against_the_local_stack(stack_env):
         env[name] = value
     env["PYTHONPATH"] = str(PROJECT)
     submit, status, logs, stop, resubmit, runs = commands[1:7]
-    run_id = shlex.split(submit)[shlex.split(submit).index("--run-id") + 1]
     sets = [f"--set={item}" for item in TINY]
-    storage = shlex.split(runs)[-1]
 
     def state() -> dict:
         return json.loads(run(runs, env, extra=["--json"]).stdout)[0]
@@ -107,7 +105,7 @@ def test_the_readme_cluster_example_works_against_the_local_stack(stack_env):
         shown = run(status, env).stdout.split()[0]
         if not seen or seen[-1] != shown:
             seen.append(shown)
-        assert shown in ("PENDING", "WAITING", "RUNNING"), (
+        assert shown in ("PENDING", "STARTING", "WAITING", "RUNNING"), (
             seen,
             run(logs.replace(" --follow", ""), env).stdout[-3000:],
         )
@@ -115,9 +113,6 @@ def test_the_readme_cluster_example_works_against_the_local_stack(stack_env):
         time.sleep(1)
     assert "WAITING" in seen, f"status went {seen}"
     assert state()["state"] == "running"
-    while state()["last_step"] == 0 and not [c for c in _checkpoints(env, run_id, storage) if c["step"] > 0]:
-        assert time.monotonic() < deadline
-        time.sleep(2)
 
     asked = time.monotonic()
     run(stop, env)
@@ -144,15 +139,3 @@ def test_the_readme_cluster_example_works_against_the_local_stack(stack_env):
 
     run("bash infra/local/stack.sh stop", env)
     assert "down" in run("bash infra/local/stack.sh status", env).stdout
-
-
-def _checkpoints(env: dict[str, str], run_id: str, storage: str) -> list[dict]:
-    result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "checkpoints", run_id, "--storage", storage, "--json"],
-        env=env,
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return json.loads(result.stdout) if result.returncode == 0 else []
