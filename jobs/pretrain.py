@@ -37,7 +37,7 @@ def pretrain(request: PretrainRequest, *, progress: Any = None) -> dict[str, Any
             outcome = driver.summarise(run, driver.fit(run, client, stop, progress=progress))
         except driver.StoppedBeforeStart:
             outcome = {"run_id": run.run_id, "state": "stopped", "step": run.start_step, "checkpoint": None}
-            outcome["note"] = "stopped before any step was trained"
+            outcome["note"] = "stopped while starting: no step was reported yet, so there was nothing to checkpoint"
         except Exception as err:
             driver.record(run, state="failed", error=str(err))
             raise

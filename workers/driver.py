@@ -264,8 +264,17 @@ class StopSignals:
         self.client.request_stop()
         self._restore()
 
+    def mark_started(self) -> None:
+        """Rank 0 reported its first step. A stop that arrived while that step was on its way
+        now asks for a checkpoint instead of abandoning the steps trained."""
+        self.started = True
+        if self.requested and self.client is not None:
+            self.requested = False
+            self.client.request_stop()
+            self._restore()
+
     def check(self) -> None:
-        if self.requested:
+        if self.requested and not self.started:
             raise StoppedBeforeStart()
 
 
@@ -300,8 +309,11 @@ class Watcher:
         if not progress:
             return
         if not self.stop.started:
-            self.stop.started = True
-            record(self.run, state="running")
+            self.stop.mark_started()
+            try:
+                record(self.run, state="running")
+            except Exception as err:  # the record is for people; training goes on without it
+                print(f"cmacc: warning: could not update the run record: {err}", file=sys.stderr, flush=True)
         if self.display is not None:
             self.display.show(progress)
 

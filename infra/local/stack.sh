@@ -38,7 +38,9 @@ EOF
 }
 
 s3_answers() { "$venv/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$s3_port', timeout=2)" 2>/dev/null; }
-s3_up() { [[ -f "$state/moto.pid" ]] && kill -0 "$(cat "$state/moto.pid")" 2>/dev/null; }
+s3_up() {  # our moto server: the recorded pid is alive and still moto's
+  [[ -f "$state/moto.pid" ]] && ps -p "$(cat "$state/moto.pid")" -o args= 2>/dev/null | grep -q moto_server
+}
 # Up when the dashboard answers at all (401 included: Ray's token authentication is on by
 # default; Ray keeps the token in ~/.ray/auth_token, where cmacc finds it).
 ray_up() {
@@ -83,8 +85,10 @@ s3 = boto3.client("s3")
 if sys.argv[1] not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
     s3.create_bucket(Bucket=sys.argv[1])
 EOF
-  if ray_up; then
+  if [[ -n "$(ray_pids)" ]] && ray_up; then
     echo "Ray head already up at $RAY_ADDRESS"
+  elif ray_up; then
+    die "something else answers on 127.0.0.1:$dashboard_port (another Ray?): set DASHBOARD_PORT"
   else
     # Token authentication on: the token is Ray's default file (~/.ray/auth_token, made
     # here when missing), where cmacc finds it. The head's processes inherit this
@@ -101,9 +105,9 @@ EOF
   echo "storage for runs: s3://$bucket/runs. Use the stack from a shell with: source $state/env"
 }
 
-# This head's processes (and only them: `ray stop` would stop every Ray on the machine)
-# carry its temp folder in their command lines.
-ray_pids() { pgrep -f -- "$state/ray" || true; }
+# This head's processes, and only them (`ray stop` would stop every Ray on the machine):
+# programs of this environment whose command line names this stack's Ray temp folder.
+ray_pids() { pgrep -u "$(id -u)" -f -- "^$(dirname "$venv")/.*($state/ray/session_[0-9]|temp[-_]dir=$state/ray)" || true; }
 
 stop() {
   local pids
@@ -124,7 +128,7 @@ stop() {
 
 status() {
   if s3_up; then echo "S3 endpoint: up at http://127.0.0.1:$s3_port (bucket s3://$bucket)"; else echo "S3 endpoint: down"; fi
-  if ray_up; then echo "Ray head: up at http://127.0.0.1:$dashboard_port"; else echo "Ray head: down"; fi
+  if [[ -n "$(ray_pids)" ]] && ray_up; then echo "Ray head: up at http://127.0.0.1:$dashboard_port"; else echo "Ray head: down"; fi
   [[ -f "$state/env" ]] && echo "environment: source $state/env"
   return 0
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import json
 import os
 import re
@@ -275,40 +276,53 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
 
-def _run_record(job: Any) -> dict[str, Any] | None:
-    """The run record (`run.json`) of a job's run, read from the storage in its metadata;
-    None when this machine cannot read it (the cluster's storage may be out of reach)."""
+def _run_record(job: Any) -> tuple[bool, dict[str, Any] | None]:
+    """(readable, the run record of this job) from the storage in the job's metadata. Not
+    readable: this machine cannot read the cluster's storage, or the job names none. A
+    record older than the job's start belongs to an earlier job of the run (one that ended
+    without a final record): None, as before the job wrote its own."""
     metadata = job.metadata or {}
     root, run_id = metadata.get("cmacc_storage"), metadata.get(RUN_ID_KEY)
     if not root or not run_id:
-        return None
+        return False, None
     try:
         entry = catalog.read_run(root, run_id)  # the endpoint: AWS_ENDPOINT_URL_S3 as for every command
     except Exception:  # status must answer even when storage does not
-        return None
-    return entry.info if entry is not None else None
+        return False, None
+    if entry is None:
+        return True, None
+    try:
+        updated = dt.datetime.fromisoformat(entry.info.get("updated", "")).timestamp()
+    except ValueError:
+        return True, None
+    if job.start_time and updated < job.start_time / 1000 - 1:
+        return True, None
+    return True, entry.info
 
 
 def _status(args: argparse.Namespace) -> int:
     """The job's status; while the job runs, the run's own state from its record: STARTING
     (checks, a generated data set), WAITING (for its workers or for resources, with what it
-    lacks) or RUNNING (training)."""
+    lacks) or RUNNING (training). When this machine cannot read the run's storage, the job's
+    own RUNNING, said so."""
     jobs = Jobs(args.address)
     job = jobs.newest(args.run_id)
     info = _job_dict(job)
-    record = _run_record(job)
+    readable, record = _run_record(job)
     info["run_state"] = (record or {}).get("state", "")
     info["run_note"] = (record or {}).get("note", "")
     info["last_step"] = (record or {}).get("last_step")
     shown = info["status"]
-    if info["status"] == "RUNNING":  # the job runs; its run may still prepare or wait for its workers
+    if info["status"] == "RUNNING" and readable:  # the job runs; its run may still prepare or wait for workers
         shown = info["run_state"].upper() if info["run_state"] in ("waiting", "running") else "STARTING"
     if args.json:
-        print(json.dumps({**info, "shown": shown}, indent=2))
+        print(json.dumps({**info, "shown": shown, "storage_readable": readable}, indent=2))
     else:
         print(f"{shown}  run {args.run_id}  job {info['submission_id']}  started {_when(info['start_time'])}")
         if info["run_note"] and shown == "WAITING":
             print(f"  {info['run_note']}")
+        if info["status"] == "RUNNING" and not readable:
+            print("  the run's own state is unknown here: its storage cannot be read from this machine")
         if info["message"]:
             print(f"  {info['message']}")
     return 0

@@ -1,6 +1,6 @@
 """The container image's install steps, run here in a fresh virtual environment because no
 container builder runs on this machine: the same script the Dockerfile runs
-(`infra/docker/install.sh`), on a copy of the build context. The dependency step resolves
+(`infra/docker/install.sh`), on a copy of the build context. The dependency steps list and resolve
 the pins of pyproject.toml for this Python with pip's `--dry-run` (resolving is what can
 fail; downloading 5 GB of CUDA wheels is not tested), the project step installs for real,
 and the image's own check, `python -m jobs.pretrain --help`, then answers from the fresh
@@ -29,7 +29,11 @@ def context_copy(dest: Path) -> Path:
     ignored = {line.strip() for line in (PROJECT / ".dockerignore").read_text().splitlines()}
     names = {name for name in ignored if name and not name.startswith(("#", "!", "*")) and "/" not in name}
     shutil.copytree(
-        PROJECT, dest, ignore=lambda folder, entries: [e for e in entries if e in names or e == "__pycache__"]
+        PROJECT,
+        dest,
+        ignore=lambda folder, entries: [
+            e for e in entries if e in names or e == "__pycache__" or e.endswith(".egg-info")
+        ],
     )
     return dest
 
@@ -45,13 +49,23 @@ def test_the_image_install_steps_work_in_a_fresh_environment(tmp_path):
     env.pop("PYTHONPATH", None)
     context = context_copy(tmp_path / "context")
 
+    listed = subprocess.run(
+        ["bash", str(INSTALL), "requirements", str(context / "pyproject.toml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(listed.stdout)
     report = tmp_path / "report.json"
     deps = subprocess.run(
         [
             "bash",
             str(INSTALL),
             "deps",
-            str(context / "pyproject.toml"),
+            str(requirements),
             "--dry-run",
             "--quiet",
             "--report",
@@ -86,6 +100,10 @@ def test_the_image_install_steps_work_in_a_fresh_environment(tmp_path):
         timeout=120,
     )
     assert answered.returncode == 0 and "--run-id" in answered.stdout, answered.stderr[-3000:]
+    cli = subprocess.run(
+        [str(venv / "bin" / "cmacc"), "--help"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert cli.returncode == 0 and "submit" in cli.stdout, cli.stderr[-3000:]
     recipes = subprocess.run(
         [
             str(venv / "bin" / "python"),

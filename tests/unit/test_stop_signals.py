@@ -62,3 +62,16 @@ def test_fit_in_thread_returns_at_once_when_stopped_before_the_first_step():
             fit_in_thread(Trainer(), stop, poll=lambda: None)
         assert time.monotonic() - started < 3
     release.set()
+
+
+def test_a_stop_that_arrives_with_the_first_step_becomes_a_graceful_stop():
+    """The signal lands while rank 0's first report is on its way: once that report is seen,
+    the stop asks for a checkpoint instead of abandoning the steps trained."""
+    with StopSignals() as stop:
+        stop.client = FakeClient()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested
+        stop.mark_started()
+        stop.check()  # no StoppedBeforeStart any more
+        assert stop.client.stops == 1 and not stop.requested
