@@ -54,6 +54,7 @@ _GROUP = {
         "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
         "template": {"type": "object", "required": ["spec"]},
     },
+    "additionalProperties": False,  # a misspelt field is an error, not an ignored setting
 }
 _CLUSTER_SPEC = {
     "type": "object",
@@ -84,6 +85,7 @@ _CLUSTER_SPEC = {
             },
         },
     },
+    "additionalProperties": False,
 }
 KUBERAY_SUBSET = {
     "RayCluster": {
@@ -116,6 +118,7 @@ KUBERAY_SUBSET = {
                     "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
                     "rayClusterSpec": _CLUSTER_SPEC,
                 },
+                "additionalProperties": False,
             },
         },
     },
@@ -133,6 +136,9 @@ def containers(spec: dict) -> list[dict]:
 def test_kuberay_resources_match_our_schema_of_the_fields_we_rely_on():
     for document in (RAYCLUSTER, PRETRAIN_JOB, PREPARE_JOB):
         jsonschema.validate(document, KUBERAY_SUBSET[document["kind"]])
+    misspelt = {**RAYCLUSTER, "spec": {**RAYCLUSTER["spec"], "enableIntreeAutoscaling": True}}
+    with pytest.raises(jsonschema.ValidationError, match="enableIntreeAutoscaling"):
+        jsonschema.validate(misspelt, KUBERAY_SUBSET["RayCluster"])
 
 
 @pytest.mark.parametrize("name", sorted(CLUSTER_SPECS))
