@@ -124,7 +124,7 @@ def test_the_readme_cluster_example_works_against_the_local_stack(stack_env):
     assert info["state"] == "stopped" and info["last_step"] > 0, info
     assert info["newest_checkpoint"].endswith(f"checkpoint-{info['last_step']:08d}")
     print(f"stop took {took:.1f} s, at step {info['last_step']}")
-    assert took < 30
+    assert took < 60, f"the stop took {took:.0f} s"
 
     run(resubmit, env, extra=[*sets, f"--set=train.steps={info['last_step'] + 3}"])
     deadline = time.monotonic() + 600
