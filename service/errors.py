@@ -17,6 +17,7 @@ This module is torch- and ray-free: the CLI imports it.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -66,10 +67,15 @@ class ActorRestarted(ActorError):
     """Ray restarted the dictionary actor: its state is blank and must be re-seeded."""
 
 
+PIPE_CLOSED = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
+
+
 def exit_code(err: BaseException) -> int | None:
     """The exit code for an error that ends a command, or None for a bug (keep the traceback)."""
     if isinstance(err, CmaccError):
         return err.exit_code
+    if isinstance(err, BrokenPipeError):
+        return PIPE_CLOSED
     if isinstance(err, OSError):
         return 1
     if isinstance(err, KeyboardInterrupt):
@@ -82,9 +88,21 @@ def report(err: BaseException) -> int | None:
     code = exit_code(err)
     if code is None:
         return None
+    if isinstance(err, BrokenPipeError):  # `cmacc status | head -1`: the reader had enough
+        _silence_stdout()
+        return code
     message = "interrupted" if isinstance(err, KeyboardInterrupt) else f"error: {err}"
     print(f"cmacc: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def run_main(main: Callable[[], int]) -> None:

@@ -44,3 +44,31 @@ def test_run_main_keeps_the_traceback_of_a_bug():
 
     with pytest.raises(RuntimeError, match="a bug"):
         errors.run_main(main)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`cmacc ... | head -1`: the writer exits 141 (as a shell reports SIGPIPE), with nothing
+    on stderr, instead of "error: [Errno 32] Broken pipe"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "from service import errors\n"
+        "def main():\n"
+        "    for i in range(100_000):\n"
+        "        print('line', i)\n"
+        "    return 0\n"
+        "errors.run_main(main)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline() == "line 0\n"
+    process.stdout.close()
+    code = process.wait(timeout=60)
+    assert code == errors.PIPE_CLOSED and process.stderr.read() == ""
