@@ -52,15 +52,15 @@ def check_run_id(run_id: str) -> str:
 
     Raises ValueError with the rule; callers turn it into their own error.
     """
-    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):  # fullmatch: no trailing newline
+    if not is_run_id(run_id):
         raise ValueError(
             f"run id {run_id!r}: use 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
     return run_id
 
 
-def is_run_id(name: str) -> bool:
-    return bool(_RUN_ID.fullmatch(name))
+def is_run_id(name: object) -> bool:
+    return isinstance(name, str) and bool(_RUN_ID.fullmatch(name))  # fullmatch: no trailing newline
 
 
 def run_uri(root: str, run_id: str) -> str:

@@ -155,11 +155,10 @@ def start_ray(cfg: Config, address: str | None, *, log_to_driver: bool = True) -
     returns that shortage ("" when the cluster has enough)."""
     import ray
 
-    if not ray.is_initialized():
-        wanted, _ = preflight.resources_needed(cfg)
-        ray_init.init(address, num_cpus=max(os.cpu_count() or 1, wanted), log_to_driver=log_to_driver)
-    total = ray.cluster_resources()
     cpus, gpus = preflight.resources_needed(cfg)
+    if not ray.is_initialized():
+        ray_init.init(address, num_cpus=max(os.cpu_count() or 1, cpus), log_to_driver=log_to_driver)
+    total = ray.cluster_resources()
     if total.get("CPU", 0) >= cpus and total.get("GPU", 0) >= gpus:
         return ""
     shortage = (

@@ -48,15 +48,14 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
-def init(address: str | None, *, num_cpus: int, **kwargs: Any) -> bool:
+def init(address: str | None, *, num_cpus: int, **kwargs: Any) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray with `num_cpus`
-    logical CPUs. Returns True when a local Ray was started. Extra arguments go to `ray.init`."""
+    logical CPUs. Extra arguments go to `ray.init`."""
     import ray
 
     address = resolve_address(address)
     if address is None:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
-        return True
+        return
     check_reachable(address)
     ray.init(address=address, **kwargs)
-    return False
