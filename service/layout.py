@@ -39,9 +39,17 @@ DATASETS_FOLDER = "datasets"
 # Version of what a checkpoint folder holds; meta.json records it ("format"). Format 1 (no
 # "format" recorded) was written before the candidate-pool rule (a pool of 4M arrivals, P
 # entering per step): its pools and its `random` sampler mean something else, so a run
-# cannot continue from it. Its encoders are the same and can still be evaluated.
-CHECKPOINT_FORMAT = 2
-EVALUABLE_FORMATS = (1, 2)
+# cannot continue from it. Format 2 stored the actor's state with numpy arrays, which load
+# only by unpickling objects; format 3 stores tensors and plain values only, so every `.pt`
+# file loads without running code. The encoders (`train.pt`) of every format are the same
+# tensors and can still be evaluated.
+CHECKPOINT_FORMAT = 3
+EVALUABLE_FORMATS = (1, 2, 3)
+_RESUME_HINTS = {
+    1: " (format 1 predates the candidate-pool rule): start a new run id",
+    2: " (format 2 stored the dictionary actor's state as pickled numpy arrays, which cmacc no longer"
+    " unpickles): start a new run id",
+}
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8})$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -89,7 +97,7 @@ def check_checkpoint_format(meta: dict[str, Any], where: str, *, to: str = "resu
     readable = (CHECKPOINT_FORMAT,) if to == "resume" else EVALUABLE_FORMATS
     if found not in readable:
         known = " or ".join(str(f) for f in readable)
-        hint = " (format 1 predates the candidate-pool rule): start a new run id" if found == 1 else ""
+        hint = _RESUME_HINTS.get(found, "") if to == "resume" else ""
         raise CheckpointError(
             f"{where} has checkpoint format {found}; this version of cmacc can {to} format {known}{hint}"
         )

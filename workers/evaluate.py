@@ -12,7 +12,6 @@ transforms (centre crop, no jitter). Deterministic: same checkpoint and data, sa
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
@@ -30,6 +29,7 @@ from workers.data.reader import ClipReader
 from workers.data.transforms import build_transforms
 from workers.models import AudioVisualEncoder, build_encoders
 from workers.probe import MODALITIES, evaluate_features, extract_features
+from workers.tensors import load_tensors
 
 EVAL_BATCH = 64
 
@@ -116,9 +116,7 @@ def load_query_encoders(checkpoint_uri: str, cfg: Config, *, endpoint_url: str =
     uri = storage.join(checkpoint_uri, layout.TRAIN_FILE)
     if not storage.exists(uri, endpoint_url=endpoint_url):
         raise CheckpointError(f"{checkpoint_uri} holds no {layout.TRAIN_FILE} (written by rank 0 of the run)")
-    saved = torch.load(
-        io.BytesIO(storage.read_bytes(uri, endpoint_url=endpoint_url)), map_location="cpu", weights_only=False
-    )
+    saved = load_tensors(storage.read_bytes(uri, endpoint_url=endpoint_url), where=uri)
     model = build_encoders(cfg.model)
     model.load_state_dict(saved["train"]["query"])
     return model

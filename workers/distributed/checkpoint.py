@@ -3,7 +3,8 @@
 Every rank writes its reader cursor; rank 0 also writes the encoders, optimiser, schedule,
 step, replicas and the pending delta schedule (`train.pt`), the actor's
 state (`actor.pt`) and `meta.json` (step, run id, world size, sampler, time, config and the
-checkpoint format). Randomness needs no saved state: the transforms are seeded per (seed,
+checkpoint format). The `.pt` files hold tensors and plain values only and load without
+unpickling objects (`workers.tensors.load_tensors`). Randomness needs no saved state: the transforms are seeded per (seed,
 rank, step), the actor's sampler state is part of its state, and the reader is a function
 of (seed, epoch, rank) plus its cursor. File names come from `service.layout`.
 """
@@ -24,6 +25,7 @@ from service import layout
 from service.config import Config
 from workers.data.reader import ClipReader
 from workers.distributed.replicas import DeltaSchedule, Replicas
+from workers.tensors import load_tensors, to_numpy_deep, to_plain
 from workers.trainer import TrainState
 
 
@@ -52,7 +54,7 @@ def save_checkpoint(
         json.dump(reader.state_dict(), f)
     if schedule is not None:  # rank 0 writes the shared state
         # First: re-seeding a restarted actor may drop pending deltas, which changes the rest.
-        torch.save(schedule.actor_state(replicas), os.path.join(folder, layout.ACTOR_FILE))
+        torch.save(to_plain(schedule.actor_state(replicas)), os.path.join(folder, layout.ACTOR_FILE))
         train_state = {**state.state_dict(), "query": unwrap(state.query).state_dict()}  # no DDP prefix
         torch.save(
             {
@@ -105,8 +107,9 @@ def load_checkpoint(checkpoint: Any) -> Restored:
         with open(os.path.join(folder, layout.CHECKPOINT_META)) as f:
             meta = json.load(f)
         layout.check_checkpoint_format(meta, str(checkpoint.path))
-        saved = torch.load(os.path.join(folder, layout.TRAIN_FILE), map_location="cpu", weights_only=False)
-        actor = torch.load(os.path.join(folder, layout.ACTOR_FILE), map_location="cpu", weights_only=False)
+        where = str(checkpoint.path).rstrip("/")
+        saved = load_tensors(os.path.join(folder, layout.TRAIN_FILE), where=f"{where}/{layout.TRAIN_FILE}")
+        actor = load_tensors(os.path.join(folder, layout.ACTOR_FILE), where=f"{where}/{layout.ACTOR_FILE}")
         names = sorted(name for name in os.listdir(folder) if name.startswith("reader-"))
         readers = []
         for name in names:
@@ -119,6 +122,6 @@ def load_checkpoint(checkpoint: Any) -> Restored:
         train=saved["train"],
         replicas=saved["replicas"],
         pending_steps=saved["pending_steps"],
-        actor=actor,
+        actor=to_numpy_deep(actor),  # the actor's state travels as numpy (zero-copy through Ray)
         readers=readers,
     )
