@@ -5,7 +5,9 @@ each job keeps there (no Ray, no torch). File and folder names come from `servic
   last step, error, created and updated times, and the newest evaluation summary. The job
   that trains the run writes it (`write_run_record`); `cmacc runs` and friends read it.
 * Checkpoints: `checkpoint-%08d/` folders that carry their `meta.json`; `registered` says
-  whether Ray Train listed the checkpoint in its snapshot (the one a rerun resumes from).
+  whether Ray Train listed the checkpoint in its snapshot, which it writes only after the
+  whole folder is uploaded. Only registered checkpoints are used (resumed from, evaluated,
+  shown as a run's newest): a folder's `meta.json` can arrive before its other files.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ class RunEntry:
 
     @property
     def newest_checkpoint(self) -> CheckpointEntry | None:
+        """The newest registered checkpoint: the one a rerun resumes from."""
         registered = [c for c in self.checkpoints if c.registered]
-        candidates = registered or self.checkpoints
-        return candidates[-1] if candidates else None
+        return registered[-1] if registered else None
 
     def to_dict(self) -> dict[str, Any]:
         newest = self.newest_checkpoint
@@ -61,15 +63,23 @@ def _read_json(uri: str, endpoint_url: str) -> dict[str, Any] | None:
         raise CatalogError(f"{uri} is not valid JSON: {err}") from None
 
 
+def _registered_names(run_uri: str, endpoint_url: str) -> set[str] | None:
+    """Names of the checkpoints Ray Train registered for the run at `run_uri`; None when the
+    folder has no snapshot (not a run folder)."""
+    snapshot = _read_json(storage.join(run_uri, layout.SNAPSHOT_FILE), endpoint_url)
+    if snapshot is None:
+        return None
+    return set(re.findall(r"checkpoint-\d{8}", json.dumps(snapshot)))
+
+
 def list_checkpoints(run_uri: str, *, endpoint_url: str = "") -> list[CheckpointEntry]:
     """The checkpoints of a run that carry their `meta.json`, oldest first.
 
     `registered` says whether Ray Train registered the checkpoint (it is in the run's
-    snapshot); a checkpoint uploaded just before a crash may not be, and a rerun then resumes
-    from the newest registered one.
+    snapshot); one still uploading, or uploaded in part before a crash, is not, and a rerun
+    resumes from the newest registered one.
     """
-    snapshot = _read_json(storage.join(run_uri, layout.SNAPSHOT_FILE), endpoint_url)
-    registered = set(re.findall(r"checkpoint-\d{8}", json.dumps(snapshot))) if snapshot else set()
+    registered = _registered_names(run_uri, endpoint_url) or set()
     entries = []
     for name in storage.list_dir(run_uri, endpoint_url=endpoint_url):
         step = layout.checkpoint_step(name)
@@ -119,12 +129,28 @@ def list_runs(root: str, *, endpoint_url: str = "") -> list[RunEntry]:
 
 
 def newest_checkpoint_of(root: str, run_id: str, *, endpoint_url: str = "") -> CheckpointEntry:
-    """The checkpoint `cmacc eval --run` and friends use: the run's newest (registered first)."""
+    """The checkpoint `cmacc eval --run` and friends use: the run's newest registered one."""
     entry = require_run(root, run_id, endpoint_url=endpoint_url)
     newest = entry.newest_checkpoint
     if newest is None:
-        raise CatalogError(f"run {run_id!r} at {entry.uri} has no checkpoint yet")
+        unfinished = f" ({len(entry.checkpoints)} not registered yet)" if entry.checkpoints else ""
+        raise CatalogError(f"run {run_id!r} at {entry.uri} has no complete checkpoint yet{unfinished}")
     return newest
+
+
+def check_registered(checkpoint_uri: str, *, endpoint_url: str = "") -> None:
+    """Refuse a checkpoint folder of a run that Ray Train has not registered (its upload may
+    be partial). A folder outside a run folder (a copy, no snapshot beside it) is the user's
+    to vouch for."""
+    parent, name = checkpoint_uri.rstrip("/").rsplit("/", 1) if "/" in checkpoint_uri.rstrip("/") else ("", "")
+    registered = _registered_names(parent, endpoint_url) if parent else None
+    if registered is not None and name not in registered:
+        newest = max(registered, default=None)
+        hint = f"; the run's newest registered checkpoint is {storage.join(parent, newest)}" if newest else ""
+        raise CatalogError(
+            f"{checkpoint_uri} was not registered by Ray Train: its upload may be partial (still running, or "
+            f"cut short by a failure){hint}"
+        )
 
 
 def write_run_record(

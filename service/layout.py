@@ -96,7 +96,7 @@ def check_checkpoint_format(meta: dict[str, Any], where: str, *, to: str = "resu
     found = checkpoint_format(meta)
     readable = (CHECKPOINT_FORMAT,) if to == "resume" else EVALUABLE_FORMATS
     if found not in readable:
-        known = " or ".join(str(f) for f in readable)
+        known = ", ".join(str(f) for f in readable[:-1]) + (" or " if len(readable) > 1 else "") + str(readable[-1])
         hint = _RESUME_HINTS.get(found, "") if to == "resume" else ""
         raise CheckpointError(
             f"{where} has checkpoint format {found}; this version of cmacc can {to} format {known}{hint}"

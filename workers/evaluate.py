@@ -97,6 +97,7 @@ def checkpoint_config(checkpoint_uri: str, *, endpoint_url: str = "") -> tuple[C
     meta_uri = storage.join(checkpoint_uri, layout.CHECKPOINT_META)
     if not storage.exists(meta_uri, endpoint_url=endpoint_url):
         raise CheckpointError(f"{checkpoint_uri} is not a checkpoint (no {layout.CHECKPOINT_META})")
+    catalog.check_registered(checkpoint_uri, endpoint_url=endpoint_url)
     meta = json.loads(storage.read_bytes(meta_uri, endpoint_url=endpoint_url))
     layout.check_checkpoint_format(meta, checkpoint_uri, to="evaluate")
     raw = meta.get("config")

@@ -127,7 +127,7 @@ def test_a_checkpoint_of_another_format_is_refused_naming_both_formats(tmp_path)
     result = _cmacc("eval", "--run", "r1", "--storage", root, "--data", str(tmp_path / "data"))
     assert result.returncode == 1, result.stderr
     assert f"checkpoint format {layout.CHECKPOINT_FORMAT + 1}" in result.stderr
-    assert "can evaluate format 1 or 2" in result.stderr
+    assert "can evaluate format 1, 2 or 3" in result.stderr
 
 
 def test_a_run_whose_checkpoint_predates_the_pool_rule_is_refused_a_resume_with_nothing_touched(tmp_path):
@@ -155,3 +155,21 @@ def test_every_door_gives_a_bad_evaluation_request_the_same_exit_code(door, tmp_
         text=True,
     )
     assert not_a_checkpoint.returncode == 1 and "is not a checkpoint" in not_a_checkpoint.stderr
+
+
+def test_a_checkpoint_ray_train_has_not_registered_is_never_used(tmp_path):
+    """Its meta.json may have arrived before its other files: neither `eval --run`, `eval
+    --checkpoint` nor the catalog's newest checkpoint uses it."""
+    root = str(tmp_path / "runs")
+    make_run(root, "r1", steps=[2, 4, 6], registered=[2, 4], updated="")
+    make_run(root, "fresh", steps=[2], registered=[], updated="")
+    assert catalog.read_run(root, "fresh").newest_checkpoint is None
+    partial = _cmacc("eval", "--checkpoint", f"{root}/r1/checkpoint-00000006", "--data", str(tmp_path / "data"))
+    assert partial.returncode == 1, partial.stderr
+    assert "checkpoint-00000006 was not registered by Ray Train" in partial.stderr
+    assert "newest registered checkpoint is " + f"{root}/r1/checkpoint-00000004" in partial.stderr
+    none_yet = _cmacc("eval", "--run", "fresh", "--storage", root, "--data", str(tmp_path / "data"))
+    assert none_yet.returncode == 1 and "no complete checkpoint yet (1 not registered yet)" in none_yet.stderr
+    runs = _cmacc("runs", "--storage", root, "--json")
+    newest = {run["run_id"]: run["newest_checkpoint"] for run in json.loads(runs.stdout)}
+    assert newest == {"r1": f"{root}/r1/checkpoint-00000004", "fresh": None}
