@@ -197,6 +197,8 @@ class ResourcesConfig:
     cpus_per_worker: int = 1  # for decode threads and the data pipeline
     actor_gpus: float = 0.0  # GPU fraction for the dictionary actor's selection
     max_failures: int = 3  # worker-group restarts Ray Train may do before giving up
+    max_actor_restarts: int = 3  # restarts of the dictionary actor in a run before the run fails
+    actor_timeout_s: float = 300.0  # an actor call not answered in this long: the actor is restarted
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
 
     def __post_init__(self) -> None:
@@ -204,7 +206,18 @@ class ResourcesConfig:
         _require(self.gpus_per_worker > 0, "gpus_per_worker", f"must be > 0, got {self.gpus_per_worker}")
         _require(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
         _require(0 <= self.actor_gpus <= 1, "actor_gpus", f"must be in [0, 1], got {self.actor_gpus}")
-        _require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        _require(
+            0 <= self.max_failures <= 100,
+            "max_failures",
+            f"must be in [0, 100], got {self.max_failures} (no longer unlimited: a clip or bug that kills a "
+            "worker every time would be retried forever)",
+        )
+        _require(
+            0 <= self.max_actor_restarts <= 100,
+            "max_actor_restarts",
+            f"must be in [0, 100], got {self.max_actor_restarts}",
+        )
+        _require(self.actor_timeout_s > 0, "actor_timeout_s", f"must be > 0, got {self.actor_timeout_s}")
 
 
 @dataclass(kw_only=True)

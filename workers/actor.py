@@ -9,7 +9,10 @@
 * `DictionaryClient` is the typed client the training loop and the driver use: one method
   per operation of the actor, no `.remote()` or `ray.get` outside this module, and actor
   failures turned into the project's errors (`ActorRestarted`, `ActorError`). Ray runs
-  `DictionaryService` itself as the actor and restarts it when its process dies.
+  `DictionaryService` itself as the actor and restarts it when its process dies; past
+  `resources.max_actor_restarts` failures rank 0 fails the run. Every wait is bounded by
+  `resources.actor_timeout_s`: an actor that does not answer in time is killed, so Ray
+  restarts it, and the caller sees `ActorRestarted` as for a crash.
 
 Only numpy arrays cross the object store, and only deltas (the keys that entered) cross per
 step: the full dictionary moves only for checkpoints and re-seeding.
@@ -225,6 +228,11 @@ class DictionaryService:
             version=self.version, stop_requested=self.stop_requested, pid=os.getpid(), incarnation=self.incarnation
         )
 
+    def hang(self, seconds: float) -> None:
+        """Test hook (`CMACC_FAULT_HANG_ACTOR`): stop answering for `seconds`, as a wedged
+        actor would; the calls queued behind this one wait with it."""
+        time.sleep(seconds)
+
 
 def actor_name(run_id: str) -> str:
     """A fresh name per driver: a previous driver's actor of the same run (a stopped job's,
@@ -241,34 +249,37 @@ class PendingDelta:
 
 class DictionaryClient:
     """Typed access to a run's dictionary actor. Every call that waits raises
-    `ActorRestarted` when the actor died under it (Ray restarts it with a blank state), and
-    `ActorError` when it stays unreachable for `RESTART_WAIT_S`."""
+    `ActorRestarted` when the actor died under it (Ray restarts it with a blank state) or did
+    not answer within `timeout_s` (it is killed, and Ray restarts it), and `ActorError` when
+    it stays unreachable for `RESTART_WAIT_S`."""
 
-    def __init__(self, handle: Any, name: str = ""):
+    def __init__(self, handle: Any, name: str = "", *, timeout_s: float | None = None):
         self._handle = handle
         self.name = name
+        self.timeout_s = timeout_s
         self._progress_pending: Any = None
 
     @classmethod
-    def create(cls, *, run_id: str, config: Config, max_restarts: int = -1) -> DictionaryClient:
+    def create(cls, *, run_id: str, config: Config) -> DictionaryClient:
         """Start the run's actor (CPU, or `resources.actor_gpus` of a GPU when set), owned by
-        this driver: it ends with it."""
+        this driver: it ends with it. Ray restarts it whenever it dies; the cap
+        (`resources.max_actor_restarts`) is rank 0's, which counts the failures it recovers
+        from and fails the run past it. (Ray's own limit would count deaths rank 0 has not
+        seen yet, and a dead-for-good actor cannot be told from one being restarted.)"""
         import ray
 
         gpus = config.resources.actor_gpus
         name = actor_name(run_id)
-        actor_class = ray.remote(DictionaryService).options(
-            name=name, max_restarts=max_restarts, num_cpus=1, num_gpus=gpus
-        )
+        actor_class = ray.remote(DictionaryService).options(name=name, max_restarts=-1, num_cpus=1, num_gpus=gpus)
         handle = actor_class.remote(config=config.to_dict(), device="cuda" if gpus > 0 else "cpu")
-        return cls(handle, name)
+        return cls(handle, name, timeout_s=config.resources.actor_timeout_s)
 
     @classmethod
-    def connect(cls, name: str) -> DictionaryClient:
+    def connect(cls, name: str, *, timeout_s: float | None = None) -> DictionaryClient:
         """The actor the driver created, by the name it passed to the workers."""
         import ray
 
-        return cls(ray.get_actor(name), name)
+        return cls(ray.get_actor(name), name, timeout_s=timeout_s)
 
     # --- the training loop's calls ----------------------------------------------------------
 
@@ -307,6 +318,10 @@ class DictionaryClient:
     def request_stop(self) -> None:
         """Fire and forget: the training loop checkpoints and stops after its next step."""
         self._handle.request_stop.remote()
+
+    def hang(self, seconds: float) -> None:
+        """Fire and forget (test hook): the actor stops answering for `seconds`."""
+        self._handle.hang.remote(seconds)
 
     def poll_progress(self) -> dict[str, float] | None:
         """Never blocks: the answer to the previous poll when it has arrived (and asks again),
@@ -353,7 +368,15 @@ class DictionaryClient:
         import ray
 
         try:
-            return ray.get(ref)
+            return ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            # A wedged actor holds the run: kill its process (Ray restarts it, within the cap),
+            # and let the caller recover as from a crash.
+            ray.kill(self._handle, no_restart=False)
+            raise ActorRestarted(
+                f"the dictionary actor {self.name} did not answer {what} within {self.timeout_s:g} s "
+                "(resources.actor_timeout_s); killed it for Ray to restart"
+            ) from None
         except ray.exceptions.ActorUnavailableError:
             if retry:
                 raise

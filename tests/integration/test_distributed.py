@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROJECT = Path(__file__).resolve().parents[2]
 EVERY = 2  # checkpoint.every_steps of these runs
+ACTOR_TIMEOUT_S = 20  # resources.actor_timeout_s where a test wedges the actor
 TINY = [
     "train.batch_size=4",
     "resources.num_workers=2",
@@ -157,21 +158,47 @@ def test_killed_worker_costs_at_most_the_steps_since_the_last_checkpoint(
     assert lost <= EVERY
 
 
-def test_killed_actor_is_restarted_and_reseeded_and_staleness_stays_bounded(
+def test_killed_or_hung_actor_is_restarted_and_reseeded_and_staleness_stays_bounded(
     ray_session, bucket, dataset, monkeypatch, tmp_path
 ):
+    """Killed before step 3, wedged before step 6 (it stops answering: after
+    `resources.actor_timeout_s` it is killed and Ray restarts it); the run trains on."""
     root = f"{bucket}/actor-kill"
     monkeypatch.setenv("CMACC_FAULT_KILL_ACTOR", "3")
+    monkeypatch.setenv("CMACC_FAULT_HANG_ACTOR", "6")
     monkeypatch.setenv("CMACC_FAULT_MARKER_DIR", str(tmp_path))
-    outcome = pretrain_here(*args("actor-kill", root, dataset, 8))
+    started = time.monotonic()
+    outcome = pretrain_here(*args("actor-kill", root, dataset, 8, f"resources.actor_timeout_s={ACTOR_TIMEOUT_S}"))
     assert (tmp_path / "cmacc-fault-actor-3").exists(), "the actor was never killed"
+    assert (tmp_path / "cmacc-fault-hang-actor-6").exists(), "the actor was never wedged"
+    assert time.monotonic() - started < 3000, "the hung actor held the run for its whole hour"
     assert outcome["state"] == "succeeded" and outcome["step"] == 8
-    assert outcome["metrics"]["dict/actor_restarts"] == 1.0
+    assert outcome["metrics"]["dict/actor_restarts"] == 2.0
     assert outcome["metrics"]["dict/replicas_agree"] == 1.0
     assert outcome["metrics"]["dict/replicas_match_actor"] == 1.0
     records = read_metrics(storage.join(root, "actor-kill"))
     assert len(records) == 8
     assert max(r["dict/staleness"] for r in records) <= 2
+
+
+def test_crash_looping_actor_fails_the_run_after_the_restart_cap(ray_session, bucket, dataset, monkeypatch, tmp_path):
+    """An actor that dies at every step from step 3 is restarted twice
+    (`resources.max_actor_restarts=2`); its third failure fails the run with an error that
+    says so, instead of training on without dictionary updates. The last checkpoint before
+    the failure stays the newest."""
+    root = f"{bucket}/actor-crash-loop"
+    monkeypatch.setenv("CMACC_FAULT_CRASH_LOOP_ACTOR", "3")
+    monkeypatch.setenv("CMACC_FAULT_MARKER_DIR", str(tmp_path))
+    overrides = ("resources.max_actor_restarts=2", "method.max_staleness=0")  # 0: every step waits for the actor
+    outcome = pretrain_here(*args("actor-crash-loop", root, dataset, 8, *overrides))
+    assert (tmp_path / "cmacc-fault-crash-loop-actor-3").exists(), "the actor was never killed"
+    assert outcome["state"] == "failed", outcome
+    assert "failed 3 times, more than resources.max_actor_restarts = 2" in outcome["error"]
+    assert 3 < outcome["step"] <= 8
+    restored = load_final(outcome, root)
+    assert restored.train["step"] == (outcome["step"] - 1) // EVERY * EVERY  # none written at the failure
+    run_json = json.loads(storage.read_bytes(storage.join(root, "actor-crash-loop", "run.json")))
+    assert run_json["state"] == "failed" and "max_actor_restarts" in run_json["error"]
 
 
 def _driver(argv: list[str], address: str, **env: str) -> subprocess.Popen:

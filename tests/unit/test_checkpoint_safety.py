@@ -97,7 +97,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_by_evaluation(tmp_path):
     marker = tmp_path / "ran"
     folder = tmp_path / "checkpoint-00000002"
     write_checkpoint(folder, cfg, train={"train": {"query": _RunsCode(str(marker))}}, actor={})
-    with pytest.raises(CheckpointError, match="train.pt: refused"):
+    with pytest.raises(CheckpointError, match=r"train\.pt: refused"):
         load_query_encoders(str(folder), cfg)
     assert not marker.exists(), "the crafted file ran its command"
 
@@ -142,5 +142,5 @@ def test_a_file_that_is_not_a_tensor_file_names_itself(tmp_path):
 
 def test_format_2_checkpoints_evaluate_but_do_not_resume():
     layout.check_checkpoint_format({"format": 2}, "s3://b/r/checkpoint-00000004", to="evaluate")
-    with pytest.raises(CheckpointError, match="format 2 stored the dictionary actor's state .* start a new run id"):
+    with pytest.raises(CheckpointError, match=r"format 2 stored the dictionary actor's state .* start a new run id"):
         layout.check_checkpoint_format({"format": 2}, "s3://b/r/checkpoint-00000004")

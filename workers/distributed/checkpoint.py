@@ -42,19 +42,20 @@ def save_checkpoint(
     reader: ClipReader,
     replicas: Replicas,
     schedule: DeltaSchedule | None,
+    actor_state: dict[str, Any] | None,
     metrics: dict[str, float],
 ) -> None:
     """Write this rank's part of a checkpoint to a fresh folder and report it to Ray Train,
-    which uploads it in the background. `schedule` is given on rank 0 only."""
+    which uploads it in the background. `schedule` and the actor's state (fetched before,
+    so that a failing actor ends the run on every rank) are given on rank 0 only."""
     import ray.train
 
     context = ray.train.get_context()
     folder = tempfile.mkdtemp(prefix="cmacc-ckpt-")
     with open(os.path.join(folder, layout.reader_file(context.get_world_rank())), "w") as f:
         json.dump(reader.state_dict(), f)
-    if schedule is not None:  # rank 0 writes the shared state
-        # First: re-seeding a restarted actor may drop pending deltas, which changes the rest.
-        torch.save(to_plain(schedule.actor_state(replicas)), os.path.join(folder, layout.ACTOR_FILE))
+    if schedule is not None and actor_state is not None:  # rank 0 writes the shared state
+        torch.save(to_plain(actor_state), os.path.join(folder, layout.ACTOR_FILE))
         train_state = {**state.state_dict(), "query": unwrap(state.query).state_dict()}  # no DDP prefix
         torch.save(
             {

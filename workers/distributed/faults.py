@@ -6,18 +6,24 @@ production; `service.preflight` passes `CMACC_FAULT_*` to the workers).
   then stop).
 * `CMACC_FAULT_KILL_WORKER=r:s`: rank r SIGKILLs itself at step s.
 * `CMACC_FAULT_KILL_ACTOR=s`: rank 0 SIGKILLs the dictionary actor's process at step s.
+* `CMACC_FAULT_HANG_ACTOR=s`: before step s rank 0 makes the actor stop answering (it sleeps
+  for an hour), as a wedged actor would.
+* `CMACC_FAULT_CRASH_LOOP_ACTOR=s`: rank 0 SIGKILLs the actor before every step from s on,
+  as an actor that dies whenever it works (out of memory, say) would.
 
 Kill hooks fire once per run: a marker file in `CMACC_FAULT_MARKER_DIR` remembers them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
 import time
 from dataclasses import dataclass
 
+from service.errors import ActorError
 from workers.actor import DictionaryClient
 
 
@@ -27,6 +33,8 @@ class Faults:
     stop_step: int = -1
     kill_worker: tuple[int, int] | None = None  # (rank, step)
     kill_actor_step: int = -1
+    hang_actor_step: int = -1
+    crash_loop_actor_step: int = -1
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -36,6 +44,8 @@ class Faults:
             stop_step=int(os.environ.get("CMACC_FAULT_STOP_STEP", "-1")),
             kill_worker=tuple(int(x) for x in kill_worker.split(":")) if kill_worker else None,  # type: ignore[arg-type]
             kill_actor_step=int(os.environ.get("CMACC_FAULT_KILL_ACTOR", "-1")),
+            hang_actor_step=int(os.environ.get("CMACC_FAULT_HANG_ACTOR", "-1")),
+            crash_loop_actor_step=int(os.environ.get("CMACC_FAULT_CRASH_LOOP_ACTOR", "-1")),
         )
 
     def before_step(self, step: int, rank: int, client: DictionaryClient | None) -> None:
@@ -45,8 +55,16 @@ class Faults:
             # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a crash before that loses it, so wait that long.
             time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
             os.kill(os.getpid(), signal.SIGKILL)
-        if client is not None and step == self.kill_actor_step and _fire_once(f"actor-{step}"):
+        if client is None:
+            return
+        if step == self.kill_actor_step and _fire_once(f"actor-{step}"):
             os.kill(client.status().pid, signal.SIGKILL)
+        if step == self.hang_actor_step and _fire_once(f"hang-actor-{step}"):
+            client.hang(3600.0)
+        if 0 <= self.crash_loop_actor_step <= step:
+            _fire_once(f"crash-loop-actor-{step}")  # marks that the hook fired
+            with contextlib.suppress(ActorError):  # dead for good: the loop ends the run at its next call
+                os.kill(client.status().pid, signal.SIGKILL)
 
 
 def _fire_once(name: str) -> bool:

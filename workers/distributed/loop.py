@@ -23,6 +23,7 @@ import torch
 
 from service import config as config_module
 from service.config import Config
+from service.errors import ActorError
 from workers.actor import Delta, DictionaryClient
 from workers.data.reader import ClipReader
 from workers.data.transforms import Transforms, build_transforms, step_generator
@@ -130,8 +131,10 @@ def build_worker(cfg: Config, run: RunContext) -> Worker:
     replicas = build_replicas(cfg, device=device)
     schedule = None
     if rank == 0:
-        client = DictionaryClient.connect(run.actor_name)
-        schedule = DeltaSchedule(client=client, max_staleness=cfg.method.max_staleness)
+        client = DictionaryClient.connect(run.actor_name, timeout_s=cfg.resources.actor_timeout_s)
+        schedule = DeltaSchedule(
+            client=client, max_staleness=cfg.method.max_staleness, max_restarts=cfg.resources.max_actor_restarts
+        )
 
     checkpoint = ray.train.get_checkpoint()
     restored = load_checkpoint(checkpoint) if checkpoint is not None else None
@@ -191,6 +194,8 @@ def run_steps(w: Worker) -> dict[str, Any]:
             say(f"cmacc: error: {message}")
             return {"state": "failed", "step": step, "metrics": metrics, "error": message}
         exchanged = exchange_with_actor(w, out, batch)
+        if exchanged.error:
+            return _actor_failed(state.step, metrics, exchanged.error)
         stop = (
             exchanged.stop_requested or state.step == w.faults.stop_step or _preempted(state.step, cfg.train.log_every)
         )
@@ -198,12 +203,18 @@ def run_steps(w: Worker) -> dict[str, Any]:
         metrics.update(data_metrics(w, wait_s=loaded - started, clip_ids=exchanged.clip_ids))
         metrics.update(actor_metrics(w, exchanged))
         at_end = state.step >= total or stop
+        checkpoint_due = at_end or state.step % cfg.checkpoint.every_steps == 0
+        actor_state = None
+        if checkpoint_due:
+            actor_state, error = fetch_actor_state(w)
+            if error:
+                return _actor_failed(state.step, metrics, error)
         if w.schedule is not None and (state.step % cfg.train.log_every == 0 or at_end):
             metrics.update(measured(w, exchanged, step))
         if step == start_step:  # marks where each attempt began: the steps a failure cost
             metrics["run/start_step"] = float(start_step)
         if at_end:
-            metrics.update(final_checks(w))
+            metrics.update(final_checks(w, actor_state))
             if stop:
                 metrics["stopped"] = 1.0
         w.log.log(state.step, metrics)
@@ -214,7 +225,7 @@ def run_steps(w: Worker) -> dict[str, Any]:
             rate = cfg.train.log_every if state.step % cfg.train.log_every == 0 else 1
             say(progress_line(state.step, total, metrics, rate / max(time.perf_counter() - last_log, 1e-9)))
             last_log = time.perf_counter()
-        if at_end or state.step % cfg.checkpoint.every_steps == 0:
+        if checkpoint_due:
             w.log.sync()
             save_checkpoint(
                 cfg=cfg,
@@ -223,9 +234,30 @@ def run_steps(w: Worker) -> dict[str, Any]:
                 reader=w.reader,
                 replicas=w.replicas,
                 schedule=w.schedule,
+                actor_state=actor_state,
                 metrics=metrics,
             )
     return {"state": "stopped" if stop else "succeeded", "step": state.step, "metrics": metrics, "error": ""}
+
+
+def _actor_failed(step: int, metrics: dict[str, float], error: str) -> dict[str, Any]:
+    """The outcome of a run whose dictionary actor could not be recovered: it fails at once
+    (every rank), instead of training on without dictionary updates or being retried."""
+    message = f"{error}; the last good checkpoint is kept"
+    say(f"cmacc: error: {message}")
+    return {"state": "failed", "step": step, "metrics": metrics, "error": message}
+
+
+def fetch_actor_state(w: Worker) -> tuple[dict[str, Any] | None, str]:
+    """The actor's state for a checkpoint (rank 0; None elsewhere) and, on every rank, the
+    error that ends the run when the actor cannot give it ("" when it did)."""
+    actor_state, error = None, ""
+    if w.schedule is not None:
+        try:
+            actor_state = w.schedule.actor_state(w.replicas)
+        except ActorError as err:
+            error = str(err)
+    return actor_state, collectives.broadcast_from_rank0(error)
 
 
 def train_step(w: Worker, batch: dict[str, Any]) -> StepOutput:
@@ -254,6 +286,7 @@ class Exchanged:
     labels: torch.Tensor  # M: their labels (-1 when unknown)
     gathered: dict[str, torch.Tensor]  # the global batch's queries_v, queries_a, keys_v, keys_a [M, d]
     deltas: list[Delta]  # the deltas applied now
+    error: str = ""  # the actor failed for good: the run ends
 
 
 def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Exchanged:
@@ -264,16 +297,23 @@ def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Ex
     }
     clip_ids = collectives.gather_rows(batch["index"])
     labels = collectives.gather_rows(batch["label"])
-    control: dict[str, Any] = {"deltas": [], "stop": False}
+    control: dict[str, Any] = {"deltas": [], "stop": False, "error": ""}
     if w.schedule is not None:
         arrays = {name: to_numpy(value) for name, value in gathered.items()}
         arrays["clip_ids"] = to_numpy(clip_ids)
         arrays["labels"] = to_numpy(labels)
-        w.schedule.submit(w.state.step - 1, arrays)  # the batch of the step just taken
-        final = w.state.step >= w.cfg.train.steps
-        control["deltas"] = w.schedule.due(w.state.step, w.replicas, drain=final)
+        try:
+            w.schedule.submit(w.state.step - 1, arrays)  # the batch of the step just taken
+            final = w.state.step >= w.cfg.train.steps
+            control["deltas"] = w.schedule.due(w.state.step, w.replicas, drain=final)
+        except ActorError as err:  # what the schedule could not recover from
+            control["error"] = str(err)
         control["stop"] = any(delta.stop_requested for delta in control["deltas"])
     control = collectives.broadcast_from_rank0(control)
+    if control["error"]:
+        return Exchanged(
+            stop_requested=True, clip_ids=clip_ids, labels=labels, gathered=gathered, deltas=[], error=control["error"]
+        )
     for delta in control["deltas"]:
         w.replicas.apply(delta)
     return Exchanged(
@@ -327,7 +367,7 @@ def measured(w: Worker, exchanged: Exchanged, step: int) -> dict[str, float]:
     )
 
 
-def final_checks(w: Worker) -> dict[str, float]:
+def final_checks(w: Worker, actor: dict[str, Any] | None) -> dict[str, float]:
     """At the end: are all replicas identical to each other and to the actor, at its version?"""
     import ray
 
@@ -338,8 +378,7 @@ def final_checks(w: Worker) -> dict[str, float]:
         "dict/replicas_agree": float(bool((everyone == everyone[0]).all())),
         "cluster/num_nodes": float(len(set(nodes))),
     }
-    if w.schedule is not None:
-        actor = w.schedule.actor_state(w.replicas)
+    if actor is not None:  # rank 0
         same = actor["version"] == w.replicas.version and all(
             torch.equal(
                 torch.as_tensor(actor["dictionaries"][f"dictionary_{m}"]["keys"], device=w.device),

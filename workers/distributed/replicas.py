@@ -9,7 +9,9 @@ uninterrupted one. With `max_staleness = 0` the replicas see every selection bef
 next step, exactly as the single-process trainer does.
 
 When Ray restarts a dead actor (blank state), rank 0 re-seeds it from its replica and drops
-the selections the actor lost; training does not stop.
+the selections the actor lost; training does not stop. An actor that keeps failing (more than
+`resources.max_actor_restarts` times, or dead for good) raises `ActorError`, which fails the
+run: training on without dictionary updates would be a different method.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from service.config import Config
 from service.errors import ActorError, ActorRestarted
-from workers.actor import Delta, DictionaryClient, Entered, PendingDelta
+from workers.actor import RESTART_WAIT_S, ActorStatus, Delta, DictionaryClient, Entered, PendingDelta
 from workers.dictionary import NegativeDictionary
 from workers.tensors import to_numpy, to_torch
 from workers.trainer import build_dictionaries
@@ -103,6 +105,7 @@ class DeltaSchedule:
 
     client: DictionaryClient
     max_staleness: int
+    max_restarts: int = 3  # resources.max_actor_restarts
     incarnation: str = ""
     pending: collections.deque[tuple[int, PendingDelta | Delta]] = field(default_factory=collections.deque)
     actor_restarts: int = 0
@@ -157,21 +160,42 @@ class DeltaSchedule:
     def _recover(self, replicas: Replicas, applied_now: list[Delta], reason: str) -> None:
         """The actor died: wait for Ray to restart it, re-seed it from this replica (plus the
         deltas about to be applied) and drop the selections it lost."""
+        if self.actor_restarts >= self.max_restarts:
+            raise ActorError(
+                f"the dictionary actor failed {self.actor_restarts + 1} times, more than "
+                f"resources.max_actor_restarts = {self.max_restarts}; last: {reason}"
+            )
         logger.warning("dictionary actor failed (%s); waiting for Ray to restart it", reason)
-        status = self.client.status()
         seed = replicas.clone()
         for delta in applied_now:
             seed.apply(delta)
-        # Submits queued before this call run first on the new actor; their deltas are dropped.
-        self.client.reseed(
-            dictionary_v=to_numpy(seed.dictionary_v.state_dict()),
-            dictionary_a=to_numpy(seed.dictionary_a.state_dict()),
-            version=seed.version,
-        )
+        try:
+            status = self._status_after_restart()
+            # Submits queued before this call run first on the new actor; their deltas are dropped.
+            self.client.reseed(
+                dictionary_v=to_numpy(seed.dictionary_v.state_dict()),
+                dictionary_a=to_numpy(seed.dictionary_a.state_dict()),
+                version=seed.version,
+            )
+        except ActorError as err:  # dead for good (Ray's restarts used up) or failing again at once
+            raise ActorError(f"the dictionary actor did not come back after it failed ({reason}): {err}") from None
         self.incarnation = status.incarnation
         self.pending.clear()
         self.actor_restarts += 1
         logger.warning("dictionary actor restarted and re-seeded at version %d", seed.version)
+
+    def _status_after_restart(self) -> ActorStatus:
+        """The restarted actor's status. A call made just as the actor died can fail although
+        Ray is restarting it, so failures are retried for `RESTART_WAIT_S` (an actor that Ray
+        will not restart fails every call; the run then fails)."""
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            try:
+                return self.client.status()
+            except ActorRestarted:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def pending_steps(self) -> list[int]:
         return [step for step, _ in self.pending]
