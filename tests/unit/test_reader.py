@@ -5,18 +5,21 @@ import json
 import logging
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from service import storage
-from workers.data.decode import decode_audio, decode_frames
+from workers.data.decode import CorruptClipError, decode_audio, decode_frames
 from workers.data.format import DataError, DatasetWriter, iter_clips
 from workers.data.reader import ClipReader, bounded_shuffle
 from workers.data.synth import synth_clips, write_synthetic
 
 pytestmark = pytest.mark.unit
+
+PROJECT = Path(__file__).resolve().parents[2]
 
 NUM_CLIPS = 64
 STORED_FRAMES = 4
@@ -236,6 +239,55 @@ def test_corrupt_jpeg_and_bad_rows_are_skipped_counted_and_logged(tmp_path, capl
     assert sorted(seen[:29]) == sorted(set(range(32)) - {5, 9, 20})
     for bad in (5, 9, 20):
         assert any(clips[bad].clip_id in record.getMessage() for record in caplog.records)
+
+
+def claims_size(jpeg: bytes, height: int, width: int) -> bytes:
+    """`jpeg` with its frame header rewritten to claim height x width (the data stays small)."""
+    from workers.data.decode import jpeg_size
+
+    at = jpeg.index(b"\xff\xc0")  # baseline start-of-frame
+    out = bytearray(jpeg)
+    out[at + 5 : at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    assert jpeg_size(bytes(out)) == (height, width)
+    return bytes(out)
+
+
+def test_a_jpeg_claiming_a_huge_picture_is_skipped_before_decoding_with_memory_bounded(tmp_path):
+    """A 60000 x 60000 claim would make the decoder allocate 10.8 GB; the header is read
+    first, the row is skipped and counted, and the reading process stays small."""
+    import subprocess
+    import sys
+
+    uri = str(tmp_path / "poisoned")
+    clips = list(synth_clips(16, seed=5, frames=2, size=16, seconds=0.1))
+    bomb = claims_size(clips[3].frames[1], 60000, 60000)
+    assert len(bomb) < 2000
+    clips[3] = dataclasses.replace(clips[3], frames=[clips[3].frames[0], bomb])
+    clips[7] = dataclasses.replace(clips[7], sample_rate=10**9)  # resampling from 1 GHz
+    writer = DatasetWriter(uri, label_names=[f"c{i}" for i in range(8)], made_by={"generator": "test"})
+    for clip in clips:
+        writer.add(clip)
+    writer.close()
+    with pytest.raises(CorruptClipError, match="claims 60000 x 60000 pixels"):
+        decode_frames([bomb], clip_id=clips[3].clip_id)
+
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(PROJECT)!r})
+from workers.data.reader import ClipReader
+reader = ClipReader(uri={uri!r}, rank=0, world_size=1, seed=7, batch_size=7, frames=2, seconds=0.1,
+                    sample_rate={RATE}, shuffle_buffer=4, num_decode_threads=2, prefetch_batches=1)
+seen = [i for _ in range(2) for i in next(reader)["index"].tolist()]
+print(sorted(seen), reader.num_skipped, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+reader.close()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    seen, skipped, peak_mib = result.stdout.strip().rsplit(" ", 2)[0], *map(int, result.stdout.split()[-2:])
+    assert json.loads(seen) == sorted(set(range(16)) - {3, 7})
+    assert skipped == 2
+    assert "claims 60000 x 60000 pixels" in result.stderr and "sample_rate is 1000000000" in result.stderr
+    assert peak_mib < 2048, f"the reader peaked at {peak_mib} MiB"
 
 
 def test_a_set_where_no_row_decodes_fails_instead_of_spinning(tmp_path):

@@ -20,6 +20,46 @@ class CorruptClipError(DataError):
     """One row cannot be decoded (bad JPEG, odd PCM length, inconsistent sizes)."""
 
 
+# What one row may ask of a decode thread before anything is decoded. A JPEG header is a few
+# bytes that say how large the picture is, and the decoder allocates that much: a 1 kB file
+# claiming 60000 x 60000 pixels asks for 10.8 GB. The caps are far above any training frame
+# (the paper stores 128 x 171) and far below what a worker can hold.
+MAX_FRAME_PIXELS = 4096 * 4096
+MAX_SAMPLE_RATE = 384_000  # Hz; resampling cost grows with the rate
+
+# JPEG start-of-frame markers (they carry the size): C0-CF except DHT (C4), JPG (C8), DAC (CC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM, RST0-7, SOI, EOI.
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xDA)})
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) a JPEG's header claims, read from its start-of-frame segment without
+    decoding anything. ValueError when the bytes are not a JPEG or the header is cut short."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no start-of-image marker)")
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise ValueError(f"no marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if pos + 9 > len(data):
+                break
+            return int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(data[pos + 7 : pos + 9], "big")
+        if marker == 0xDA or length < 2:  # image data before any frame header, or a broken length
+            raise ValueError("no frame header before the image data")
+        pos += 2 + length
+    raise ValueError("the header ends before its frame size")
+
+
 @dataclass(kw_only=True)
 class DecodedClip:
     """One row ready for batching. `frames` is T x H x W x 3 uint8 RGB, `audio` float32 in
@@ -46,6 +86,15 @@ def decode_frames(jpegs: Sequence[bytes], *, clip_id: str = "?") -> np.ndarray:
     for i, data in enumerate(jpegs):
         if not data:
             raise CorruptClipError(f"clip {clip_id}: frame {i} is empty")
+        try:
+            height, width = jpeg_size(data)
+        except ValueError as err:
+            raise CorruptClipError(f"clip {clip_id}: frame {i} is not a decodable JPEG ({err})") from None
+        if height * width > MAX_FRAME_PIXELS or height == 0 or width == 0:
+            raise CorruptClipError(
+                f"clip {clip_id}: frame {i} claims {height} x {width} pixels; frames of 1 to "
+                f"{MAX_FRAME_PIXELS} pixels are decoded (MAX_FRAME_PIXELS)"
+            )
         tensors.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     try:
         decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB)
@@ -145,8 +194,8 @@ def decode_row(
             centre_s = (start + len(window) / 2) / fps
     audio_out = None
     if audio:
-        if rate <= 0:
-            raise CorruptClipError(f"clip {clip_id}: sample_rate is {rate}")
+        if not 0 < rate <= MAX_SAMPLE_RATE:
+            raise CorruptClipError(f"clip {clip_id}: sample_rate is {rate}; 1 to {MAX_SAMPLE_RATE} Hz are read")
         wave = decode_audio(row["audio"], clip_id=clip_id)
         if rate != sample_rate:
             wave = resample(wave, rate, sample_rate)
