@@ -3,7 +3,8 @@
 Pretrains with CM-ACC on Ray Train, then evaluates the final checkpoint on the data set's
 held-out split and prints a summary. The run id is the user's handle: a run id that already
 has a checkpoint continues from its newest one with `--resume` and is refused without it
-(nothing is touched). Without `--data` (and `data.uri`), a generated data set is made once
+(nothing is touched). One job at a time trains a run: the job holds the run's lease
+(`service.lease`) and a second job with the same run id is refused, naming the holder. Without `--data` (and `data.uri`), a generated data set is made once
 under `<storage>/datasets/` and reused. This is the entry point of submitted cluster jobs;
 `cmacc pretrain` calls `pretrain` on an embedded local Ray.
 """
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 from service import config, errors, reports
+from service.lease import RunLease
 from service.requests import PretrainRequest, add_pretrain_arguments
 
 
@@ -27,10 +29,24 @@ def pretrain(request: PretrainRequest, *, progress: Any = None) -> dict[str, Any
     started = time.perf_counter()
     cfg = config.load_recipe(request.recipe, list(request.overrides))
     run = driver.prepare_run(cfg, request)  # refusals happen here, before anything is written
+    lease = RunLease(run.run_uri, run_id=run.run_id, ttl_s=cfg.storage.lease_ttl_s, endpoint_url=run.endpoint_url)
+    lease.acquire()  # another live job on this run id: refused here, naming it
+    try:
+        return _pretrain_holding_lease(cfg, run, request, lease, progress=progress, started=started)
+    finally:
+        lease.release()
+
+
+def _pretrain_holding_lease(
+    cfg: config.Config, run: Any, request: PretrainRequest, lease: RunLease, *, progress: Any, started: float
+) -> dict[str, Any]:
+    from workers import driver
+
     shortage = driver.start_ray(cfg, request.address, log_to_driver=progress is None)
     with driver.StopSignals() as stop:
         client = driver.start_actor(run)
         stop.client = client
+        lease.on_lost = lambda message: client.request_stop()  # another job holds the run now: stop
         note = f"waiting for resources: {shortage}" if shortage else "starting workers"
         driver.record(run, state="waiting", note=note)
         try:

@@ -12,6 +12,7 @@ each job keeps there (no Ray, no torch). File and folder names come from `servic
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -20,6 +21,7 @@ from typing import Any
 
 from service import layout, reports, storage
 from service.errors import CatalogError, UsageError
+from service.lease import LeaseRecord, read_lease
 
 __all__ = ["CatalogError", "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "require_run"]
 
@@ -41,6 +43,12 @@ class RunEntry:
     uri: str
     info: dict[str, Any]  # run.json
     checkpoints: list[CheckpointEntry]
+    lease: LeaseRecord | None = None  # the job that trains it now (or did last)
+
+    @property
+    def held_by(self) -> str:
+        """Who trains the run now (`host pid N (job J), heartbeat T s ago`), or ""."""
+        return self.lease.describe() if self.lease is not None and self.lease.live() else ""
 
     @property
     def newest_checkpoint(self) -> CheckpointEntry | None:
@@ -51,7 +59,13 @@ class RunEntry:
     def to_dict(self) -> dict[str, Any]:
         newest = self.newest_checkpoint
         info = {key: value for key, value in self.info.items() if key != "config"}
-        return {**info, "run_id": self.run_id, "uri": self.uri, "newest_checkpoint": newest.uri if newest else None}
+        return {
+            **info,
+            "run_id": self.run_id,
+            "uri": self.uri,
+            "newest_checkpoint": newest.uri if newest else None,
+            "held_by": self.held_by,
+        }
 
 
 def _read_json(uri: str, endpoint_url: str) -> dict[str, Any] | None:
@@ -104,7 +118,34 @@ def read_run(root: str, run_id: str, *, endpoint_url: str = "") -> RunEntry | No
     checkpoints = list_checkpoints(uri, endpoint_url=endpoint_url)
     if info is None and not checkpoints:
         return None
-    return RunEntry(run_id=run_id, uri=uri, info=info or {"run_id": run_id}, checkpoints=checkpoints)
+    lease = read_lease(uri, endpoint_url=endpoint_url)
+    if info is not None and info.get("state") in LIVE_STATES and (lease is None or not lease.live()):
+        info = _record_lost_job(uri, info, lease, endpoint_url)
+    return RunEntry(run_id=run_id, uri=uri, info=info or {"run_id": run_id}, checkpoints=checkpoints, lease=lease)
+
+
+LIVE_STATES = ("waiting", "running")  # states only a live job may leave in run.json
+
+
+def _record_lost_job(uri: str, info: dict[str, Any], lease: LeaseRecord | None, endpoint_url: str) -> dict[str, Any]:
+    """A record that says `running` while no job holds the run's lease: its job died without
+    a last word (SIGKILL, a lost node). Say so in run.json, so that nobody waits for it."""
+    if lease is not None:
+        when = dt.datetime.fromtimestamp(lease.heartbeat, dt.UTC).isoformat(timespec="seconds")
+        why = f"its job ({lease.host} pid {lease.pid}) stopped renewing the run's lease at {when}"
+    else:
+        why = "no job holds the run's lease"
+    info = {
+        **info,
+        "state": "failed",
+        "error": f"the job training the run was lost: {why}; rerun with --resume to continue from the newest checkpoint",
+        "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    # Read-only credentials: the answer is still right, and the record catches up later.
+    with contextlib.suppress(OSError):
+        record = json.dumps(info, indent=2).encode()
+        storage.write_bytes(storage.join(uri, layout.RUN_FILE), record, endpoint_url=endpoint_url)
+    return info
 
 
 def require_run(root: str, run_id: str, *, endpoint_url: str = "") -> RunEntry:

@@ -11,7 +11,6 @@ need the heavy stack import it inside their handlers.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from service.commands import ablate as ablate_commands
@@ -22,7 +21,7 @@ from service.commands import data as dataset_commands
 from service.commands import prepare as prepare_commands
 from service.commands import pretrain as pretrain_commands
 from service.commands import runs as runs_commands
-from service.errors import UsageError, report
+from service.errors import UsageError, report, run_main
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,5 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
 
+def entry() -> None:
+    """The `cmacc` console script: `main()`, then an exit that cannot abort after the answer
+    (`service.errors.run_main`)."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -224,6 +224,10 @@ class ResourcesConfig:
 class StorageConfig:
     root: str = "./runs"  # URI under which run folders live
     endpoint_url: str = ""  # S3 endpoint; "" = AWS_ENDPOINT_URL_S3 or the AWS default
+    lease_ttl_s: float = 120.0  # a run's lease lapses this long after its job's last heartbeat
+
+    def __post_init__(self) -> None:
+        _require(self.lease_ttl_s >= 5, "lease_ttl_s", f"must be >= 5 seconds, got {self.lease_ttl_s}")
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ Imported by the CLI: fsspec, s3fs and pyarrow are imported lazily, never torch o
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -242,3 +243,91 @@ def remove(uri: str, *, recursive: bool = False, endpoint_url: str = "") -> None
 def size(uri: str, *, endpoint_url: str = "") -> int:
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
     return retry("stat", uri, lambda: int(fs.size(path)))
+
+
+# --- compare-and-swap for small objects (the run lease) -----------------------------------
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object was created or changed by another writer since
+    it was read."""
+
+
+def content_token(data: bytes) -> str:
+    """The version token of an object's bytes: their MD5, which is also S3's ETag of an object
+    written by a single PUT (and therefore what `If-Match` compares against)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def read_with_token(uri: str, *, endpoint_url: str = "") -> tuple[bytes, str] | None:
+    """An object's bytes and their version token, or None when it does not exist."""
+    try:
+        data = read_bytes(uri, endpoint_url=endpoint_url)
+    except FileNotFoundError:
+        return None
+    return data, content_token(data)
+
+
+def write_if(uri: str, data: bytes, *, token: str | None, endpoint_url: str = "") -> str:
+    """Write a small object only if it is still as read: absent when `token` is None, else
+    unchanged since the read that gave `token`. Returns the new token; PreconditionFailed when
+    another writer got there first.
+
+    S3: a conditional PUT (`If-None-Match: *` / `If-Match: <ETag>`), decided by the store.
+    Local files: the check and the rename happen under an exclusive `flock` of `<file>.lock`.
+    Other fsspec schemes: checked, then written (not atomic; a narrow window remains).
+    """
+    scheme, path = split_uri(uri)
+    fs, _ = filesystem(uri, endpoint_url=endpoint_url)
+    lost = PreconditionFailed(f"{uri} was {'created' if token is None else 'changed'} by another writer")
+
+    def current_token() -> str | None:
+        try:
+            return content_token(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+
+    def write() -> None:
+        if scheme == "s3":
+            try:
+                if token is None:
+                    fs.pipe_file(path, data, mode="create")
+                else:
+                    fs.pipe_file(path, data, IfMatch=token)
+            except FileNotFoundError:  # If-Match on an object that is gone
+                raise lost from None
+            except OSError as err:
+                if isinstance(err, FileExistsError) or _precondition_failed(err):
+                    raise lost from None
+                raise
+        elif scheme == "file":
+            import fcntl
+
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(f"{path}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if current_token() != token:
+                    raise lost
+                tmp = f"{path}.tmp-{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+        else:
+            if current_token() != token:
+                raise lost
+            fs.pipe_file(path, data)
+
+    try:
+        retry("write", uri, write)
+    except StorageError as err:
+        if isinstance(err.__cause__, PreconditionFailed):
+            raise err.__cause__ from None
+        raise
+    return content_token(data)
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """S3's answer to a conditional write that lost: 412 PreconditionFailed, or 409
+    ConditionalRequestConflict while another conditional write of the object is in flight."""
+    text = f"{err} {err.__cause__ or ''}"
+    return any(word in text for word in ("PreconditionFailed", "pre-conditions", "ConditionalRequestConflict"))

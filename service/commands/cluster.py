@@ -297,7 +297,7 @@ def _run_record(job: Any) -> tuple[bool, dict[str, Any] | None]:
         return True, None
     if job.start_time and updated < job.start_time / 1000 - 1:
         return True, None
-    return True, entry.info
+    return True, {**entry.info, "held_by": entry.held_by}
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -312,6 +312,7 @@ def _status(args: argparse.Namespace) -> int:
     info["run_state"] = (record or {}).get("state", "")
     info["run_note"] = (record or {}).get("note", "")
     info["last_step"] = (record or {}).get("last_step")
+    info["held_by"] = (record or {}).get("held_by", "")
     shown = info["status"]
     if info["status"] == "RUNNING" and readable:  # the job runs; its run may still prepare or wait for workers
         shown = info["run_state"].upper() if info["run_state"] in ("waiting", "running") else "STARTING"
@@ -321,6 +322,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{shown}  run {args.run_id}  job {info['submission_id']}  started {_when(info['start_time'])}")
         if info["run_note"] and shown == "WAITING":
             print(f"  {info['run_note']}")
+        if info["held_by"]:
+            print(f"  trained by {info['held_by']}")
         if info["status"] == "RUNNING" and not readable:
             print("  the run's own state is unknown here: its storage cannot be read from this machine")
         if info["message"]:

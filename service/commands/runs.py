@@ -34,6 +34,8 @@ def _runs(args: argparse.Namespace) -> int:
             f"{info.get('last_step', 0):>6}  {layout.checkpoint_name(newest.step) if newest else '-':<21}"
             f"{_ago(info.get('updated', '')):<20}"
         )
+        if run.held_by:
+            print(f"  trained now by {run.held_by}")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,10 +219,26 @@ def _finish(driver: subprocess.Popen) -> None:
 
 
 def test_killed_driver_rerun_continues_from_the_newest_checkpoint(ray_session, bucket, dataset):
+    """While job A trains the run, job B with the same run id is refused, naming A. A is
+    SIGKILLed: once its lease lapses (storage.lease_ttl_s), the record says the job was lost
+    and a rerun takes the run over and resumes from the newest checkpoint."""
+    from service import catalog
+    from service.lease import read_lease
+
     root = f"{bucket}/driver-kill"
     address = ray_session.get_runtime_context().gcs_address
-    argv = args("driver-kill", root, dataset, 3 * EVERY)
+    argv = args("driver-kill", root, dataset, 5 * EVERY, "storage.lease_ttl_s=8")
     driver = _driver(argv, address)
+    run_uri = storage.join(root, "driver-kill")
+    deadline = time.monotonic() + 120
+    while not (storage.exists(storage.join(run_uri, "lease.json")) and read_lease(run_uri).live()):
+        assert driver.poll() is None, driver.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "job A took no lease within 120 s"
+        time.sleep(0.2)
+    second = _driver([*argv, "--resume"], address)  # while A starts its workers
+    refused, _ = second.communicate(timeout=300)
+    assert second.returncode == 2, refused[-4000:]
+    assert f"run driver-kill is being trained by {socket.gethostname()} pid {driver.pid}" in refused, refused[-4000:]
     snapshot = storage.join(root, "driver-kill", "checkpoint_manager_snapshot.json")
     deadline = time.monotonic() + 300
     while not (  # the checkpoint is registered, not only uploaded
@@ -232,14 +249,20 @@ def test_killed_driver_rerun_continues_from_the_newest_checkpoint(ray_session, b
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while read_lease(run_uri).live():
+        assert time.monotonic() < deadline, "the killed job's lease never lapsed"
+        time.sleep(0.5)
+    lost = catalog.read_run(root, "driver-kill").info
+    assert lost["state"] == "failed" and f"pid {driver.pid}) stopped renewing" in lost["error"]
 
     _finish(_driver([*argv, "--resume"], address))
     records = read_metrics(storage.join(root, "driver-kill"))
     starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
     assert starts[0] == 0 and starts[-1] >= EVERY, f"attempts started at {starts}"
-    assert max(r["step"] for r in records) == 3 * EVERY
+    assert max(r["step"] for r in records) == 5 * EVERY
     run_json = json.loads(storage.read_bytes(storage.join(root, "driver-kill", "run.json")))
-    assert run_json["state"] == "succeeded" and run_json["last_step"] == 3 * EVERY
+    assert run_json["state"] == "succeeded" and run_json["last_step"] == 5 * EVERY
 
 
 def test_two_node_cluster_completes_and_resumes(bucket, dataset):

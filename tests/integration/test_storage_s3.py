@@ -96,3 +96,44 @@ def test_permanent_errors_are_not_retried():
     with pytest.raises(StorageError, match="s3://b/k"):
         storage.retry("read", "s3://b/k", denied, base_delay_s=0.001)
     assert len(calls) == 1
+
+
+def test_conditional_writes_on_s3_let_exactly_one_writer_win(s3_bucket):
+    """The run lease's compare-and-swap, decided by the store: create-if-absent and
+    replace-if-unchanged (If-None-Match / If-Match)."""
+    import threading
+
+    from service.errors import RunBusyError
+    from service.lease import RunLease, read_lease
+
+    uri = storage.join(s3_bucket, "cas", "object.json")
+    token = storage.write_if(uri, b"first", token=None)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if(uri, b"again", token=None)  # it exists now
+    newer = storage.write_if(uri, b"second", token=token)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if(uri, b"stale", token=token)  # changed since that read
+    assert storage.read_bytes(uri) == b"second" and storage.read_with_token(uri)[1] == newer
+
+    run = storage.join(s3_bucket, "cas", "run")
+    leases = [RunLease(run, run_id="run", ttl_s=60) for _ in range(4)]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(len(leases))
+
+    def take(lease: RunLease) -> None:
+        barrier.wait()
+        try:
+            lease.acquire()
+            outcomes.append(lease.record.owner)
+        except RunBusyError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [o for o in outcomes if o != "refused"]
+    assert len(winners) == 1 and read_lease(run).owner == winners[0]
+    for lease in leases:
+        lease.release()

@@ -33,7 +33,7 @@ def test_run_main_prints_one_line_and_exits_with_the_errors_code(capsys):
         raise errors.CheckpointError("s3://b/run/checkpoint-00000002 is not a checkpoint")
 
     with pytest.raises(SystemExit) as exited:
-        errors.run_main(main)
+        errors.run_main(main, own_process=False)
     assert exited.value.code == 1
     assert capsys.readouterr().err == "cmacc: error: s3://b/run/checkpoint-00000002 is not a checkpoint\n"
 
@@ -43,7 +43,7 @@ def test_run_main_keeps_the_traceback_of_a_bug():
         raise RuntimeError("a bug")
 
     with pytest.raises(RuntimeError, match="a bug"):
-        errors.run_main(main)
+        errors.run_main(main, own_process=False)
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
