@@ -225,9 +225,13 @@ class StorageConfig:
     root: str = "./runs"  # URI under which run folders live
     endpoint_url: str = ""  # S3 endpoint; "" = AWS_ENDPOINT_URL_S3 or the AWS default
     lease_ttl_s: float = 120.0  # a run's lease lapses this long after its job's last heartbeat
+    retry_budget_s: float = 60.0  # how long one storage operation retries transient errors
 
     def __post_init__(self) -> None:
         _require(self.lease_ttl_s >= 5, "lease_ttl_s", f"must be >= 5 seconds, got {self.lease_ttl_s}")
+        _require(
+            0 <= self.retry_budget_s <= 3600, "retry_budget_s", f"must be in [0, 3600] s, got {self.retry_budget_s}"
+        )
 
 
 @dataclass(kw_only=True)

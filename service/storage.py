@@ -8,14 +8,16 @@
 * Any other `scheme://` is handed to fsspec as it is.
 
 Paths stay `str` so `s3://` is never mangled by `pathlib`. Transient errors (connection
-reset or refused, time-outs, HTTP 5xx, throttling) are retried with exponential backoff;
-the error that finally escapes is a `StorageError` naming the URI.
+reset or refused, time-outs, HTTP 5xx, throttling) are retried with exponential backoff
+within a time budget (`storage.retry_budget_s`, default 60 s); the error that finally
+escapes is a `StorageError` naming the URI.
 
 Imported by the CLI: fsspec, s3fs and pyarrow are imported lazily, never torch or ray.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import random
@@ -26,8 +28,25 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-DEFAULT_ATTEMPTS = 4
 DEFAULT_BASE_DELAY_S = 0.25
+MAX_DELAY_S = 8.0  # the longest wait between two tries
+# The time one operation may spend retrying (storage.retry_budget_s; set_retry_budget). A
+# throttling burst or a short outage of the store costs that much time, not the operation.
+_retry_budget_s = float(os.environ.get("CMACC_STORAGE_RETRY_BUDGET_S", "60"))
+# Retries made by this process, by operation (reported in the training metrics).
+RETRIES: collections.Counter[str] = collections.Counter()
+
+
+def set_retry_budget(seconds: float) -> None:
+    """The retry budget of this process (and of the processes it starts: the variable
+    CMACC_STORAGE_RETRY_BUDGET_S travels to Ray workers)."""
+    global _retry_budget_s
+    _retry_budget_s = float(seconds)
+    os.environ["CMACC_STORAGE_RETRY_BUDGET_S"] = str(float(seconds))
+
+
+def retry_budget_s() -> float:
+    return _retry_budget_s
 
 
 class StorageError(OSError):
@@ -85,10 +104,15 @@ def filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
         import s3fs
 
         endpoint = s3_endpoint(endpoint_url)
-        # botocore's own retries are kept short: retries happen here, with the URI in hand.
+        # botocore's adaptive mode retries throttling a few times with client-side rate
+        # limiting; longer outages are retried here, within the budget, with the URI in hand.
         fs = s3fs.S3FileSystem(
             endpoint_url=endpoint,
-            config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 5, "read_timeout": 60},
+            config_kwargs={
+                "retries": {"mode": "adaptive", "max_attempts": 3},
+                "connect_timeout": 5,
+                "read_timeout": 60,
+            },
         )
         return fs, path
     if scheme == "file":
@@ -105,7 +129,10 @@ def arrow_filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
     if scheme == "s3":
         endpoint = s3_endpoint(endpoint_url)
         kwargs: dict[str, Any] = {
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+            # Ray Train's checkpoint uploads go through this filesystem, outside `retry`: the
+            # standard strategy's exponential backoff (capped at 20 s) with enough attempts to
+            # span about the retry budget.
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(3, round(retry_budget_s() / 6))),
             "connect_timeout": 5,
             "request_timeout": 60,
         }
@@ -163,25 +190,34 @@ def retry(
     uri: str,
     fn: Callable[[], T],
     *,
-    attempts: int = DEFAULT_ATTEMPTS,
+    budget_s: float | None = None,
     base_delay_s: float = DEFAULT_BASE_DELAY_S,
 ) -> T:
-    """Run `fn`, retrying transient failures with exponential backoff and jitter.
+    """Run `fn`, retrying transient failures with exponential backoff and jitter (0.25 s,
+    0.5 s, ... at most `MAX_DELAY_S` apart) for as long as the retry budget lasts
+    (`budget_s`, default `retry_budget_s()`).
 
     A missing object raises `FileNotFoundError` naming the URI at once; any other failure
-    that survives the retries raises `StorageError` naming the operation and the URI.
+    that survives the retries raises `StorageError` naming the operation, the URI and the
+    time spent.
     """
-    for attempt in range(1, attempts + 1):
+    budget = retry_budget_s() if budget_s is None else budget_s
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except FileNotFoundError:
             raise FileNotFoundError(f"{op}: no such file or object: {uri}") from None
         except Exception as err:
-            if not is_transient(err) or attempt == attempts:
-                tries = f" after {attempt} attempts" if attempt > 1 else ""
+            delay = min(base_delay_s * 2 ** (attempt - 1), MAX_DELAY_S) * (1 + random.random() / 2)
+            spent = time.monotonic() - started
+            if not is_transient(err) or spent + delay > budget:
+                tries = f" after {attempt} attempts in {spent:.1f} s" if attempt > 1 else ""
                 raise StorageError(f"{op} {uri} failed{tries}: {type(err).__name__}: {err}") from err
-            time.sleep(base_delay_s * 2 ** (attempt - 1) * (1 + random.random() / 2))
-    raise AssertionError("unreachable")
+            RETRIES[op] += 1
+            time.sleep(delay)
 
 
 # --- small helpers every caller needs -------------------------------------------------------

@@ -61,6 +61,7 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
     (`service.preflight`, as `cmacc submit` does), storage writable, data readable and big
     enough. Raises UsageError (RunExistsError) or Failure naming the URI."""
     run_id = preflight.check_run_id(request.run_id)
+    storage.set_retry_budget(cfg.storage.retry_budget_s)  # this process and the workers it starts
     root = storage.absolute(request.storage or cfg.storage.root)
     endpoint = cfg.storage.endpoint_url
     existing = preflight.read_run(root, run_id, endpoint_url=endpoint)

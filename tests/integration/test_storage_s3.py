@@ -61,6 +61,7 @@ def test_stopped_endpoint_fails_with_the_uri_after_bounded_retries(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
+    monkeypatch.setattr(storage, "_retry_budget_s", 3.0)  # storage.retry_budget_s
     uri = "s3://gone-bucket/some/object.bin"
     started = time.perf_counter()
     with pytest.raises(StorageError) as info:
@@ -68,7 +69,7 @@ def test_stopped_endpoint_fails_with_the_uri_after_bounded_retries(monkeypatch):
     elapsed = time.perf_counter() - started
     message = str(info.value)
     assert uri in message
-    assert f"after {storage.DEFAULT_ATTEMPTS} attempts" in message
+    assert " attempts in " in message
     assert "testing" not in message  # credentials never appear in errors
     assert elapsed < 30, f"gave up only after {elapsed:.1f} s"
 
@@ -84,6 +85,22 @@ def test_transient_errors_are_retried_then_succeed():
 
     assert storage.retry("read", "s3://b/k", flaky, base_delay_s=0.001) == "ok"
     assert len(calls) == 3
+
+
+def test_retries_last_as_long_as_the_budget_and_are_counted():
+    calls = []
+
+    def down() -> None:
+        calls.append(time.monotonic())
+        raise ConnectionResetError("connection reset by peer")
+
+    before = storage.RETRIES["read"]
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"read s3://b/k failed after \d+ attempts in"):
+        storage.retry("read", "s3://b/k", down, budget_s=1.0, base_delay_s=0.01)
+    assert 0.5 < time.monotonic() - started <= 1.5
+    assert len(calls) >= 6  # 0.01, 0.02, 0.04, ... s apart until the second runs out
+    assert storage.RETRIES["read"] - before == len(calls) - 1
 
 
 def test_permanent_errors_are_not_retried():

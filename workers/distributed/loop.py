@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from service import config as config_module
+from service import storage
 from service.config import Config
 from service.errors import ActorError
 from workers.actor import Delta, DictionaryClient
@@ -124,6 +125,7 @@ def build_worker(cfg: Config, run: RunContext) -> Worker:
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    storage.set_retry_budget(cfg.storage.retry_budget_s)
     device = build_device(cfg)
     torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))
     reader = build_reader(cfg, run, rank=rank, world_size=world_size)
@@ -332,6 +334,7 @@ def data_metrics(w: Worker, *, wait_s: float, clip_ids: torch.Tensor) -> dict[st
     return {
         "data/wait_s": wait_s,
         "data/skipped": float(w.reader.num_skipped),
+        "storage/retries": float(sum(storage.RETRIES.values())),  # this rank's process, since it started
         # the global batch's clip ids, condensed: resumed and uninterrupted runs must agree
         "data/batch_digest": float(zlib.crc32(to_numpy(clip_ids).tobytes())),
     }
