@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -55,7 +56,10 @@ def _pretrain_holding_lease(
             outcome = {"run_id": run.run_id, "state": "stopped", "step": run.start_step, "checkpoint": None}
             outcome["note"] = "stopped while starting: no step was reported yet, so there was nothing to checkpoint"
         except Exception as err:
-            driver.record(run, state="failed", error=str(err))
+            try:
+                driver.record(run, state="failed", error=str(err))
+            except OSError as unrecorded:  # storage is what failed: the training error still comes first
+                print(f"cmacc: warning: could not record the failure in {run.run_uri}: {unrecorded}", file=sys.stderr)
             raise
         finally:
             client.kill()

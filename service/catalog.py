@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +178,17 @@ def newest_checkpoint_of(root: str, run_id: str, *, endpoint_url: str = "") -> C
         unfinished = f" ({len(entry.checkpoints)} not registered yet)" if entry.checkpoints else ""
         raise CatalogError(f"run {run_id!r} at {entry.uri} has no complete checkpoint yet{unfinished}")
     return newest
+
+
+def wait_registered(run_uri: str, name: str, *, timeout_s: float = 60.0, endpoint_url: str = "") -> bool:
+    """Wait until the run's snapshot lists checkpoint `name` (Ray Train may write it a moment
+    after `fit()` returns); whether it does within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while name not in (_registered_names(run_uri, endpoint_url) or set()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def check_registered(checkpoint_uri: str, *, endpoint_url: str = "") -> None:

@@ -130,7 +130,8 @@ class MethodConfig:
     sampler: Sampler = "active"
     dictionary_size: int = 16384  # K keys per modality
     pool_size: int = 0  # N candidates per modality; 0 = 4 x the global batch M
-    enqueue: int = 0  # P keys a pool sampler enqueues per step; 0 = M / 4 (moco enqueues all M)
+    enqueue: int = 0  # P keys a pool sampler enqueues per step; 0 = enqueue_fraction x M (moco enqueues all M)
+    enqueue_fraction: float = 0.25  # P as a fraction of the global batch M, when enqueue = 0
     pseudo_classes: int = 0  # queries used as pseudo-classes; 0 = min(global batch, 256)
     temperature: float = 0.07  # tau
     momentum: float = 0.999  # EMA momentum of the key encoders
@@ -141,6 +142,7 @@ class MethodConfig:
         _require(self.dictionary_size >= 1, "dictionary_size", f"must be >= 1, got {self.dictionary_size}")
         _require(self.pool_size >= 0, "pool_size", f"must be >= 0, got {self.pool_size}")
         _require(self.enqueue >= 0, "enqueue", f"must be >= 0, got {self.enqueue}")
+        _require(0 < self.enqueue_fraction <= 1, "enqueue_fraction", f"must be in (0, 1], got {self.enqueue_fraction}")
         _require(self.pseudo_classes >= 0, "pseudo_classes", f"must be >= 0, got {self.pseudo_classes}")
         _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
@@ -297,7 +299,7 @@ class Config:
         """P: keys that enter each dictionary per step (M for `moco`, which has no pool)."""
         if self.method.sampler == "moco":
             return self.global_batch_size
-        return self.method.enqueue or max(1, self.global_batch_size // 4)
+        return self.method.enqueue or max(1, int(self.global_batch_size * self.method.enqueue_fraction))
 
     @property
     def pool_capacity(self) -> int:

@@ -106,8 +106,12 @@ def filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
         endpoint = s3_endpoint(endpoint_url)
         # botocore's adaptive mode retries throttling a few times with client-side rate
         # limiting; longer outages are retried here, within the budget, with the URI in hand.
+        # No listings cache: s3fs answers `exists` from a cached listing of the folder, so a
+        # process that listed a run folder kept seeing it as it was (a checkpoint registered
+        # since then, Ray Train's snapshot written since then, looked absent).
         fs = s3fs.S3FileSystem(
             endpoint_url=endpoint,
+            use_listings_cache=False,
             config_kwargs={
                 "retries": {"mode": "adaptive", "max_attempts": 3},
                 "connect_timeout": 5,
@@ -128,14 +132,9 @@ def arrow_filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
     scheme, path = split_uri(uri)
     if scheme == "s3":
         endpoint = s3_endpoint(endpoint_url)
-        kwargs: dict[str, Any] = {
-            # Ray Train's checkpoint uploads go through this filesystem, outside `retry`: the
-            # standard strategy's exponential backoff (capped at 20 s) with enough attempts to
-            # span about the retry budget.
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(3, round(retry_budget_s() / 6))),
-            "connect_timeout": 5,
-            "request_timeout": 60,
-        }
+        from service.arrow_fs import RetryingS3FileSystem
+
+        kwargs: dict[str, Any] = {"connect_timeout": 5, "request_timeout": 60}
         if endpoint:
             scheme_part, _, host = endpoint.partition("://")
             kwargs["endpoint_override"] = host or scheme_part
@@ -143,7 +142,10 @@ def arrow_filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), path
+        # Ray Train's checkpoint uploads and snapshots go through this filesystem, outside
+        # `retry`: AWS's standard strategy (exponential backoff capped at 20 s) with enough
+        # attempts to span about the retry budget, kept when Ray pickles it (service.arrow_fs).
+        return RetryingS3FileSystem(max_attempts=max(3, round(retry_budget_s() / 6)), **kwargs), path
     if scheme == "file":
         return pafs.LocalFileSystem(), path
     import fsspec

@@ -123,3 +123,26 @@ def free_ports():
         return ports
 
     return pick
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint: str):
+    """A factory of fault-injecting TCP proxies in front of the S3 endpoint
+    (`tests/faultproxy.py`): `fault_proxy(mode=..., window_s=..., trigger=b"...")`."""
+    import importlib.util
+    from urllib.parse import urlparse
+
+    spec = importlib.util.spec_from_file_location("cmacc_faultproxy", Path(__file__).with_name("faultproxy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    target = urlparse(s3_endpoint)
+    proxies = []
+
+    def make(**settings):
+        proxy = module.FaultProxy((target.hostname, target.port), **settings)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()

@@ -385,6 +385,12 @@ def summarise(run: Run, result: Any) -> dict[str, Any]:
     if error:
         outcome["error"] = error
     outcome["clips_per_s"] = steady_throughput(run)
+    if result.checkpoint is not None:
+        # The catalog and `cmacc eval` use registered checkpoints only: the job reports its
+        # end once Ray Train's snapshot, written a moment after fit() returns, lists the last.
+        name = result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        if not catalog.wait_registered(run.run_uri, name, endpoint_url=run.endpoint_url):
+            print(f"cmacc: warning: {name} is not listed as registered in {run.run_uri} yet", file=sys.stderr)
     return outcome
 
 

@@ -28,6 +28,7 @@ TINY = (
     "data.clip_seconds=0.5",
     "data.shuffle_buffer=16",
     "method.dictionary_size=16",
+    "method.enqueue_fraction=0.25",
     "checkpoint.every_steps=4",
     "optim.warmup_steps=0",
     "eval.linear_epochs=10",

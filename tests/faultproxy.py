@@ -1,0 +1,126 @@
+"""A fault-injecting TCP proxy for the storage fault tests: it forwards 127.0.0.1:<port> to
+the S3 endpoint and, during a fault window, resets, drops or stalls every connection and
+every request on it.
+
+The window opens when a request carrying `trigger` (bytes, e.g. a checkpoint's folder name
+in a PUT's request line) passes, or when `open_window()` is called, and lasts `window_s`.
+`faulted` counts the connections and requests it broke.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from typing import Literal
+
+Mode = Literal["reset", "drop", "stall"]
+
+
+class FaultProxy:
+    def __init__(self, target: tuple[str, int], *, mode: Mode = "reset", window_s: float = 5.0, trigger: bytes = b""):
+        self.target = target
+        self.mode = mode
+        self.window_s = window_s
+        self.trigger = trigger
+        self.window_until = 0.0
+        self.windows_opened = 0
+        self.faulted = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="faultproxy-accept", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def open_window(self) -> None:
+        with self._lock:
+            self.window_until = time.monotonic() + self.window_s
+            self.windows_opened += 1
+
+    def in_window(self) -> bool:
+        return time.monotonic() < self.window_until
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _check(self, chunk: bytes) -> None:
+        if self.trigger and self.trigger in chunk and not self.windows_opened:
+            self.open_window()
+
+    def _break(self, client: socket.socket, upstream: socket.socket | None) -> None:
+        """Break a connection the way the mode says."""
+        with self._lock:
+            self.faulted += 1
+        if self.mode == "stall":
+            while self.in_window() and not self._closed.is_set():
+                time.sleep(0.05)
+        if self.mode == "reset":  # RST instead of FIN
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for sock in (client, upstream):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        try:
+            first = client.recv(65536)
+            if not first:
+                client.close()
+                return
+            self._check(first)
+            if self.in_window():
+                self._break(client, None)
+                return
+            upstream = socket.create_connection(self.target, timeout=30)
+            upstream.sendall(first)
+            threading.Thread(target=self._pump_back, args=(upstream, client), daemon=True).start()
+            while True:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                self._check(chunk)
+                if self.in_window():
+                    self._break(client, upstream)
+                    return
+                upstream.sendall(chunk)
+        except OSError:
+            pass
+        for sock in (client, upstream):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _pump_back(self, upstream: socket.socket, client: socket.socket) -> None:
+        try:
+            while True:
+                chunk = upstream.recv(65536)
+                if not chunk:
+                    break
+                if self.in_window():
+                    self._break(client, upstream)
+                    return
+                client.sendall(chunk)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_WR)
