@@ -4,8 +4,9 @@ Pretrains with CM-ACC on Ray Train, then evaluates the final checkpoint on the d
 held-out split and prints a summary. The run id is the user's handle: a run id that already
 has a checkpoint continues from its newest one with `--resume` and is refused without it
 (nothing is touched). One job at a time trains a run: the job holds the run's lease
-(`service.lease`) and a second job with the same run id is refused, naming the holder. Without `--data` (and `data.uri`), a generated data set is made once
-under `<storage>/datasets/` and reused. This is the entry point of submitted cluster jobs;
+(`service.lease`) and a second job with the same run id is refused, naming the holder.
+Without `--data` (and `data.uri`), a generated data set is made once under
+`<storage>/datasets/` and reused. This is the entry point of submitted cluster jobs;
 `cmacc pretrain` calls `pretrain` on an embedded local Ray.
 """
 

@@ -212,6 +212,8 @@ def retry(
             return fn()
         except FileNotFoundError:
             raise FileNotFoundError(f"{op}: no such file or object: {uri}") from None
+        except StorageError:  # already ours (it names its URI and was retried where it arose)
+            raise
         except Exception as err:
             delay = min(base_delay_s * 2 ** (attempt - 1), MAX_DELAY_S) * (1 + random.random() / 2)
             spent = time.monotonic() - started
@@ -355,12 +357,7 @@ def write_if(uri: str, data: bytes, *, token: str | None, endpoint_url: str = ""
                 raise lost
             fs.pipe_file(path, data)
 
-    try:
-        retry("write", uri, write)
-    except StorageError as err:
-        if isinstance(err.__cause__, PreconditionFailed):
-            raise err.__cause__ from None
-        raise
+    retry("write", uri, write)
     return content_token(data)
 
 

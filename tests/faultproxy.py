@@ -94,15 +94,8 @@ class FaultProxy:
             upstream = socket.create_connection(self.target, timeout=30)
             upstream.sendall(first)
             threading.Thread(target=self._pump_back, args=(upstream, client), daemon=True).start()
-            while True:
-                chunk = client.recv(65536)
-                if not chunk:
-                    break
-                self._check(chunk)
-                if self.in_window():
-                    self._break(client, upstream)
-                    return
-                upstream.sendall(chunk)
+            if self._pipe(client, upstream, client=client, upstream=upstream, inspect=True):
+                return
         except OSError:
             pass
         for sock in (client, upstream):
@@ -112,15 +105,29 @@ class FaultProxy:
 
     def _pump_back(self, upstream: socket.socket, client: socket.socket) -> None:
         try:
-            while True:
-                chunk = upstream.recv(65536)
-                if not chunk:
-                    break
-                if self.in_window():
-                    self._break(client, upstream)
-                    return
-                client.sendall(chunk)
+            if self._pipe(upstream, client, client=client, upstream=upstream, inspect=False):
+                return
         except OSError:
             pass
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_WR)
+
+    def _pipe(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        *,
+        client: socket.socket,
+        upstream: socket.socket,
+        inspect: bool,
+    ) -> bool:
+        """Forward `source` to `sink` until it ends (False) or a fault window breaks the
+        connection (True). `inspect`: requests (client to store) may open the window."""
+        while chunk := source.recv(65536):
+            if inspect:
+                self._check(chunk)
+            if self.in_window():
+                self._break(client, upstream)
+                return True
+            sink.sendall(chunk)
+        return False

@@ -4,9 +4,9 @@ Every rank writes its reader cursor; rank 0 also writes the encoders, optimiser,
 step, replicas and the pending delta schedule (`train.pt`), the actor's
 state (`actor.pt`) and `meta.json` (step, run id, world size, sampler, time, config and the
 checkpoint format). The `.pt` files hold tensors and plain values only and load without
-unpickling objects (`workers.tensors.load_tensors`). Randomness needs no saved state: the transforms are seeded per (seed,
-rank, step), the actor's sampler state is part of its state, and the reader is a function
-of (seed, epoch, rank) plus its cursor. File names come from `service.layout`.
+unpickling objects (`workers.tensors.load_tensors`). Randomness needs no saved state: the
+transforms are seeded per (seed, rank, step), the actor's sampler state is part of its
+state, and the reader is a function of (seed, epoch, rank) plus its cursor. File names come from `service.layout`.
 """
 
 from __future__ import annotations

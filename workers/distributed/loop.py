@@ -192,12 +192,10 @@ def run_steps(w: Worker) -> dict[str, Any]:
         try:
             out = train_step(w, batch)
         except NonFiniteLossError as err:
-            message = f"{err}; the last good checkpoint is kept"
-            say(f"cmacc: error: {message}")
-            return {"state": "failed", "step": step, "metrics": metrics, "error": message}
+            return _failed(step, metrics, str(err))
         exchanged = exchange_with_actor(w, out, batch)
         if exchanged.error:
-            return _actor_failed(state.step, metrics, exchanged.error)
+            return _failed(state.step, metrics, exchanged.error)
         stop = (
             exchanged.stop_requested or state.step == w.faults.stop_step or _preempted(state.step, cfg.train.log_every)
         )
@@ -210,7 +208,7 @@ def run_steps(w: Worker) -> dict[str, Any]:
         if checkpoint_due:
             actor_state, error = fetch_actor_state(w)
             if error:
-                return _actor_failed(state.step, metrics, error)
+                return _failed(state.step, metrics, error)
         if w.schedule is not None and (state.step % cfg.train.log_every == 0 or at_end):
             metrics.update(measured(w, exchanged, step))
         if step == start_step:  # marks where each attempt began: the steps a failure cost
@@ -242,9 +240,10 @@ def run_steps(w: Worker) -> dict[str, Any]:
     return {"state": "stopped" if stop else "succeeded", "step": state.step, "metrics": metrics, "error": ""}
 
 
-def _actor_failed(step: int, metrics: dict[str, float], error: str) -> dict[str, Any]:
-    """The outcome of a run whose dictionary actor could not be recovered: it fails at once
-    (every rank), instead of training on without dictionary updates or being retried."""
+def _failed(step: int, metrics: dict[str, float], error: str) -> dict[str, Any]:
+    """The outcome of a run that every rank ends at once, without an exception Ray Train would
+    retry: a non-finite loss, or a dictionary actor that could not be recovered (training on
+    without dictionary updates would be another method)."""
     message = f"{error}; the last good checkpoint is kept"
     say(f"cmacc: error: {message}")
     return {"state": "failed", "step": step, "metrics": metrics, "error": message}
