@@ -12,7 +12,6 @@ each job keeps there (no Ray, no torch). File and folder names come from `servic
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import re
@@ -72,8 +71,12 @@ class RunEntry:
 def _read_json(uri: str, endpoint_url: str) -> dict[str, Any] | None:
     if not storage.exists(uri, endpoint_url=endpoint_url):
         return None
+    return _parse_json(uri, storage.read_bytes(uri, endpoint_url=endpoint_url))
+
+
+def _parse_json(uri: str, data: bytes) -> dict[str, Any]:
     try:
-        return json.loads(storage.read_bytes(uri, endpoint_url=endpoint_url))
+        return json.loads(data)
     except ValueError as err:
         raise CatalogError(f"{uri} is not valid JSON: {err}") from None
 
@@ -115,22 +118,31 @@ def read_run(root: str, run_id: str, *, endpoint_url: str = "") -> RunEntry | No
         uri = layout.run_uri(root, run_id)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    info = _read_json(storage.join(uri, layout.RUN_FILE), endpoint_url)
+    record_uri = storage.join(uri, layout.RUN_FILE)
+    found = storage.read_with_token(record_uri, endpoint_url=endpoint_url)
+    info = _parse_json(record_uri, found[0]) if found else None
     checkpoints = list_checkpoints(uri, endpoint_url=endpoint_url)
     if info is None and not checkpoints:
         return None
-    lease = read_lease(uri, endpoint_url=endpoint_url)
-    if info is not None and info.get("state") in LIVE_STATES and (lease is None or not lease.live()):
-        info = _record_lost_job(uri, info, lease, endpoint_url)
+    lease = read_lease(uri, endpoint_url=endpoint_url)  # read after the record: see _record_lost_job
+    if found and info.get("state") in LIVE_STATES and (lease is None or not lease.live()):
+        info = _record_lost_job(uri, info, found[1], lease, endpoint_url)
     return RunEntry(run_id=run_id, uri=uri, info=info or {"run_id": run_id}, checkpoints=checkpoints, lease=lease)
 
 
 LIVE_STATES = ("waiting", "running")  # states only a live job may leave in run.json
 
 
-def _record_lost_job(uri: str, info: dict[str, Any], lease: LeaseRecord | None, endpoint_url: str) -> dict[str, Any]:
+def _record_lost_job(
+    uri: str, info: dict[str, Any], token: str, lease: LeaseRecord | None, endpoint_url: str
+) -> dict[str, Any]:
     """A record that says `running` while no job holds the run's lease: its job died without
-    a last word (SIGKILL, a lost node). Say so in run.json, so that nobody waits for it."""
+    a last word (SIGKILL, a lost node). Say so in run.json, so that nobody waits for it.
+
+    A job that ends writes its final record and then releases its lease: a record read
+    before that write with a lease read after the release looks the same. So the rewrite is
+    a compare-and-swap against the record as read (`token`); when the job's final record got
+    there first, that record is the answer."""
     if lease is not None:
         when = dt.datetime.fromtimestamp(lease.heartbeat, dt.UTC).isoformat(timespec="seconds")
         why = f"its job ({lease.host} pid {lease.pid}) stopped renewing the run's lease at {when}"
@@ -142,10 +154,13 @@ def _record_lost_job(uri: str, info: dict[str, Any], lease: LeaseRecord | None, 
         "error": f"the job training the run was lost: {why}; rerun with --resume to continue from the newest checkpoint",
         "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    # Read-only credentials: the answer is still right, and the record catches up later.
-    with contextlib.suppress(OSError):
-        record = json.dumps(info, indent=2).encode()
-        storage.write_bytes(storage.join(uri, layout.RUN_FILE), record, endpoint_url=endpoint_url)
+    record_uri = storage.join(uri, layout.RUN_FILE)
+    try:
+        storage.write_if(record_uri, json.dumps(info, indent=2).encode(), token=token, endpoint_url=endpoint_url)
+    except storage.PreconditionFailed:  # the job's own last word arrived meanwhile
+        return _read_json(record_uri, endpoint_url) or info
+    except OSError:  # read-only credentials: the answer is still right, the record catches up later
+        pass
     return info
 
 

@@ -61,6 +61,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # rows held by the reader's shuffle buffer
     num_decode_threads: int = 2  # background decode threads per reader
     prefetch_batches: int = 2  # decoded batches kept ready per reader
+    exclude_clips: str = ""  # comma-separated clip ids the training reader skips (counted in data/skipped)
 
     def __post_init__(self) -> None:
         _require(self.num_clips > 0, "num_clips", f"must be > 0, got {self.num_clips}")

@@ -5,6 +5,7 @@ A storage root holds run folders and the generated data sets:
     <root>/<run id>/                  one run (the run id is its name for Ray Train too)
         run.json                      the run record (service.catalog reads and writes it)
         lease.json                    which job trains the run now (service.lease)
+        crashes.json                  where dead workers were reading (workers.distributed.crashes)
         checkpoint-%08d/              a checkpoint; the number is its step
             meta.json                 step, run id, world size, sampler, time, config, format
             train.pt                  rank 0: encoders, optimiser, schedule, replicas, ...
@@ -28,6 +29,7 @@ from service.errors import CheckpointError
 
 RUN_FILE = "run.json"
 LEASE_FILE = "lease.json"  # the live job's lease on the run (service.lease)
+CRASHES_FILE = "crashes.json"  # the notes of workers that died (workers.distributed.crashes)
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train
 CHECKPOINT_META = "meta.json"
 TRAIN_FILE = "train.pt"

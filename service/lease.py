@@ -68,6 +68,16 @@ def read_lease(run_uri: str, *, endpoint_url: str = "") -> LeaseRecord | None:
     return LeaseRecord.from_json(found[0]) if found else None
 
 
+def busy_error(run_id: str, holder: LeaseRecord | None, lease_uri: str) -> RunBusyError:
+    """The refusal of a second job for a run whose lease `holder` holds."""
+    who = holder.describe() if holder else "another job"
+    lapse = f"; it lapses {holder.ttl_s:.0f} s after the holder's last heartbeat" if holder else ""
+    return RunBusyError(
+        f"run {run_id} is being trained by {who} ({lease_uri}){lapse}. "
+        f"Stop that job first (cmacc stop {run_id}), or use another --run-id"
+    )
+
+
 class RunLease:
     """The lease of one job on one run: `acquire()`, then a heartbeat thread until
     `release()`. `on_lost` is called (from the heartbeat thread) if another job took the
@@ -124,12 +134,7 @@ class RunLease:
         self._thread.start()
 
     def _busy(self, holder: LeaseRecord | None) -> RunBusyError:
-        who = holder.describe() if holder else "another job"
-        lapse = f"; it lapses {holder.ttl_s:.0f} s after the holder's last heartbeat" if holder else ""
-        return RunBusyError(
-            f"run {self.run_id} is being trained by {who} ({self.uri}){lapse}. "
-            f"Stop that job first (cmacc stop {self.run_id}), or use another --run-id"
-        )
+        return busy_error(self.run_id, holder, self.uri)
 
     def _beat(self) -> None:
         interval = self.record.ttl_s / 4

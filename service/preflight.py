@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from service import catalog, layout
+from service import catalog, layout, storage
 from service.config import Config
 from service.errors import Failure, RunExistsError, UsageError
+from service.lease import busy_error
 
 # Environment variables a job and its workers take along: object-store endpoint and region,
 # never credentials (the cluster's nodes use their own).
@@ -42,8 +43,12 @@ def check_start(
 
     A run id with a checkpoint needs `--resume` (RunExistsError: nothing is touched);
     `--resume` needs something to continue, unless the caller knows of one elsewhere
-    (`may_be_new`, for example an earlier job of the run on the cluster).
+    (`may_be_new`, for example an earlier job of the run on the cluster). A run whose lease
+    a live job holds is refused first (RunBusyError naming the holder), wherever that job
+    runs: `cmacc submit` says so before submitting, not in the job's log.
     """
+    if entry is not None and entry.lease is not None and entry.lease.live():
+        raise busy_error(run_id, entry.lease, storage.join(entry.uri, layout.LEASE_FILE))
     newest = entry.newest_checkpoint if entry is not None else None
     if newest is not None and not resume:
         raise RunExistsError(

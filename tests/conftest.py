@@ -128,7 +128,7 @@ def free_ports():
 @pytest.fixture
 def fault_proxy(s3_endpoint: str):
     """A factory of fault-injecting TCP proxies in front of the S3 endpoint
-    (`tests/faultproxy.py`): `fault_proxy(mode=..., window_s=..., trigger=b"...")`."""
+    (`tests/faultproxy.py`): `fault_proxy(mode=..., window_s=..., trigger=b"...")` or `schedule=[(trigger, mode), ...]`."""
     import importlib.util
     from urllib.parse import urlparse
 

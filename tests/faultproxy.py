@@ -4,11 +4,13 @@ every request on it.
 
 The window opens when a request carrying `trigger` (bytes, e.g. a checkpoint's folder name
 in a PUT's request line) passes, or when `open_window()` is called, and lasts `window_s`.
-`faulted` counts the connections and requests it broke.
+`schedule`, a list of (trigger, mode), opens one window per entry in turn, each in its own
+mode. `faulted` counts the connections and requests it broke, `faulted_by_mode` per mode.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import struct
@@ -20,14 +22,23 @@ Mode = Literal["reset", "drop", "stall"]
 
 
 class FaultProxy:
-    def __init__(self, target: tuple[str, int], *, mode: Mode = "reset", window_s: float = 5.0, trigger: bytes = b""):
+    def __init__(
+        self,
+        target: tuple[str, int],
+        *,
+        mode: Mode = "reset",
+        window_s: float = 5.0,
+        trigger: bytes = b"",
+        schedule: list[tuple[bytes, Mode]] | None = None,
+    ):
         self.target = target
         self.mode = mode
         self.window_s = window_s
-        self.trigger = trigger
+        self._schedule = list(schedule or ([(trigger, mode)] if trigger else []))
         self.window_until = 0.0
         self.windows_opened = 0
         self.faulted = 0
+        self.faulted_by_mode: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -62,13 +73,18 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _check(self, chunk: bytes) -> None:
-        if self.trigger and self.trigger in chunk and not self.windows_opened:
-            self.open_window()
+        with self._lock:
+            if not self._schedule or self._schedule[0][0] not in chunk or self.in_window():
+                return
+            _, self.mode = self._schedule.pop(0)
+            self.window_until = time.monotonic() + self.window_s
+            self.windows_opened += 1
 
     def _break(self, client: socket.socket, upstream: socket.socket | None) -> None:
         """Break a connection the way the mode says."""
         with self._lock:
             self.faulted += 1
+            self.faulted_by_mode[self.mode] += 1
         if self.mode == "stall":
             while self.in_window() and not self._closed.is_set():
                 time.sleep(0.05)

@@ -202,6 +202,51 @@ def test_crash_looping_actor_fails_the_run_after_the_restart_cap(ray_session, bu
     assert run_json["state"] == "failed" and "max_actor_restarts" in run_json["error"]
 
 
+def test_a_clip_that_kills_its_worker_twice_ends_the_run_naming_it_and_can_be_excluded(
+    ray_session, bucket, monkeypatch
+):
+    """A clip whose decoding aborts the process (as a segfaulting decoder would) kills rank 0
+    in the first attempt and again, at the same clip, in the retry from the checkpoint. The
+    third attempt ends the run instead of retrying on: the error names the shard, the row
+    and the clip. Rerun with the clip excluded, the run continues and finishes."""
+    from service import config
+    from workers.data.synth import write_synthetic
+    from workers.distributed.loop import RunContext, build_reader
+
+    root = f"{bucket}/poison-clip"
+    dataset = f"{bucket}/data/synth-160"  # 14 batches per epoch on rank 0: the clip comes after checkpoints
+    write_synthetic(dataset, 160, seed=3, num_classes=4, frames=4, size=32, seconds=0.5)
+    steps = 16
+    cfg = config.load_recipe("demo", [*TINY, f"train.steps={steps}"])
+    context = RunContext(run_id="plan", data_uri=dataset, run_uri="", actor_name="", split="train")
+    with build_reader(cfg, context, rank=0, world_size=2) as plan:  # the reader rank 0 trains with
+        batches = [next(plan) for _ in range(13)]
+    assert batches[12]["epoch"] == 0
+    poison = batches[12]["clip_id"][1]  # decoded a few steps before step 13, after checkpoints 2, 4, 6
+    monkeypatch.setenv("CMACC_FAULT_CRASH_CLIP", poison)
+    outcome = pretrain_here(*args("poison-clip", root, dataset, steps))
+    assert outcome["state"] == "failed", outcome
+    assert (
+        "rank 0 died twice (Fatal Python error: Aborted) while its reader was decoding the same clip"
+        in outcome["error"]
+    ), outcome["error"]
+    assert "row " in outcome["error"] and f"(clip {poison})" in outcome["error"]
+    print(outcome["error"])
+    crashes = json.loads(storage.read_bytes(storage.join(root, "poison-clip", "crashes.json")))["crashes"]
+    assert len(crashes) == 2, crashes
+    records = read_metrics(storage.join(root, "poison-clip"))
+    starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
+    # The retry resumes from the newest checkpoint Ray Train registered before the crash (under
+    # load that may still be none) and replays the same clips up to the same one.
+    assert len(starts) == 2, f"attempts started at {starts}"
+    print(f"attempts started at steps {starts}; crashes at steps {[c['notes'][0]['step'] for c in crashes]}")
+
+    monkeypatch.delenv("CMACC_FAULT_CRASH_CLIP")
+    resumed = pretrain_here(*args("poison-clip", root, dataset, steps, f"data.exclude_clips={poison}"), "--resume")
+    assert resumed["state"] == "succeeded" and resumed["step"] == steps, resumed.get("error")
+    assert resumed["metrics"]["data/skipped"] >= 1
+
+
 def assert_registered_checkpoints_are_whole(root: str, run_id: str, world_size: int = 2) -> list[int]:
     """Every checkpoint Ray Train registered holds every file a resume or an evaluation
     reads; the steps of those checkpoints."""
@@ -217,14 +262,18 @@ def assert_registered_checkpoints_are_whole(root: str, run_id: str, world_size: 
     return [c.step for c in registered]
 
 
-def test_a_storage_outage_during_a_checkpoint_upload_is_retried_through(ray_session, bucket, dataset, fault_proxy):
-    """Storage goes away for 4 s (every connection reset, by a TCP proxy in front of the S3
-    endpoint) when the upload of checkpoint 4 starts. Within the retry budget (default 60 s)
-    the upload and everything else retries through it: no attempt restarts."""
+def test_storage_outages_during_checkpoint_uploads_are_retried_through(ray_session, bucket, dataset, fault_proxy):
+    """Storage goes away for 4 s when each checkpoint's upload starts (a TCP proxy in front of
+    the S3 endpoint: at checkpoint 2 every connection is reset, at 4 closed, at 6 held
+    without an answer, then closed). Within the retry budget (default 60 s) the uploads and
+    everything else retry through it: no attempt restarts."""
     root = f"{bucket}/outage"
-    proxy = fault_proxy(mode="reset", window_s=4.0, trigger=f"checkpoint-{2 * EVERY:08d}".encode())
+    modes = ["reset", "drop", "stall"]  # one outage per checkpoint upload, each of another kind
+    schedule = [(f"checkpoint-{(i + 1) * EVERY:08d}".encode(), mode) for i, mode in enumerate(modes)]
+    proxy = fault_proxy(window_s=4.0, schedule=schedule)
     outcome = pretrain_here(*args("outage-retried", root, dataset, 3 * EVERY, f"storage.endpoint_url={proxy.url}"))
-    assert proxy.windows_opened == 1 and proxy.faulted > 0, "the outage never happened"
+    assert proxy.windows_opened == 3, "an outage never happened"
+    assert all(proxy.faulted_by_mode[mode] > 0 for mode in modes), proxy.faulted_by_mode
     assert outcome["state"] == "succeeded" and outcome["step"] == 3 * EVERY, outcome.get("error")
     records = read_metrics(storage.join(root, "outage-retried"))
     starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]

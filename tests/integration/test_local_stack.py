@@ -121,7 +121,8 @@ def test_the_readme_cluster_example_works_against_the_local_stack(stack_env):
         time.sleep(1)
     took = time.monotonic() - asked
     info = state()
-    assert info["state"] == "stopped" and info["last_step"] > 0, info
+    job_log = run(logs.replace(" --follow", ""), env).stdout[-4000:]
+    assert info["state"] == "stopped" and info["last_step"] > 0, f"{json.dumps(info, indent=1)}\n{job_log}"
     assert info["newest_checkpoint"].endswith(f"checkpoint-{info['last_step']:08d}")
     print(f"stop took {took:.1f} s, at step {info['last_step']}")
     assert took < 60, f"the stop took {took:.0f} s"

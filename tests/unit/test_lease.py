@@ -118,3 +118,41 @@ def test_a_running_record_without_a_live_lease_is_recorded_as_a_lost_job(tmp_pat
     finally:
         lease.release()
     assert catalog.read_run(root, "alive").held_by == ""
+
+
+def test_a_look_between_the_jobs_last_record_and_its_release_does_not_overwrite_it(tmp_path, monkeypatch):
+    """`cmacc status` reads run.json (`running`); the job writes its final record and
+    releases its lease; the look reads the released lease. The job's record stands."""
+    root = str(tmp_path)
+    _record(root, "ending", "running")
+    lease = RunLease(storage.join(root, "ending"), run_id="ending", ttl_s=60)
+    lease.acquire()
+    real_read_lease = catalog.read_lease
+
+    def job_ends_meanwhile(run_uri, **kwargs):
+        _record(root, "ending", "stopped")
+        lease.release()
+        return real_read_lease(run_uri, **kwargs)
+
+    monkeypatch.setattr(catalog, "read_lease", job_ends_meanwhile)
+    assert catalog.read_run(root, "ending").info["state"] == "stopped"
+    monkeypatch.setattr(catalog, "read_lease", real_read_lease)
+    assert catalog.read_run(root, "ending").info["state"] == "stopped"
+
+
+def test_the_pre_run_checks_refuse_a_run_a_live_job_holds(tmp_path):
+    """`cmacc submit` and the job share `preflight.check_start`: a second job is refused
+    before it is submitted, naming the holder, not later in the job's log."""
+    from service import preflight
+
+    root = str(tmp_path)
+    storage.write_bytes(storage.join(root, "r1", layout.RUN_FILE), json.dumps({"state": "running"}).encode())
+    holder = RunLease(storage.join(root, "r1"), run_id="r1", ttl_s=60)
+    holder.acquire()
+    try:
+        with pytest.raises(RunBusyError, match=rf"run r1 is being trained by .* pid {holder.record.pid}"):
+            preflight.check_start(catalog.read_run(root, "r1"), run_id="r1", root=root, resume=True)
+    finally:
+        holder.release()
+    entry = catalog.read_run(root, "r1")
+    assert preflight.check_start(entry, run_id="r1", root=root, resume=True) == 0

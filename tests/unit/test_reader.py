@@ -417,3 +417,36 @@ def test_bounded_shuffle_is_a_permutation_that_stays_near_its_input():
     assert not np.array_equal(out, stream)
     # An element leaves the buffer on average 16 draws after it enters: nothing jumps far ahead.
     assert (out - stream < 16).all()
+
+
+def test_excluded_clips_are_skipped_and_counted_and_the_cursor_stays_exact(dataset):
+    """`exclude_clips` (the remedy for a clip that kills workers): the clips are never
+    decoded, count as skipped, and the reader still consumes their positions, so the rest of
+    the sequence is the one a reader without them hands out, minus those clips."""
+    with make_reader(dataset) as plain:
+        seen = take(plain, 4)
+    order = [clip for batch in seen for clip in batch["clip_id"]]
+    dropped = {order[3], order[10]}
+
+    class Note:  # what workers.distributed.crashes.ReadingNote is told
+        def __init__(self):
+            self.decoding: dict[int, str] = {}
+            self.begun: list[str] = []
+            self.lock = threading.Lock()
+
+        def started(self, index, shard, row, clip_id):
+            with self.lock:
+                self.decoding[index] = clip_id
+                self.begun.append(clip_id)
+
+        def finished(self, index):
+            with self.lock:
+                del self.decoding[index]
+
+    note = Note()
+    with make_reader(dataset, exclude_clips=frozenset(dropped), note=note) as reader:
+        got = [clip for batch in take(reader, 4) for clip in batch["clip_id"]]
+        assert reader.num_skipped == 2
+    assert got == [clip for clip in order if clip not in dropped] + got[-2:]
+    assert not dropped & set(note.begun), "an excluded clip was decoded"
+    assert set(got) <= set(note.begun)

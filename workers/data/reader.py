@@ -170,10 +170,12 @@ class ClipReader:
     re-partitioned across the new ranks (no clip twice, none lost, in that epoch; progress a
     rank had already made in a later epoch is replayed).
 
-    A row that cannot be decoded is skipped, counted in `num_skipped` and logged as a warning
-    naming the clip; a missing shard or one that differs from the manifest raises `DataError`
+    A row that cannot be decoded, or whose clip id is in `exclude_clips`, is skipped, counted
+    in `num_skipped` and logged as a warning naming the clip; a missing shard or one that differs from the manifest raises `DataError`
     naming the shard URI from the next `next()`. Call `close()` (or use `with`) to stop the
-    background threads.
+    background threads. `note`, when given, is told which rows are being decoded
+    (`started(index, shard_name, row_in_shard, clip_id)` and `finished(index)`), from the
+    decode threads: see `workers.distributed.crashes`.
     """
 
     def __init__(
@@ -192,6 +194,8 @@ class ClipReader:
         num_decode_threads: int = 2,
         prefetch_batches: int = 2,
         endpoint_url: str = "",
+        exclude_clips: frozenset[str] = frozenset(),
+        note: Any = None,
     ):
         for name, value, minimum in (
             ("world_size", world_size, 1),
@@ -224,6 +228,8 @@ class ClipReader:
         self.num_decode_threads = num_decode_threads
         self.prefetch_batches = prefetch_batches
         self.endpoint_url = endpoint_url
+        self.exclude_clips = frozenset(exclude_clips)
+        self.note = note
 
         self.manifest = read_manifest(uri, endpoint_url=endpoint_url)
         self.has_video = self.manifest.has_video
@@ -327,7 +333,13 @@ class ClipReader:
     def _load(self, item: _Item, cache: _ShardCache) -> _Loaded:
         try:
             table = cache.get(item.shard)  # a missing or tampered shard raises here: fatal
-            row = table.slice(item.index - int(self._offsets[item.shard]), 1).to_pylist()[0]
+            in_shard = item.index - int(self._offsets[item.shard])
+            row = table.slice(in_shard, 1).to_pylist()[0]
+            clip_id = str(row.get("clip_id"))
+            if clip_id in self.exclude_clips:
+                return _Loaded(item=item, clip=None, clip_id=clip_id, reason="excluded by data.exclude_clips")
+            if self.note is not None:
+                self.note.started(item.index, self.manifest.shards[item.shard].name, in_shard, clip_id)
             try:
                 clip = decode_row(
                     row,
@@ -338,7 +350,10 @@ class ClipReader:
                     audio=self.has_audio,
                 )
             except Exception as err:  # a bad row costs that row only, whatever went wrong in it
-                return _Loaded(item=item, clip=None, clip_id=str(row.get("clip_id")), reason=str(err))
+                return _Loaded(item=item, clip=None, clip_id=clip_id, reason=str(err))
+            finally:
+                if self.note is not None:
+                    self.note.finished(item.index)
             return _Loaded(item=item, clip=clip, clip_id=clip.clip_id)
         finally:
             cache.release(item.shard)

@@ -10,6 +10,8 @@ production; `service.preflight` passes `CMACC_FAULT_*` to the workers).
   for an hour), as a wedged actor would.
 * `CMACC_FAULT_CRASH_LOOP_ACTOR=s`: rank 0 SIGKILLs the actor before every step from s on,
   as an actor that dies whenever it works (out of memory, say) would.
+* `CMACC_FAULT_CRASH_CLIP=id`: a worker aborts (SIGABRT) whenever its reader starts decoding
+  clip `id`, as a decoder that crashes on one row would; every attempt meets it again.
 
 Kill hooks fire once per run: a marker file in `CMACC_FAULT_MARKER_DIR` remembers them.
 """
@@ -22,9 +24,11 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from service.errors import ActorError
 from workers.actor import DictionaryClient
+from workers.distributed.crashes import ReadingNote
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -35,6 +39,7 @@ class Faults:
     kill_actor_step: int = -1
     hang_actor_step: int = -1
     crash_loop_actor_step: int = -1
+    crash_clip: str = ""
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -46,7 +51,23 @@ class Faults:
             kill_actor_step=int(os.environ.get("CMACC_FAULT_KILL_ACTOR", "-1")),
             hang_actor_step=int(os.environ.get("CMACC_FAULT_HANG_ACTOR", "-1")),
             crash_loop_actor_step=int(os.environ.get("CMACC_FAULT_CRASH_LOOP_ACTOR", "-1")),
+            crash_clip=os.environ.get("CMACC_FAULT_CRASH_CLIP", ""),
         )
+
+    def reader_note(self, note: ReadingNote) -> Any:
+        """What the reader reports its rows to: `note`, or with `crash_clip` set, `note` in a
+        wrapper that aborts the process once the note holds that clip."""
+        return _CrashOnClip(note, self.crash_clip) if self.crash_clip else note
+        crash_clip = self.crash_clip
+
+        class Crashing(type(note)):  # type: ignore[misc]
+            def started(self, index: int, shard: str, row: int, clip_id: str) -> None:
+                super().started(index, shard, row, clip_id)
+                if clip_id == crash_clip:
+                    os.abort()
+
+        note.__class__ = Crashing
+        return note
 
     def before_step(self, step: int, rank: int, client: DictionaryClient | None) -> None:
         """Kill this worker or the actor when a hook says so for this step."""
@@ -65,6 +86,20 @@ class Faults:
             _fire_once(f"crash-loop-actor-{step}")  # marks that the hook fired
             with contextlib.suppress(ActorError):  # dead for good: the loop ends the run at its next call
                 os.kill(client.status().pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class _CrashOnClip:
+    note: ReadingNote
+    clip_id: str
+
+    def started(self, index: int, shard: str, row: int, clip_id: str) -> None:
+        self.note.started(index, shard, row, clip_id)
+        if clip_id == self.clip_id:
+            os.abort()
+
+    def finished(self, index: int) -> None:
+        self.note.finished(index)
 
 
 def _fire_once(name: str) -> bool:

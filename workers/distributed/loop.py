@@ -31,6 +31,7 @@ from workers.data.transforms import Transforms, build_transforms, step_generator
 from workers.diagnostics import step_statistics
 from workers.distributed import collectives
 from workers.distributed.checkpoint import load_checkpoint, save_checkpoint
+from workers.distributed.crashes import ReadingNote, collect_notes, record_crash, repeated_crash
 from workers.distributed.faults import Faults
 from workers.distributed.replicas import DeltaSchedule, Replicas, build_replicas
 from workers.metrics import MetricsLog, NullMetricsLog
@@ -71,9 +72,12 @@ class Worker:
     schedule: DeltaSchedule | None
     log: NullMetricsLog
     faults: Faults
+    note: ReadingNote  # where this rank is reading, left behind if the process dies
+    repeated_crash: str = ""  # the previous two attempts died at the same place: the run ends
 
     def close(self) -> None:
         self.reader.close()
+        self.note.close()
         self.log.close()
 
 
@@ -84,7 +88,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = config_module.from_dict(loop_config["config"])
     worker = build_worker(cfg, RunContext(**loop_config["run"]))
     try:
+        if worker.repeated_crash:
+            return _failed(worker.state.step, {}, worker.repeated_crash)
         return run_steps(worker)
+    except BaseException as err:
+        worker.note.raised(err)
+        raise
     finally:
         worker.close()
 
@@ -100,7 +109,7 @@ def build_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def build_reader(cfg: Config, run: RunContext, *, rank: int, world_size: int) -> ClipReader:
+def build_reader(cfg: Config, run: RunContext, *, rank: int, world_size: int, note: Any = None) -> ClipReader:
     return ClipReader(
         uri=run.data_uri,
         rank=rank,
@@ -115,6 +124,8 @@ def build_reader(cfg: Config, run: RunContext, *, rank: int, world_size: int) ->
         num_decode_threads=cfg.data.num_decode_threads,
         prefetch_batches=cfg.data.prefetch_batches,
         endpoint_url=run.endpoint_url,
+        exclude_clips=frozenset(clip for clip in cfg.data.exclude_clips.split(",") if clip.strip()),
+        note=note,
     )
 
 
@@ -128,45 +139,71 @@ def build_worker(cfg: Config, run: RunContext) -> Worker:
     storage.set_retry_budget(cfg.storage.retry_budget_s)
     device = build_device(cfg)
     torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))
-    reader = build_reader(cfg, run, rank=rank, world_size=world_size)
-    state = build_train_state(cfg, device=device)
-    replicas = build_replicas(cfg, device=device)
-    schedule = None
-    if rank == 0:
-        client = DictionaryClient.connect(run.actor_name, timeout_s=cfg.resources.actor_timeout_s)
-        schedule = DeltaSchedule(
-            client=client, max_staleness=cfg.method.max_staleness, max_restarts=cfg.resources.max_actor_restarts
-        )
+    faults = Faults.from_env()
+    repeated = look_at_crashes(run, rank)  # before this rank's own note exists
+    note = ReadingNote(run.run_uri, rank)
+    try:
+        reader = build_reader(cfg, run, rank=rank, world_size=world_size, note=faults.reader_note(note))
+        state = build_train_state(cfg, device=device)
+        replicas = build_replicas(cfg, device=device)
+        schedule = None
+        if rank == 0:
+            client = DictionaryClient.connect(run.actor_name, timeout_s=cfg.resources.actor_timeout_s)
+            schedule = DeltaSchedule(
+                client=client, max_staleness=cfg.method.max_staleness, max_restarts=cfg.resources.max_actor_restarts
+            )
 
-    checkpoint = ray.train.get_checkpoint()
-    restored = load_checkpoint(checkpoint) if checkpoint is not None else None
-    if restored is not None:
-        state.load_state_dict(restored.train)
-        replicas.load_state_dict(restored.replicas)
-        reader.load_state_dict(restored.readers)
-    if schedule is not None:
-        schedule.start(
-            actor_state=restored.actor if restored else None,
-            pending_steps=restored.pending_steps if restored else [],
-            replica_version=replicas.version,
+        checkpoint = ray.train.get_checkpoint()
+        restored = load_checkpoint(checkpoint) if checkpoint is not None else None
+        if restored is not None:
+            state.load_state_dict(restored.train)
+            replicas.load_state_dict(restored.replicas)
+            reader.load_state_dict(restored.readers)
+        if schedule is not None:
+            schedule.start(
+                actor_state=restored.actor if restored else None,
+                pending_steps=restored.pending_steps if restored else [],
+                replica_version=replicas.version,
+            )
+        if world_size > 1:
+            state.query = torch.nn.parallel.DistributedDataParallel(
+                state.query, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        return Worker(
+            cfg=cfg,
+            run=run,
+            rank=rank,
+            device=device,
+            reader=reader,
+            transforms=build_transforms(cfg, device=device),
+            state=state,
+            replicas=replicas,
+            schedule=schedule,
+            log=MetricsLog(run_uri=run.run_uri, endpoint_url=run.endpoint_url) if rank == 0 else NullMetricsLog(),
+            faults=faults,
+            note=note,
+            repeated_crash=repeated,
         )
-    if world_size > 1:
-        state.query = torch.nn.parallel.DistributedDataParallel(
-            state.query, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    return Worker(
-        cfg=cfg,
-        run=run,
-        rank=rank,
-        device=device,
-        reader=reader,
-        transforms=build_transforms(cfg, device=device),
-        state=state,
-        replicas=replicas,
-        schedule=schedule,
-        log=MetricsLog(run_uri=run.run_uri, endpoint_url=run.endpoint_url) if rank == 0 else NullMetricsLog(),
-        faults=Faults.from_env(),
-    )
+    except BaseException as err:  # a Python error: Ray Train reports it; not a crash to blame on rows
+        note.raised(err)
+        note.close()
+        raise
+
+
+def look_at_crashes(run: RunContext, rank: int) -> str:
+    """Every rank collects the notes dead ranks of this run left on its node; rank 0 shows
+    them, adds them to the run's crash history and judges it. The error that ends the run
+    when the last two crashes happened at the same place, on every rank ("" otherwise)."""
+    notes = [note for found in collectives.gather_objects(collect_notes(run.run_uri)) for note in found]
+    verdict = ""
+    if rank == 0 and notes:
+        for note in notes:
+            rows = ", ".join(f"{shard} row {row} (clip {clip})" for shard, row, clip in note["rows"]) or "none"
+            say(f"cmacc: rank {note['rank']} of the previous attempt died at step {note['step']}; decoding: {rows}")
+            if note.get("fatal_report"):
+                say(note["fatal_report"])
+        verdict = repeated_crash(record_crash(run.run_uri, notes, endpoint_url=run.endpoint_url))
+    return collectives.broadcast_from_rank0(verdict)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -185,6 +222,7 @@ def run_steps(w: Worker) -> dict[str, Any]:
     stop = False
     while state.step < total and not stop:
         step = state.step
+        w.note.at_step(step)
         w.faults.before_step(step, w.rank, w.schedule.client if w.schedule else None)
         started = time.perf_counter()
         batch = w.transforms(next(batches), device=w.device, generator=step_generator(cfg.train.seed, w.rank, step))
