@@ -13,7 +13,8 @@ A storage root holds run folders and the generated data sets:
             reader-%05d.json          every rank: its reader cursor
         checkpoint_manager_snapshot.json   Ray Train's registered checkpoints
         metrics/metrics.jsonl, metrics/tensorboard/
-        eval/checkpoint-%08d.json     evaluations of checkpoints
+        eval/checkpoint-%08d.json     evaluations of checkpoints (-<data set> on another set),
+        eval/...-<modality>-<probe>.png   their confusion matrices
     <root>/datasets/synth-<hash>/     generated data sets, made once and reused
 
 docs/architecture.md describes what each file holds. Torch-free: the CLI imports it.
@@ -115,8 +116,10 @@ def metrics_uri(run: str) -> str:
     return storage.join(run, METRICS_FOLDER)
 
 
-def eval_uri(run: str, step: int) -> str:
-    return storage.join(run, EVAL_FOLDER, f"{checkpoint_name(step)}.json")
+def eval_uri(run: str, step: int, *, data: str = "") -> str:
+    """The evaluation of the checkpoint at `step`: on the run's own data set, or (`data`, a
+    tag of another data set) on another."""
+    return storage.join(run, EVAL_FOLDER, f"{checkpoint_name(step)}{'-' + data if data else ''}.json")
 
 
 def datasets_uri(root: str) -> str:

@@ -23,19 +23,61 @@ def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str, float | Non
 
 
 def format_table(evaluation: dict[str, Any]) -> str:
-    """The accuracy table: one row per modality and probe, untrained next to pretrained."""
+    """The accuracy table: the protocol, one row per modality and probe (untrained next to
+    pretrained; over folds the mean and standard deviation; top-5 with more than 5 classes),
+    then the pretrained encoders' per-class accuracy, and where the results were saved."""
     names = {"linear": "linear", "knn": f"k-NN (k={evaluation.get('knn_k', '?')})"}
     splits = evaluation["splits"]
-    lines = [
-        f"top-1 on {splits.get('test', '?')} held-out clips ({evaluation['num_classes']} classes; "
-        f"probes fit on {splits.get('train', '?')} clips), checkpoint step {evaluation['step']}:",
-        f"  {'modality':<9}{'probe':<13}{'untrained':>10}{'pretrained':>12}{'change':>9}",
-    ]
+    protocol = evaluation.get("protocol") or {"name": "split"}
+    pretrained_results = evaluation["results"]["pretrained"]
+    if protocol["name"] == "folds":
+        scored = f"{sum(splits.values())} clips, each held out once"
+    else:
+        scored = f"{splits.get('test', '?')} held-out clips (probes fit on {splits.get('train', '?')})"
+    lines = []
+    if protocol.get("description"):
+        lines.append(f"protocol: {protocol['description']}")
+    lines.append(f"top-1 on {scored}, {evaluation['num_classes']} classes, checkpoint step {evaluation['step']}:")
+    with_top5 = any("top5" in r for per_probe in pretrained_results.values() for r in per_probe.values())
+    header = f"  {'modality':<9}{'probe':<13}{'untrained':>10}{'pretrained':>16}{'change':>9}"
+    lines.append(header + (f"{'top-5':>8}" if with_top5 else ""))
     for modality, probe, untrained, pretrained in summary_rows(evaluation):
+        result = pretrained_results[modality][probe]
         base = f"{untrained:.3f}" if untrained is not None else "-"
         change = f"{pretrained - untrained:+.3f}" if untrained is not None else ""
-        lines.append(f"  {modality:<9}{names.get(probe, probe):<13}{base:>10}{pretrained:>12.3f}{change:>9}")
+        shown = f"{pretrained:.3f}" + (f" ± {result['top1_std']:.3f}" if "top1_std" in result else "")
+        line = f"  {modality:<9}{names.get(probe, probe):<13}{base:>10}{shown:>16}{change:>9}"
+        if with_top5:
+            line += f"{result['top5']:>8.3f}" if "top5" in result else f"{'-':>8}"
+        lines.append(line)
+    lines += _per_class_lines(evaluation)
+    if evaluation.get("saved"):
+        lines.append(f"saved: {evaluation['saved']} (confusion matrices beside it, as PNG)")
     return "\n".join(lines)
+
+
+def _per_class_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Accuracy (and test clips) per class of the pretrained encoders, one column per
+    modality, for the first probe evaluated."""
+    results = evaluation["results"]["pretrained"]
+    modalities = [m for m in MODALITIES if m in results]
+    if not modalities or not evaluation.get("class_names"):
+        return []
+    probe = next(iter(results[modalities[0]]))
+    if "support" not in results[modalities[0]][probe]:
+        return []  # an evaluation saved before per-class support was recorded
+    names = evaluation["class_names"]
+    width = max(8, *(len(str(name)) + 2 for name in names))
+    lines = [f"per class (pretrained, {probe} probe): accuracy (test clips)"]
+    lines.append(f"  {'class':<{width}}" + "".join(f"{m:>16}" for m in modalities))
+    for c, name in enumerate(names):
+        cells = []
+        for modality in modalities:
+            result = results[modality][probe]
+            accuracy, support = result["per_class"][c], result["support"][c]
+            cells.append(f"{'-' if support == 0 else f'{accuracy:.3f}'} ({support})")
+        lines.append(f"  {name!s:<{width}}" + "".join(f"{cell:>16}" for cell in cells))
+    return lines
 
 
 def format_summary(outcome: dict[str, Any]) -> str:

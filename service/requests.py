@@ -16,6 +16,7 @@ from service.config import Sampler
 from service.errors import UsageError
 
 PROBES = ("linear", "knn")
+EVAL_PROTOCOLS = ("auto", "split", "folds", "auto-split")  # see workers/protocols.py
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +101,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, *, default_storage: 
     )
     parser.add_argument("--data", default=None, help="labelled data set URI (default with --run: the run's data)")
     parser.add_argument("--probe", choices=PROBES, action="append", help="a probe (default: both)")
+    parser.add_argument(
+        "--protocol",
+        choices=EVAL_PROTOCOLS,
+        default="auto",
+        help="split: the set's train/test splits; folds: cross-validation over its fold1..foldK splits; "
+        "auto-split: a seeded stratified split that keeps each source file on one side; auto (default): "
+        "the first of these the set allows",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.3,
+        help="share of clips held out by the automatic split (default: 0.3)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the automatic split (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -113,7 +129,16 @@ class EvaluateRequest:
     storage: str | None = None
     data: str | None = None
     probes: tuple[str, ...] = PROBES
+    protocol: str = "auto"
+    test_fraction: float = 0.3
+    seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in EVAL_PROTOCOLS:
+            raise UsageError(f"--protocol {self.protocol!r}: choose from {', '.join(EVAL_PROTOCOLS)}")
+        if not 0 < self.test_fraction < 1:
+            raise UsageError(f"--test-fraction: must be between 0 and 1, got {self.test_fraction}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvaluateRequest:
@@ -123,6 +148,9 @@ class EvaluateRequest:
             storage=args.storage,
             data=args.data,
             probes=tuple(args.probe or PROBES),
+            protocol=args.protocol,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
             device=args.device,
         )
 

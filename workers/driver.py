@@ -415,7 +415,10 @@ def evaluate_run(run: Run, outcome: dict[str, Any]) -> dict[str, Any] | None:
     from workers.evaluate import evaluate_remote, save_evaluation
 
     if not run.has_test_split:
-        outcome["evaluation_note"] = f"data set {run.data_uri} has no 'test' split: evaluation skipped"
+        outcome["evaluation_note"] = (
+            f"data set {run.data_uri} has no 'test' split: evaluation skipped (`cmacc eval --run {run.run_id}` "
+            "evaluates it by cross-validation over fold splits or on an automatic split)"
+        )
         print(f"cmacc: {outcome['evaluation_note']}", flush=True)
         return None
     checkpoint = storage.join(run.run_uri, layout.checkpoint_name(outcome["step"]))

@@ -12,7 +12,9 @@ transforms (centre crop, no jitter). Deterministic: same checkpoint and data, sa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,9 @@ from service.requests import PROBES, EvaluateRequest
 from workers.data.reader import ClipReader
 from workers.data.transforms import build_transforms
 from workers.models import AudioVisualEncoder, build_encoders
-from workers.probe import MODALITIES, evaluate_features, extract_features
+from workers.probe import MODALITIES, combine, evaluate_features, extract_features
+from workers.protocols import choose as choose_protocol
+from workers.protocols import read_clip_table
 from workers.tensors import load_tensors
 
 EVAL_BATCH = 64
@@ -56,14 +60,19 @@ def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress:
 
     checkpoint, data = resolve(request, endpoint_url=endpoint_url)
     with tqdm(unit="clip", desc="features", file=sys.stderr, disable=None if show_progress else True) as bar:
-        return evaluate_checkpoint(
+        evaluation = evaluate_checkpoint(
             checkpoint,
             data_uri=data,
             probes=request.probes,
+            protocol=request.protocol,
+            test_fraction=request.test_fraction,
+            seed=request.seed,
             device=request.device,
             endpoint_url=endpoint_url,
             progress=bar.update,
         )
+    evaluation["saved"] = save_beside_checkpoint(evaluation, endpoint_url=endpoint_url)
+    return evaluation
 
 
 def evaluate_remote(cfg: Config, *, checkpoint: str, data: str) -> dict[str, Any]:
@@ -85,10 +94,87 @@ def evaluate_remote(cfg: Config, *, checkpoint: str, data: str) -> dict[str, Any
 
 
 def save_evaluation(run_uri: str, evaluation: dict[str, Any], *, endpoint_url: str = "") -> str:
-    """Store it as `<run>/eval/checkpoint-%08d.json`; returns the URI."""
-    uri = layout.eval_uri(run_uri, evaluation["step"])
+    """Store it as `<run>/eval/checkpoint-%08d[-<data set>].json` (the suffix when the data
+    set is not the one the run trained on), with a confusion-matrix PNG per modality and
+    probe of the pretrained encoders beside it (`...-<modality>-<probe>.png`); returns the
+    JSON's URI."""
+    uri = layout.eval_uri(run_uri, evaluation["step"], data=_data_tag(run_uri, evaluation, endpoint_url))
+    stem = uri.removesuffix(".json")
+    for modality, per_probe in evaluation["results"]["pretrained"].items():
+        for probe, result in per_probe.items():
+            title = (
+                f"{evaluation.get('run_id') or 'checkpoint'} step {evaluation['step']}: {modality}, {probe} probe, "
+                f"{evaluation['protocol']['name']}; top-1 {result['top1']:.3f}"
+            )
+            png = confusion_png(result["confusion"], evaluation["class_names"], title)
+            storage.write_bytes(f"{stem}-{modality}-{probe}.png", png, endpoint_url=endpoint_url)
     storage.write_bytes(uri, json.dumps(evaluation, indent=2).encode(), endpoint_url=endpoint_url)
     return uri
+
+
+def _data_tag(run_uri: str, evaluation: dict[str, Any], endpoint_url: str) -> str:
+    """ "" for the data set the run trained on (or when unknown), else a short tag of the other."""
+    record = storage.join(run_uri, layout.RUN_FILE)
+    trained_on = ""
+    if storage.exists(record, endpoint_url=endpoint_url):
+        trained_on = json.loads(storage.read_bytes(record, endpoint_url=endpoint_url)).get("data", "")
+    data = evaluation["data"]
+    if not trained_on or storage.absolute(data).rstrip("/") == storage.absolute(trained_on).rstrip("/"):
+        return ""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", data.rstrip("/").rsplit("/", 1)[-1])[:40]
+    return f"{name}-{hashlib.sha256(data.encode()).hexdigest()[:8]}"
+
+
+def save_beside_checkpoint(evaluation: dict[str, Any], *, endpoint_url: str = "") -> str:
+    """`cmacc eval`: save the evaluation in the `eval/` folder of the run the checkpoint
+    belongs to (the folder above it holds a run.json); "" for a checkpoint outside a run
+    folder, or when the run folder cannot be written (the result is printed either way)."""
+    run_uri = evaluation["checkpoint"].rstrip("/").rsplit("/", 1)[0]
+    if "/" not in evaluation["checkpoint"].rstrip("/"):
+        return ""
+    try:
+        if not storage.exists(storage.join(run_uri, layout.RUN_FILE), endpoint_url=endpoint_url):
+            return ""
+        return save_evaluation(run_uri, evaluation, endpoint_url=endpoint_url)
+    except OSError as err:
+        print(f"cmacc: warning: could not save the evaluation in {run_uri}: {err}", file=sys.stderr)
+        return ""
+
+
+def confusion_png(confusion: list[list[int]], class_names: list[str], title: str) -> bytes:
+    """The confusion matrix as a PNG: rows true class, columns predicted, each row shaded by
+    its share of the row (so classes of any size compare), counts written in the cells."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=np.int64)
+    n = counts.shape[0]
+    names = [str(name) for name in class_names][:n] + [str(c) for c in range(len(class_names), n)]
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.35 * n, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    if n <= 30:
+        for t in range(n):
+            for p in range(n):
+                if counts[t, p]:
+                    colour = "white" if shares[t, p] > 0.5 else "black"
+                    ax.text(p, t, str(counts[t, p]), ha="center", va="center", fontsize=7, color=colour)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def checkpoint_config(checkpoint_uri: str, *, endpoint_url: str = "") -> tuple[Config, dict[str, Any]]:
@@ -129,10 +215,9 @@ def untrained_encoders(cfg: Config) -> AudioVisualEncoder:
     return build_encoders(cfg.model)
 
 
-def _batches(
-    cfg: Config, data_uri: str, split: str, *, device: torch.device, endpoint_url: str
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches covering every clip of `split` exactly once."""
+def _batches(cfg: Config, data_uri: str, *, device: torch.device, endpoint_url: str) -> Iterator[dict[str, Any]]:
+    """Batches covering every clip of the set exactly once; `video` or `audio` is None when
+    the set lacks that modality."""
     reader = ClipReader(
         uri=data_uri,
         rank=0,
@@ -142,14 +227,13 @@ def _batches(
         frames=cfg.model.video.frames,
         seconds=cfg.data.clip_seconds,
         sample_rate=cfg.data.sample_rate,
-        split=split,
         shuffle_buffer=1,
         num_decode_threads=cfg.data.num_decode_threads,
         endpoint_url=endpoint_url,
     )
     transforms = build_transforms(cfg, device=device, train=False)
 
-    def generate() -> Iterator[dict[str, torch.Tensor]]:
+    def generate() -> Iterator[dict[str, Any]]:
         seen = torch.zeros(reader.manifest.num_clips, dtype=torch.bool)
         remaining = reader.num_clips
         with reader:
@@ -162,8 +246,8 @@ def _batches(
                     continue
                 with torch.no_grad():
                     yield {
-                        "video": transforms.video(raw["frames"][fresh].to(device)),
-                        "audio": transforms.audio(raw["audio"][fresh].to(device)),
+                        "video": None if raw["frames"] is None else transforms.video(raw["frames"][fresh].to(device)),
+                        "audio": None if raw["audio"] is None else transforms.audio(raw["audio"][fresh].to(device)),
                         "label": raw["label"][fresh],
                         "index": raw["index"][fresh],
                     }
@@ -175,14 +259,14 @@ def features_of(
     models: dict[str, AudioVisualEncoder],
     cfg: Config,
     data_uri: str,
-    split: str,
     *,
     device: torch.device,
     endpoint_url: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{model name: extract_features output} over every clip of `split`, in clip order."""
-    batches = _batches(cfg, data_uri, split, device=device, endpoint_url=endpoint_url)
+    """{model name: extract_features output} over every clip of the set, in manifest order
+    (row i is clip index i)."""
+    batches = _batches(cfg, data_uri, device=device, endpoint_url=endpoint_url)
     parts: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in models}
     order = []
     for batch in batches:
@@ -193,7 +277,7 @@ def features_of(
             progress(int(batch["index"].shape[0]))
     permutation = torch.argsort(torch.cat(order))
     return {
-        name: {key: torch.cat([p[key] for p in chunks])[permutation] for key in (*MODALITIES, "label")}
+        name: {key: torch.cat([p[key] for p in chunks])[permutation] for key in chunks[0]}
         for name, chunks in parts.items()
     }
 
@@ -203,23 +287,34 @@ def evaluate_checkpoint(
     *,
     data_uri: str,
     probes: tuple[str, ...] = PROBES,
-    train_split: str = "train",
-    test_split: str = "test",
+    protocol: str = "auto",
+    test_fraction: float = 0.3,
+    seed: int = 0,
     baseline: bool = True,
     device: str = "cpu",
     endpoint_url: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Probe accuracies of a checkpoint's encoders (and of the untrained ones) on `data_uri`.
+    """Probe accuracies of a checkpoint's encoders (and of the untrained ones) on `data_uri`,
+    under the set's evaluation protocol (`workers.protocols`), for each modality the set has.
 
-    Returns a JSON-ready dict: `checkpoint`, `step`, `data`, `splits` (clip counts),
-    `num_classes`, `results[model][modality][probe]` (`top1`, `per_class`, `confusion`) with
-    model in {"pretrained", "untrained"}, and `seconds`.
+    Returns a JSON-ready dict: `checkpoint`, `step`, `data`, `protocol` (name, description,
+    folds), `splits` (clip counts), `num_classes`, `class_names`, `modalities`,
+    `results[model][modality][probe]` (`top1`, `top5` with more than 5 classes, `per_class`,
+    `support`, `confusion`; over folds also `top1_std` and each fold's figures) with model in
+    {"pretrained", "untrained"}, and `seconds`.
     """
     started = time.perf_counter()
     unknown = sorted(set(probes) - set(PROBES))
     if unknown:
         raise UsageError(f"probe {unknown[0]!r}: choose from {', '.join(PROBES)}")
+    try:
+        table = read_clip_table(data_uri, endpoint_url=endpoint_url)
+        chosen = choose_protocol(table, protocol, test_fraction=test_fraction, seed=seed)
+    except DataError as err:
+        raise DataError(f"evaluation data {data_uri}: {err}") from None
+    if any(len(fold.train) == 0 or len(fold.test) == 0 for fold in chosen.folds):
+        raise DataError(f"evaluation data {data_uri}: {chosen.description}: a side of the split is empty")
     cfg, meta = checkpoint_config(checkpoint_uri, endpoint_url=endpoint_url)
     models = {"pretrained": load_query_encoders(checkpoint_uri, cfg, endpoint_url=endpoint_url)}
     if baseline:
@@ -227,38 +322,46 @@ def evaluate_checkpoint(
     torch_device = torch.device(device)
     for model in models.values():
         model.to(torch_device)
-    features = {}
-    for split in (train_split, test_split):
-        try:
-            features[split] = features_of(
-                models, cfg, data_uri, split, device=torch_device, endpoint_url=endpoint_url, progress=progress
+    try:
+        features = features_of(models, cfg, data_uri, device=torch_device, endpoint_url=endpoint_url, progress=progress)
+    except DataError as err:
+        raise DataError(f"evaluation data {data_uri}: {err}") from None
+    labelled = table.label[table.label >= 0]
+    num_classes = max(len(table.label_names), int(labelled.max()) + 1)
+    fold_names = [fold.name for fold in chosen.folds]
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, feats in features.items():
+        per_fold = []
+        for fold in chosen.folds:
+            train, test = torch.as_tensor(fold.train), torch.as_tensor(fold.test)
+            per_fold.append(
+                evaluate_features(
+                    {key: value[train] for key, value in feats.items()},
+                    {key: value[test] for key, value in feats.items()},
+                    num_classes=num_classes,
+                    cfg=cfg.eval,
+                    probes=probes,
+                )
             )
-        except DataError as err:
-            raise DataError(f"evaluation data {data_uri}, split {split!r}: {err}") from None
-    labels = torch.cat([features[split]["pretrained"]["label"] for split in features])
-    if (labels < 0).any():
-        raise DataError(f"evaluation data {data_uri} has unlabelled clips; the probes need a label for every clip")
-    num_classes = int(labels.max()) + 1
-    results = {
-        name: {
-            modality: {probe: result.to_dict() for probe, result in per_probe.items()}
-            for modality, per_probe in evaluate_features(
-                features[train_split][name],
-                features[test_split][name],
-                num_classes=num_classes,
-                cfg=cfg.eval,
-                probes=probes,
-            ).items()
+        results[name] = {
+            modality: {probe: combine([f[modality][probe] for f in per_fold], fold_names) for probe in per_probe}
+            for modality, per_probe in per_fold[0].items()
         }
-        for name in models
-    }
+    single = len(chosen.folds) == 1
     return {
         "checkpoint": checkpoint_uri,
         "step": int(meta.get("step", -1)),
         "run_id": meta.get("run_id", ""),
         "data": data_uri,
-        "splits": {split: int(features[split]["pretrained"]["label"].shape[0]) for split in features},
+        "protocol": chosen.to_dict(),
+        "splits": (
+            {"train": len(chosen.folds[0].train), "test": len(chosen.folds[0].test)}
+            if single
+            else {fold.name: len(fold.test) for fold in chosen.folds}
+        ),
         "num_classes": num_classes,
+        "class_names": table.label_names or [str(c) for c in range(num_classes)],
+        "modalities": [m for m in MODALITIES if m in next(iter(features.values()))],
         "knn_k": cfg.eval.knn_k,
         "results": results,
         "seconds": round(time.perf_counter() - started, 2),

@@ -27,28 +27,72 @@ KNN_TEMPERATURE = 0.07  # similarity weights exp(sim / 0.07), as in InstDisc and
 class ProbeResult:
     """Accuracies are fractions in [0, 1]; `per_class[c]` is NaN when class c has no test clip.
 
-    `confusion[t, p]` counts test clips of true class t predicted as p.
+    `confusion[t, p]` counts test clips of true class t predicted as p; `support[c]` is the
+    number of test clips of class c. `top5` (the true class among the five best scored) is
+    None with 5 classes or fewer, where it says nothing.
     """
 
     top1: float
     per_class: list[float]
     confusion: Tensor  # num_classes x num_classes, int64
+    top5: float | None = None
+
+    @property
+    def support(self) -> list[int]:
+        return self.confusion.sum(dim=1).tolist()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"top1": self.top1, "per_class": self.per_class, "confusion": self.confusion.tolist()}
+        out: dict[str, Any] = {"top1": self.top1}
+        if self.top5 is not None:
+            out["top5"] = self.top5
+        out.update(per_class=self.per_class, support=self.support, confusion=self.confusion.tolist())
+        return out
 
 
-def score(predictions: Tensor, labels: Tensor, *, num_classes: int) -> ProbeResult:
-    """Top-1, per-class accuracy and confusion matrix of predictions [n] against labels [n]."""
+def score(predictions: Tensor, labels: Tensor, *, num_classes: int, scores: Tensor | None = None) -> ProbeResult:
+    """Top-1, per-class accuracy and confusion matrix of predictions [n] against labels [n];
+    with the class scores [n, num_classes] and more than 5 classes, top-5 as well."""
     confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
     confusion = confusion.view(num_classes, num_classes)
     support = confusion.sum(dim=1)  # num_classes
     per_class = torch.where(support > 0, confusion.diag() / support.clamp_min(1), float("nan"))
+    top5 = None
+    if scores is not None and num_classes > 5:
+        best = scores.topk(5, dim=1).indices  # n x 5
+        top5 = float((best == labels[:, None]).any(dim=1).float().mean())
     return ProbeResult(
         top1=float((predictions == labels).float().mean()),
         per_class=per_class.tolist(),
         confusion=confusion,
+        top5=top5,
     )
+
+
+def combine(results: list[ProbeResult], fold_names: list[str]) -> dict[str, Any]:
+    """One probe over the folds of a protocol, JSON-ready: top-1 (and top-5) as the mean over
+    folds with their standard deviation, the confusion matrix summed over folds (each clip is
+    held out once, so it sums to the clips scored) with per-class accuracy from it, and each
+    fold's own figures. A single fold gives that fold's result."""
+    if len(results) == 1:
+        return results[0].to_dict()
+    confusion = torch.stack([r.confusion for r in results]).sum(dim=0)
+    support = confusion.sum(dim=1)
+    per_class = torch.where(support > 0, confusion.diag() / support.clamp_min(1), float("nan"))
+    top1 = torch.tensor([r.top1 for r in results], dtype=torch.float64)
+    out: dict[str, Any] = {"top1": float(top1.mean()), "top1_std": float(top1.std(unbiased=False))}
+    if all(r.top5 is not None for r in results):
+        top5 = torch.tensor([r.top5 for r in results], dtype=torch.float64)
+        out.update(top5=float(top5.mean()), top5_std=float(top5.std(unbiased=False)))
+    out.update(
+        per_class=per_class.tolist(),
+        support=support.tolist(),
+        confusion=confusion.tolist(),
+        folds=[
+            {"name": name, **{k: v for k, v in r.to_dict().items() if k in ("top1", "top5")}}
+            for name, r in zip(fold_names, results, strict=True)
+        ],
+    )
+    return out
 
 
 @torch.no_grad()
@@ -61,21 +105,23 @@ def extract_features(
 ) -> dict[str, Tensor]:
     """Frozen features of a labelled clip set: {"video": [n, F], "audio": [n, F], "label": [n]}.
 
-    Batches hold `video`, `audio` and `label` as in training. `head=False` gives the pooled
+    Batches hold `video`, `audio` and `label` as in training; a modality that is None in the
+    batches (an audio-only or video-only set) is left out. `head=False` gives the pooled
     backbone output (F = 512 x width), `head=True` the L2-normalised head output (F = d).
     Returned on the CPU in float32; the model is in eval mode meanwhile and restored after.
     """
     was_training = model.training
     model.eval()
-    parts: dict[str, list[Tensor]] = {name: [] for name in (*MODALITIES, "label")}
+    parts: dict[str, list[Tensor]] = {}
     try:
         for batch in batches:
-            for name in MODALITIES:
+            for name in (m for m in MODALITIES if batch.get(m) is not None):
+                parts.setdefault(name, [])
                 encoder = getattr(model, name)
                 x = batch[name].to(device)
                 z = encoder(x) if head else encoder.features(x)
                 parts[name].append(z.float().cpu())
-            parts["label"].append(batch["label"].cpu().long())
+            parts.setdefault("label", []).append(batch["label"].cpu().long())
     finally:
         model.train(was_training)
     return {name: torch.cat(values) for name, values in parts.items()}
@@ -114,8 +160,8 @@ def linear_probe(
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        predictions = (x_test @ weight.T + bias).argmax(dim=1)
-    return score(predictions, test_labels, num_classes=num_classes)
+        logits = x_test @ weight.T + bias
+    return score(logits.argmax(dim=1), test_labels, num_classes=num_classes, scores=logits)
 
 
 def knn_probe(
@@ -134,14 +180,15 @@ def knn_probe(
     train = F.normalize(train_features.float(), dim=1)  # n_train x F
     test = F.normalize(test_features.float(), dim=1)  # n_test x F
     k = min(k, train.shape[0])
-    predictions = []
+    all_votes = []
     for start in range(0, test.shape[0], chunk):  # chunks bound the n_test x n_train memory
         similarity = test[start : start + chunk] @ train.T  # c x n_train
         top_sim, top_rows = similarity.topk(k, dim=1)  # c x k
         votes = torch.zeros(top_sim.shape[0], num_classes)
         votes.scatter_add_(1, train_labels[top_rows], torch.exp(top_sim / temperature))
-        predictions.append(votes.argmax(dim=1))
-    return score(torch.cat(predictions), test_labels, num_classes=num_classes)
+        all_votes.append(votes)
+    votes = torch.cat(all_votes)
+    return score(votes.argmax(dim=1), test_labels, num_classes=num_classes, scores=votes)
 
 
 def evaluate_features(
@@ -152,12 +199,11 @@ def evaluate_features(
     cfg: EvalConfig,
     probes: tuple[str, ...] = ("linear", "knn"),
 ) -> dict[str, dict[str, ProbeResult]]:
-    """`probes` on both modalities: {"video": {"linear": ..., "knn": ...}, "audio": ...}.
-
-    `train` and `test` are `extract_features` outputs.
+    """`probes` on each modality the features have: {"video": {"linear": ..., "knn": ...},
+    "audio": ...}. `train` and `test` are `extract_features` outputs.
     """
     results: dict[str, dict[str, ProbeResult]] = {}
-    for name in MODALITIES:
+    for name in (m for m in MODALITIES if m in train):
         args = (train[name], train["label"], test[name], test["label"])
         results[name] = {}
         if "linear" in probes:
