@@ -58,7 +58,6 @@ class ReadingNote:
     def __init__(self, run_uri: str, rank: int):
         self.rank = rank
         folder = note_dir(run_uri)
-        folder.mkdir(parents=True, exist_ok=True)
         stem = f"rank{rank:05d}-pid{os.getpid()}"
         self.path = folder / f"{stem}.json"
         self.fatal_path = folder / f"{stem}.fatal"
@@ -67,8 +66,17 @@ class ReadingNote:
         self._step = 0
         self._raised = ""
         self._written = 0
-        self._fd = os.open(self.path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
-        self._fatal = open(self.fatal_path, "w")  # noqa: SIM115 - faulthandler writes to it until close()
+        self._fd = -1
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+            self._fatal = open(self.fatal_path, "w")  # noqa: SIM115 - faulthandler writes to it until close()
+        except OSError as err:  # no local disk to write on: train on, without crash notes
+            print(f"cmacc: warning: no crash notes for rank {rank} ({err})", file=sys.stderr, flush=True)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            return
         self._had_faulthandler = faulthandler.is_enabled()
         faulthandler.enable(file=self._fatal, all_threads=True)
         self._write()
@@ -89,6 +97,8 @@ class ReadingNote:
             self._write()
 
     def _write(self) -> None:
+        if self._fd < 0:
+            return
         record = {
             "rank": self.rank,
             "pid": os.getpid(),
