@@ -256,6 +256,7 @@ def write_run_record(
         "created": previous.get("created", now),
         "updated": now,
         "eval": previous.get("eval"),
+        "finetune": previous.get("finetune"),
         "timings": dict(previous.get("timings") or {}),
         "config": config,
     }
@@ -271,3 +272,20 @@ def write_run_record(
             },
         }
     storage.write_bytes(uri, json.dumps(entry, indent=2).encode(), endpoint_url=endpoint_url)
+
+
+def note_result(run_uri: str, key: str, value: Any, *, endpoint_url: str = "", attempts: int = 5) -> None:
+    """Set `key` of the run's record (`cmacc finetune` notes its result under "finetune"),
+    by compare-and-swap, so that a record the run's own job writes meanwhile is not lost."""
+    uri = storage.join(run_uri, layout.RUN_FILE)
+    for _ in range(attempts):
+        found = storage.read_with_token(uri, endpoint_url=endpoint_url)
+        if found is None:
+            raise CatalogError(f"{uri} does not exist: not a run folder")
+        record = {**_parse_json(uri, found[0]), key: value}
+        try:
+            storage.write_if(uri, json.dumps(record, indent=2).encode(), token=found[1], endpoint_url=endpoint_url)
+            return
+        except storage.PreconditionFailed:
+            continue
+    raise CatalogError(f"{uri} kept changing: could not note {key}")

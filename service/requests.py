@@ -9,6 +9,7 @@ jobs.evaluate` build an `EvaluateRequest`. Torch-free: the CLI imports it.
 from __future__ import annotations
 
 import argparse
+import math
 import typing
 from dataclasses import dataclass
 
@@ -221,5 +222,95 @@ class AblateRequest:
             overrides=tuple(args.overrides),
             storage=args.storage,
             ablation_id=args.ablation_id,
+            address=args.address,
+        )
+
+
+@dataclass(kw_only=True, frozen=True)
+class FinetuneSettings:
+    modality: str = "video"
+    epochs: int = 5
+    lr: float = 0.01  # SGD, momentum 0.9, cosine to 0
+    batch_size: int = 16
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("modality", self.modality in ("video", "audio"), f"choose video or audio, got {self.modality!r}"),
+            ("epochs", 1 <= self.epochs <= 1000, f"must be in [1, 1000], got {self.epochs}"),
+            ("lr", 0 < self.lr < 10 and math.isfinite(self.lr), f"must be in (0, 10), got {self.lr}"),
+            ("batch-size", 1 <= self.batch_size <= 4096, f"must be in [1, 4096], got {self.batch_size}"),
+            ("weight-decay", 0 <= self.weight_decay < 1, f"must be in [0, 1), got {self.weight_decay}"),
+        )
+        for name, ok, message in checks:
+            if not ok:
+                raise UsageError(f"--{name}: {message}")
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser, *, default_storage: str | None) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--run", dest="run_id", default=None, help="run id: its newest checkpoint")
+    which.add_argument("--checkpoint", default=None, help="checkpoint folder URI")
+    parser.add_argument(
+        "--storage", default=default_storage, help=f"storage root of --run (default: {default_storage or './runs'})"
+    )
+    parser.add_argument("--data", default=None, help="labelled data set URI (default with --run: the run's data)")
+    parser.add_argument("--modality", choices=("video", "audio"), default="video", help="encoder to fine-tune")
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training clips (default: 5)")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine to 0 (default: 0.01)")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per step (default: 16)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the classifier and the clip order")
+    parser.add_argument(
+        "--protocol", choices=EVAL_PROTOCOLS, default="auto", help="as for cmacc eval (folds: the first is held out)"
+    )
+    parser.add_argument("--test-fraction", type=float, default=0.3, help="of the automatic split (default: 0.3)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the automatic split (default: 0)")
+    parser.add_argument(
+        "--no-scratch", dest="scratch", action="store_false", help="skip the reference row trained from scratch"
+    )
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+@dataclass(kw_only=True, frozen=True)
+class FinetuneRequest:
+    """One fine-tuning: a checkpoint (or a run's newest), the labelled data, the settings."""
+
+    checkpoint: str | None = None
+    run_id: str | None = None
+    storage: str | None = None
+    data: str | None = None
+    settings: FinetuneSettings = FinetuneSettings()
+    protocol: str = "auto"
+    test_fraction: float = 0.3
+    split_seed: int = 0
+    scratch: bool = True
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.test_fraction < 1:
+            raise UsageError(f"--test-fraction: must be between 0 and 1, got {self.test_fraction}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FinetuneRequest:
+        return cls(
+            checkpoint=args.checkpoint,
+            run_id=args.run_id,
+            storage=args.storage,
+            data=args.data,
+            settings=FinetuneSettings(
+                modality=args.modality,
+                epochs=args.epochs,
+                lr=args.lr,
+                batch_size=args.batch_size,
+                weight_decay=args.weight_decay,
+                seed=args.seed,
+            ),
+            protocol=args.protocol,
+            test_fraction=args.test_fraction,
+            split_seed=args.split_seed,
+            scratch=args.scratch,
             address=args.address,
         )

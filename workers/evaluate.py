@@ -98,7 +98,7 @@ def save_evaluation(run_uri: str, evaluation: dict[str, Any], *, endpoint_url: s
     set is not the one the run trained on), with a confusion-matrix PNG per modality and
     probe of the pretrained encoders beside it (`...-<modality>-<probe>.png`); returns the
     JSON's URI."""
-    uri = layout.eval_uri(run_uri, evaluation["step"], data=_data_tag(run_uri, evaluation, endpoint_url))
+    uri = layout.eval_uri(run_uri, evaluation["step"], data=data_tag(run_uri, evaluation, endpoint_url))
     stem = uri.removesuffix(".json")
     for modality, per_probe in evaluation["results"]["pretrained"].items():
         for probe, result in per_probe.items():
@@ -112,7 +112,7 @@ def save_evaluation(run_uri: str, evaluation: dict[str, Any], *, endpoint_url: s
     return uri
 
 
-def _data_tag(run_uri: str, evaluation: dict[str, Any], endpoint_url: str) -> str:
+def data_tag(run_uri: str, evaluation: dict[str, Any], endpoint_url: str) -> str:
     """ "" for the data set the run trained on (or when unknown), else a short tag of the other."""
     record = storage.join(run_uri, layout.RUN_FILE)
     trained_on = ""

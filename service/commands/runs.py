@@ -1,4 +1,5 @@
-"""`cmacc runs|checkpoints|eval`: the run catalog, read from storage (no Ray needed)."""
+"""`cmacc runs|checkpoints|eval|finetune`: the run catalog, read from storage (no Ray needed), and
+what is measured on its checkpoints (fine-tuning runs on Ray)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 from service import catalog, layout
 from service.config import Config
-from service.requests import EvaluateRequest, add_evaluate_arguments
+from service.requests import EvaluateRequest, FinetuneRequest, add_evaluate_arguments, add_finetune_arguments
 
 DEFAULT_ROOT = Config().storage.root
 
@@ -60,6 +61,14 @@ def _eval(args: argparse.Namespace) -> int:
     return evaluate.report(evaluate.evaluate(EvaluateRequest.from_args(args)), as_json=args.json)
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from workers.finetune import finetune, format_finetune  # torch loads only now
+
+    result = finetune(FinetuneRequest.from_args(args))
+    print(json.dumps(result, indent=2) if args.json else format_finetune(result), flush=True)
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     runs = commands.add_parser("runs", help="the runs under a storage root", description="List the runs in storage.")
     runs.add_argument("--storage", default=DEFAULT_ROOT, help=f"storage root URI (default: {DEFAULT_ROOT})")
@@ -77,7 +86,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluation = commands.add_parser(
         "eval",
         help="evaluate a checkpoint: linear probe and k-NN per modality, next to untrained encoders",
-        description="Probe frozen features on a labelled data set's train split, score them on its test split.",
+        description="Probe frozen features of a labelled data set under its protocol (train/test split, "
+        "cross-validation over folds, or an automatic split), per modality it has.",
     )
     add_evaluate_arguments(evaluation, default_storage=DEFAULT_ROOT)
     evaluation.set_defaults(handler=_eval)
+
+    tuning = commands.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint's encoder end to end with a classifier, next to training from scratch",
+        description="Fine-tune the video (or audio) encoder of a checkpoint with a linear classifier on a labelled "
+        "set's training clips and report clip-level and video-level top-1 on its held-out clips, next to the same "
+        "encoder trained from scratch with the same budget. Runs as a Ray task (a GPU when there is one).",
+    )
+    add_finetune_arguments(tuning, default_storage=DEFAULT_ROOT)
+    tuning.set_defaults(handler=_finetune)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from service import config, layout, reports
+from service.errors import UsageError
 from service.requests import EvaluateRequest
 from workers.data.format import DatasetWriter
 from workers.data.synth import synth_clips
@@ -134,3 +135,25 @@ def test_a_video_only_set_with_an_official_split_scores_video_and_is_saved_with_
         png = saved.removesuffix(".json") + f"-video-{probe}.png"
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finetuning_reports_clip_and_video_level_top1_for_both_rows(tmp_path, checkpoint):
+    """Several clips per source video: the video-level score averages them. Both rows train
+    with the same budget; the result says so."""
+    from service.requests import FinetuneSettings
+    from workers.finetune import finetune_checkpoint, format_finetune
+
+    data = write_set(
+        str(tmp_path / "videos"), 48, split=lambda i: "test" if (i // 4) % 4 == 0 else "train", clips_per_source=4
+    )
+    settings = FinetuneSettings(epochs=2, batch_size=8, lr=0.05)
+    result = finetune_checkpoint(checkpoint, data_uri=data, settings=settings)
+    assert result["protocol"]["name"] == "split" and result["splits"] == {"train": 36, "test": 12}
+    for row in ("pretrained", "scratch"):
+        scores = result["results"][row]
+        assert scores["test_clips"] == 12 and scores["test_videos"] == 3
+        assert 0 <= scores["clip_top1"] <= 1 and scores["video_top1"] in (0, 1 / 3, 2 / 3, 1)
+        assert len(scores["train_loss"]) == 2 and all(loss > 0 for loss in scores["train_loss"])
+    assert "video top-1" in format_finetune(result)
+    with pytest.raises(UsageError, match="--epochs"):
+        FinetuneSettings(epochs=0)

@@ -173,7 +173,8 @@ class ClipReader:
     A row that cannot be decoded, or whose clip id is in `exclude_clips`, is skipped, counted
     in `num_skipped` and logged as a warning naming the clip; a missing shard or one that differs from the manifest raises `DataError`
     naming the shard URI from the next `next()`. Call `close()` (or use `with`) to stop the
-    background threads. `note`, when given, is told which rows are being decoded
+    background threads. `clips`, when given, limits the reader to those clip indices
+    (manifest order; `split` is then not used). `note`, when given, is told which rows are being decoded
     (`started(index, shard_name, row_in_shard, clip_id)` and `finished(index)`), from the
     decode threads: see `workers.distributed.crashes`.
     """
@@ -196,6 +197,7 @@ class ClipReader:
         endpoint_url: str = "",
         exclude_clips: frozenset[str] = frozenset(),
         note: Any = None,
+        clips: np.ndarray | None = None,
     ):
         for name, value, minimum in (
             ("world_size", world_size, 1),
@@ -230,6 +232,7 @@ class ClipReader:
         self.endpoint_url = endpoint_url
         self.exclude_clips = frozenset(exclude_clips)
         self.note = note
+        self.clips = None if clips is None else np.unique(np.asarray(clips, dtype=np.int64))
 
         self.manifest = read_manifest(uri, endpoint_url=endpoint_url)
         self.has_video = self.manifest.has_video
@@ -246,7 +249,8 @@ class ClipReader:
         if self.num_clips < world_size:
             raise DataError(f"{where} has {self.num_clips} clips, fewer than the {world_size} ranks reading it")
         shas = "".join(s.sha256 for s in self.manifest.shards)
-        self._fingerprint = hashlib.sha256(f"{shas}|{split}".encode()).hexdigest()[:16]
+        chosen = "" if self.clips is None else "|" + hashlib.sha256(self.clips.tobytes()).hexdigest()
+        self._fingerprint = hashlib.sha256(f"{shas}|{split}{chosen}".encode()).hexdigest()[:16]
         self._units_by_world: dict[int, list[np.ndarray]] = {}
 
         self.num_skipped = 0
@@ -260,9 +264,12 @@ class ClipReader:
     # --- planning -------------------------------------------------------------------------
 
     def _select_rows(self) -> list[np.ndarray]:
-        """Per shard, the global indices of its rows in `split` (all rows when None)."""
+        """Per shard, the global indices of its rows in `split` (all rows when None), or of
+        the rows `clips` names."""
         shards = self.manifest.shards
         whole = [np.arange(self._offsets[i], self._offsets[i + 1]) for i in range(len(shards))]
+        if self.clips is not None:
+            return [indices[np.isin(indices, self.clips)] for indices in whole]
         if self.split is None or self.manifest.splits.get(self.split) == self.manifest.num_clips:
             return whole
         if self.split not in self.manifest.splits:
