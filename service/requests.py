@@ -118,6 +118,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, *, default_storage: 
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the automatic split (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="run the evaluation as a Ray task on this cluster (a GPU when it has one); checkpoint and data "
+        "must be reachable from it",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -134,6 +140,7 @@ class EvaluateRequest:
     test_fraction: float = 0.3
     seed: int = 0
     device: str = "cpu"
+    address: str | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in EVAL_PROTOCOLS:
@@ -153,6 +160,7 @@ class EvaluateRequest:
             test_fraction=args.test_fraction,
             seed=args.seed,
             device=args.device,
+            address=getattr(args, "address", None),
         )
 
 

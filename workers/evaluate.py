@@ -55,24 +55,43 @@ def resolve(request: EvaluateRequest, *, endpoint_url: str = "") -> tuple[str, s
 
 
 def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress: bool = True) -> dict[str, Any]:
-    """Evaluate a request in this process, with a progress bar on a terminal."""
+    """Evaluate a request in this process, with a progress bar on a terminal; with
+    `request.address`, as a Ray task on that cluster (a GPU when it has one), where the
+    checkpoint and the data must be reachable (object storage)."""
     from tqdm import tqdm
 
     checkpoint, data = resolve(request, endpoint_url=endpoint_url)
-    with tqdm(unit="clip", desc="features", file=sys.stderr, disable=None if show_progress else True) as bar:
-        evaluation = evaluate_checkpoint(
-            checkpoint,
-            data_uri=data,
-            probes=request.probes,
-            protocol=request.protocol,
-            test_fraction=request.test_fraction,
-            seed=request.seed,
-            device=request.device,
-            endpoint_url=endpoint_url,
-            progress=bar.update,
-        )
+    settings = {
+        "data_uri": data,
+        "probes": request.probes,
+        "protocol": request.protocol,
+        "test_fraction": request.test_fraction,
+        "seed": request.seed,
+        "endpoint_url": endpoint_url,
+    }
+    if request.address:
+        evaluation = _evaluate_on_cluster(request.address, checkpoint, settings)
+    else:
+        with tqdm(unit="clip", desc="features", file=sys.stderr, disable=None if show_progress else True) as bar:
+            evaluation = evaluate_checkpoint(checkpoint, device=request.device, progress=bar.update, **settings)
     evaluation["saved"] = save_beside_checkpoint(evaluation, endpoint_url=endpoint_url)
     return evaluation
+
+
+def _evaluate_on_cluster(address: str, checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
+    import os
+
+    import ray
+
+    from workers import ray_init
+
+    checkpoint_config(checkpoint, endpoint_url=settings["endpoint_url"])  # readable and registered, before Ray
+    if not ray.is_initialized():
+        ray_init.init(address, num_cpus=os.cpu_count() or 1, log_to_driver=True)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    print(f"cmacc eval: evaluating {checkpoint} as a Ray task at {address} ({gpus} GPU)", file=sys.stderr, flush=True)
+    task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=gpus)
+    return ray.get(task.remote(checkpoint, device="cuda" if gpus else "cpu", **settings))
 
 
 def evaluate_remote(cfg: Config, *, checkpoint: str, data: str) -> dict[str, Any]:
