@@ -156,7 +156,7 @@ def test_cmacc_pretrain_generates_data_trains_evaluates_and_prints_the_summary(t
     assert "generating 60 synthetic clips" in result.stdout
     assert "run local: succeeded at step 4 (this job: steps 0 -> 4" in result.stdout
     table = result.stdout[result.stdout.index("top-1 on") :]
-    rows = [line.split() for line in table.splitlines()[2:]]
+    rows = [line.split() for line in table.splitlines()[2:6]]
     assert [row[:2] for row in rows] == [["video", "linear"], ["video", "k-NN"], ["audio", "linear"], ["audio", "k-NN"]]
     run_json = json.loads((root / "local" / "run.json").read_text())
     assert run_json["state"] == "succeeded" and run_json["last_step"] == 4
@@ -230,6 +230,16 @@ def test_submit_status_logs_runs_and_resume_continue_from_the_checkpoint(head, d
         ("e2e.2", "e2e", "STOPPED"),
         ("e2e.3", "e2e", "SUCCEEDED"),
     ]
+
+    # Evaluation and fine-tuning of the run where it ran: Ray tasks on the cluster.
+    on_cluster = ["--run", "e2e", "--storage", str(root), "--address", head["address"]]
+    evaluated = cmacc(head, "eval", *on_cluster, "--probe", "knn")
+    assert "protocol: official split" in evaluated.stdout and "as a Ray task at" in evaluated.stderr
+    assert f"saved: {root / 'e2e' / 'eval' / f'checkpoint-{stopped_at + 2:08d}.json'}" in evaluated.stdout
+    tuned = json.loads(cmacc(head, "finetune", *on_cluster, "--epochs", "1", "--batch-size", "8", "--json").stdout)
+    assert set(tuned["results"]) == {"pretrained", "scratch"} and tuned["saved"].endswith("-video.json")
+    record = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]
+    assert record["finetune"]["top1"]["scratch"]["clip"] == tuned["results"]["scratch"]["clip_top1"]
 
 
 def checkpoints_of(head: dict, root: Path) -> list[dict]:
