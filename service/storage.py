@@ -22,6 +22,7 @@ import hashlib
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ T = TypeVar("T")
 
 DEFAULT_BASE_DELAY_S = 0.25
 MAX_DELAY_S = 8.0  # the longest wait between two tries
+RETRY_NOTICE_S = 2.0  # retrying longer than this: one warning on stderr says what and why
 # The time one operation may spend retrying (storage.retry_budget_s; set_retry_budget). A
 # throttling burst or a short outage of the store costs that much time, not the operation.
 _retry_budget_s = float(os.environ.get("CMACC_STORAGE_RETRY_BUDGET_S", "60"))
@@ -206,6 +208,7 @@ def retry(
     budget = retry_budget_s() if budget_s is None else budget_s
     started = time.monotonic()
     attempt = 0
+    noticed = False
     while True:
         attempt += 1
         try:
@@ -221,6 +224,14 @@ def retry(
                 tries = f" after {attempt} attempts in {spent:.1f} s" if attempt > 1 else ""
                 raise StorageError(f"{op} {uri} failed{tries}: {type(err).__name__}: {err}") from err
             RETRIES[op] += 1
+            if spent + delay >= RETRY_NOTICE_S and not noticed:  # say why a command seems to hang
+                noticed = True
+                print(
+                    f"cmacc: warning: {op} {uri}: {type(err).__name__}: {err}; retrying for up to {budget:.0f} s "
+                    "(storage.retry_budget_s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             time.sleep(delay)
 
 

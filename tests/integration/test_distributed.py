@@ -411,6 +411,7 @@ def test_missing_data_and_unreachable_storage_fail_before_workers_start(tmp_path
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    cfg = config.load_recipe("demo", [*TINY, "storage.retry_budget_s=4"])  # refused connections are retried
     with pytest.raises(Failure, match="s3://unreachable/runs"):
         prepare_run(cfg, PretrainRequest(run_id="r", storage="s3://unreachable/runs", data=missing))
 

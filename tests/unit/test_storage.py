@@ -67,3 +67,31 @@ def test_absolute_makes_local_paths_absolute_and_leaves_other_uris(tmp_path, mon
     assert storage.absolute("file://rel/x") == str(tmp_path / "rel" / "x")
     assert storage.absolute("s3://bucket/runs") == "s3://bucket/runs"
     assert storage.absolute("memory://a/b") == "memory://a/b"
+
+
+def test_a_transient_failure_is_retried_within_the_budget_and_a_long_retry_says_so(capsys):
+    """Storage that keeps timing out: retried with backoff until the budget is spent, one
+    warning on stderr once the retrying outlasts RETRY_NOTICE_S, then an error naming the
+    operation, the URI and the time spent. A failure that is not transient is not retried."""
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        raise TimeoutError("read timeout")
+
+    before = storage.RETRIES["read"]
+    with pytest.raises(StorageError, match=r"read s3://b/k failed after \d+ attempts in [\d.]+ s: TimeoutError"):
+        storage.retry("read", "s3://b/k", flaky, budget_s=6.0, base_delay_s=0.2)
+    assert len(calls) >= 3 and storage.RETRIES["read"] - before == len(calls) - 1
+    err = capsys.readouterr().err
+    assert err.count("retrying for up to 6 s (storage.retry_budget_s)") == 1 and "s3://b/k" in err
+
+    calls.clear()
+
+    def broken():
+        calls.append(1)
+        raise ValueError("bad request")
+
+    with pytest.raises(StorageError, match="bad request"):
+        storage.retry("read", "s3://b/k", broken, budget_s=3.0)
+    assert len(calls) == 1
