@@ -1,8 +1,9 @@
-"""`python -m jobs.evaluate (--checkpoint URI | --run ID [--storage URI]) [--data URI] [--probe linear|knn] [--json]`
+"""`python -m jobs.evaluate (--checkpoint URI | --run ID [--storage URI]) [--data URI] [--probe linear|knn] [--protocol P] [--json]`
 
 Evaluates a checkpoint's frozen encoders with the linear probe and k-NN per modality on a
-labelled clip-shard data set (probes fit on its `train` split, scored on its `test` split),
-next to the same probes on the untrained encoders. `cmacc eval` is the same command.
+labelled clip-shard data set under its protocol (workers/protocols.py), next to the same
+probes on the untrained encoders. `cmacc eval` is the same command; `cmacc eval --address`
+submits this module as a Ray job.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def report(evaluation: dict[str, Any], *, as_json: bool) -> int:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
-    add_evaluate_arguments(parser, default_storage=None)
+    add_evaluate_arguments(parser, default_storage=None, with_address=False)
     return parser
 
 

@@ -93,7 +93,9 @@ class PretrainRequest:
         return argv
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser, *, default_storage: str | None) -> None:
+def add_evaluate_arguments(
+    parser: argparse.ArgumentParser, *, default_storage: str | None, with_address: bool = True
+) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--run", dest="run_id", default=None, help="run id: its newest checkpoint")
     which.add_argument("--checkpoint", default=None, help="checkpoint folder URI")
@@ -118,12 +120,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, *, default_storage: 
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the automatic split (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="run the evaluation as a Ray task on this cluster (a GPU when it has one); checkpoint and data "
-        "must be reachable from it",
-    )
+    if with_address:
+        parser.add_argument(
+            "--address",
+            default=None,
+            help="run the evaluation as a Ray job on the cluster of this dashboard address (http://HEAD:8265), "
+            "as a task with a GPU when it has one, and follow its output; checkpoint and data must be reachable "
+            "from it",
+        )
+    parser.add_argument("--on-ray", action="store_true", help=argparse.SUPPRESS)  # inside such a job
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -140,7 +145,7 @@ class EvaluateRequest:
     test_fraction: float = 0.3
     seed: int = 0
     device: str = "cpu"
-    address: str | None = None
+    on_ray: bool = False  # a Ray task on the cluster this process is in (a job's driver)
 
     def __post_init__(self) -> None:
         if self.protocol not in EVAL_PROTOCOLS:
@@ -160,8 +165,21 @@ class EvaluateRequest:
             test_fraction=args.test_fraction,
             seed=args.seed,
             device=args.device,
-            address=getattr(args, "address", None),
+            on_ray=getattr(args, "on_ray", False),
         )
+
+    def job_argv(self) -> list[str]:
+        """The arguments of `python -m jobs.evaluate` running this request as a Ray task
+        in a job (storage and data URIs as given: make them absolute first)."""
+        argv = ["--checkpoint", self.checkpoint] if self.checkpoint else ["--run", str(self.run_id)]
+        if self.storage:
+            argv += ["--storage", self.storage]
+        if self.data:
+            argv += ["--data", self.data]
+        for probe in self.probes:
+            argv += ["--probe", probe]
+        argv += ["--protocol", self.protocol, "--test-fraction", repr(self.test_fraction), "--seed", str(self.seed)]
+        return [*argv, "--on-ray"]
 
 
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)  # active, uncertainty, diversity, random, moco
@@ -256,7 +274,9 @@ class FinetuneSettings:
                 raise UsageError(f"--{name}: {message}")
 
 
-def add_finetune_arguments(parser: argparse.ArgumentParser, *, default_storage: str | None) -> None:
+def add_finetune_arguments(
+    parser: argparse.ArgumentParser, *, default_storage: str | None, with_address: bool = True
+) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--run", dest="run_id", default=None, help="run id: its newest checkpoint")
     which.add_argument("--checkpoint", default=None, help="checkpoint folder URI")
@@ -278,7 +298,13 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, *, default_storage: 
     parser.add_argument(
         "--no-scratch", dest="scratch", action="store_false", help="skip the reference row trained from scratch"
     )
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    if with_address:
+        parser.add_argument(
+            "--address",
+            default=None,
+            help="run it as a Ray job on the cluster of this dashboard address (http://HEAD:8265) and follow its "
+            "output (default: on a local Ray, or the cluster of RAY_ADDRESS)",
+        )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -295,7 +321,6 @@ class FinetuneRequest:
     test_fraction: float = 0.3
     split_seed: int = 0
     scratch: bool = True
-    address: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.test_fraction < 1:
@@ -320,5 +345,18 @@ class FinetuneRequest:
             test_fraction=args.test_fraction,
             split_seed=args.split_seed,
             scratch=args.scratch,
-            address=args.address,
         )
+
+    def job_argv(self) -> list[str]:
+        """The arguments of `python -m jobs.finetune` for this request."""
+        argv = ["--checkpoint", self.checkpoint] if self.checkpoint else ["--run", str(self.run_id)]
+        if self.storage:
+            argv += ["--storage", self.storage]
+        if self.data:
+            argv += ["--data", self.data]
+        s = self.settings
+        argv += ["--modality", s.modality, "--epochs", str(s.epochs), "--lr", repr(s.lr)]
+        argv += ["--batch-size", str(s.batch_size), "--weight-decay", repr(s.weight_decay), "--seed", str(s.seed)]
+        argv += ["--protocol", self.protocol, "--test-fraction", repr(self.test_fraction)]
+        argv += ["--split-seed", str(self.split_seed)]
+        return argv if self.scratch else [*argv, "--no-scratch"]

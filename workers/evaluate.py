@@ -56,8 +56,8 @@ def resolve(request: EvaluateRequest, *, endpoint_url: str = "") -> tuple[str, s
 
 def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress: bool = True) -> dict[str, Any]:
     """Evaluate a request in this process, with a progress bar on a terminal; with
-    `request.address`, as a Ray task on that cluster (a GPU when it has one), where the
-    checkpoint and the data must be reachable (object storage)."""
+    `request.on_ray` (inside a Ray job), as a Ray task on that cluster (a GPU when it has
+    one)."""
     from tqdm import tqdm
 
     checkpoint, data = resolve(request, endpoint_url=endpoint_url)
@@ -69,8 +69,8 @@ def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress:
         "seed": request.seed,
         "endpoint_url": endpoint_url,
     }
-    if request.address:
-        evaluation = _evaluate_on_cluster(request.address, checkpoint, settings)
+    if request.on_ray:
+        evaluation = _evaluate_on_cluster(checkpoint, settings)
     else:
         with tqdm(unit="clip", desc="features", file=sys.stderr, disable=None if show_progress else True) as bar:
             evaluation = evaluate_checkpoint(checkpoint, device=request.device, progress=bar.update, **settings)
@@ -78,7 +78,7 @@ def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress:
     return evaluation
 
 
-def _evaluate_on_cluster(address: str, checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
+def _evaluate_on_cluster(checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
     import os
 
     import ray
@@ -87,9 +87,9 @@ def _evaluate_on_cluster(address: str, checkpoint: str, settings: dict[str, Any]
 
     checkpoint_config(checkpoint, endpoint_url=settings["endpoint_url"])  # readable and registered, before Ray
     if not ray.is_initialized():
-        ray_init.init(address, num_cpus=os.cpu_count() or 1, log_to_driver=True)
+        ray_init.init(None, num_cpus=os.cpu_count() or 1, log_to_driver=True)  # the job's cluster (RAY_ADDRESS)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    print(f"cmacc eval: evaluating {checkpoint} as a Ray task at {address} ({gpus} GPU)", file=sys.stderr, flush=True)
+    print(f"cmacc eval: evaluating {checkpoint} as a Ray task ({gpus} GPU)", file=sys.stderr, flush=True)
     task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=gpus)
     return ray.get(task.remote(checkpoint, device="cuda" if gpus else "cpu", **settings))
 

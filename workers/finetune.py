@@ -256,9 +256,10 @@ def format_finetune(result: dict[str, Any]) -> str:
 
 
 def finetune(request: Any) -> dict[str, Any]:
-    """`cmacc finetune`: resolve the checkpoint and data (`--run` or `--checkpoint`), run
-    `finetune_checkpoint` on Ray (the cluster at `request.address`, or a local Ray), store the
-    result in the run's eval/ folder and note it in the run's record."""
+    """`cmacc finetune` and `python -m jobs.finetune`: resolve the checkpoint and data
+    (`--run` or `--checkpoint`), run `finetune_checkpoint` on Ray (the cluster of RAY_ADDRESS,
+    as in a job, or a local Ray), store the result in the run's eval/ folder and note it in
+    the run's record."""
     import os
 
     import ray
@@ -270,7 +271,7 @@ def finetune(request: Any) -> dict[str, Any]:
     checkpoint, data = resolve(request)
     checkpoint_config(checkpoint)  # a readable, registered checkpoint, before Ray starts
     if not ray.is_initialized():
-        ray_init.init(request.address, num_cpus=os.cpu_count() or 1, log_to_driver=True)
+        ray_init.init(None, num_cpus=os.cpu_count() or 1, log_to_driver=True)
     result = finetune_remote(
         checkpoint,
         data_uri=data,

@@ -364,6 +364,42 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_as_job(address: str, entrypoint: list[str], *, what: str, run_id: str | None) -> int:
+    """Run a command of this project as a Ray job on the cluster at `address` (`cmacc eval
+    --address`, `cmacc finetune --address`): submitted with this project as its working_dir,
+    its output followed here until it ends. 0 when it succeeded, else a Failure naming the
+    job. Not a run's job: `cmacc status RUN` keeps showing the run's own."""
+    import uuid
+
+    jobs = Jobs(address)
+    submission_id = f"{what}-{run_id or 'checkpoint'}-{uuid.uuid4().hex[:6]}"
+    jobs.call(
+        "submitting the job",
+        "submit_job",
+        entrypoint=shlex.join(entrypoint),
+        submission_id=submission_id,
+        runtime_env={
+            "working_dir": str(PROJECT),
+            "excludes": WORKING_DIR_EXCLUDES,
+            "env_vars": preflight.passed_environment(),
+        },
+        metadata={"cmacc_kind": what, "cmacc_of_run": run_id or ""},
+    )
+    print(f"cmacc: {what} submitted as job {submission_id} to {jobs.address}; its output:", file=sys.stderr, flush=True)
+    try:
+        asyncio.run(_tail(jobs, submission_id))
+    except Exception as err:
+        raise Failure(f"following the logs of job {submission_id} at {jobs.address}: {_short(err)}") from None
+    deadline = time.monotonic() + 60
+    while (status := str(jobs.call("reading the job's status", "get_job_status", submission_id))) not in TERMINAL:
+        if time.monotonic() > deadline:
+            raise Failure(f"job {submission_id} at {jobs.address}: still {status} after its output ended")
+        time.sleep(1)
+    if status != "SUCCEEDED":
+        raise Failure(f"job {submission_id} at {jobs.address} ended {status} (its output is above)")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     jobs = Jobs(args.address)
     listed = [

@@ -4,10 +4,13 @@ what is measured on its checkpoints (fine-tuning runs on Ray)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from typing import Any
 
-from service import catalog, layout
+from service import catalog, layout, storage
+from service.commands.cluster import run_as_job
 from service.config import Config
 from service.requests import EvaluateRequest, FinetuneRequest, add_evaluate_arguments, add_finetune_arguments
 
@@ -55,18 +58,36 @@ def _checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _absolute(request: Any) -> Any:
+    """The request with its URIs absolute: a job runs in another folder."""
+    return dataclasses.replace(
+        request,
+        checkpoint=storage.absolute(request.checkpoint) if request.checkpoint else None,
+        storage=storage.absolute(request.storage) if request.storage else None,
+        data=storage.absolute(request.data) if request.data else None,
+    )
+
+
 def _eval(args: argparse.Namespace) -> int:
     from jobs import evaluate
 
-    return evaluate.report(evaluate.evaluate(EvaluateRequest.from_args(args)), as_json=args.json)
+    request = EvaluateRequest.from_args(args)
+    if args.address:
+        argv = [*_absolute(request).job_argv(), *(["--json"] if args.json else [])]
+        return run_as_job(args.address, ["python", "-m", "jobs.evaluate", *argv], what="eval", run_id=request.run_id)
+    return evaluate.report(evaluate.evaluate(request), as_json=args.json)
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from workers.finetune import finetune, format_finetune  # torch loads only now
+    from jobs import finetune
 
-    result = finetune(FinetuneRequest.from_args(args))
-    print(json.dumps(result, indent=2) if args.json else format_finetune(result), flush=True)
-    return 0
+    request = FinetuneRequest.from_args(args)
+    if args.address:
+        argv = [*_absolute(request).job_argv(), *(["--json"] if args.json else [])]
+        return run_as_job(
+            args.address, ["python", "-m", "jobs.finetune", *argv], what="finetune", run_id=request.run_id
+        )
+    return finetune.run(request, as_json=args.json)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -231,15 +231,18 @@ def test_submit_status_logs_runs_and_resume_continue_from_the_checkpoint(head, d
         ("e2e.3", "e2e", "SUCCEEDED"),
     ]
 
-    # Evaluation and fine-tuning of the run where it ran: Ray tasks on the cluster.
+    # Evaluation and fine-tuning of the run where it ran: Ray jobs whose work is a Ray task.
     on_cluster = ["--run", "e2e", "--storage", str(root), "--address", head["address"]]
     evaluated = cmacc(head, "eval", *on_cluster, "--probe", "knn")
-    assert "protocol: official split" in evaluated.stdout and "as a Ray task at" in evaluated.stderr
+    assert "submitted as job eval-e2e-" in evaluated.stderr and "as a Ray task" in evaluated.stdout
+    assert "protocol: official split" in evaluated.stdout
     assert f"saved: {root / 'e2e' / 'eval' / f'checkpoint-{stopped_at + 2:08d}.json'}" in evaluated.stdout
-    tuned = json.loads(cmacc(head, "finetune", *on_cluster, "--epochs", "1", "--batch-size", "8", "--json").stdout)
-    assert set(tuned["results"]) == {"pretrained", "scratch"} and tuned["saved"].endswith("-video.json")
+    tuned = cmacc(head, "finetune", *on_cluster, "--epochs", "1", "--batch-size", "8")
+    assert "pretrained (CM-ACC)" in tuned.stdout and "from scratch" in tuned.stdout
     record = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]
-    assert record["finetune"]["top1"]["scratch"]["clip"] == tuned["results"]["scratch"]["clip_top1"]
+    assert set(record["finetune"]["top1"]) == {"pretrained", "scratch"}
+    assert record["finetune"]["uri"].endswith(f"finetune-checkpoint-{stopped_at + 2:08d}-video.json")
+    assert json.loads(cmacc(head, "status", "e2e", "--json").stdout)["status"] == "SUCCEEDED"  # still the run's job
 
 
 def checkpoints_of(head: dict, root: Path) -> list[dict]:
