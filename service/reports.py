@@ -50,6 +50,8 @@ def format_table(evaluation: dict[str, Any]) -> str:
         if with_top5:
             line += f"{result['top5']:>8.3f}" if "top5" in result else f"{'-':>8}"
         lines.append(line)
+    if evaluation.get("skipped_clips"):
+        lines.append(f"{evaluation['skipped_clips']} clips could not be decoded and were left out (see the warnings)")
     lines += _per_class_lines(evaluation)
     if evaluation.get("saved"):
         lines.append(f"saved: {evaluation['saved']} (confusion matrices beside it, as PNG)")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from service import catalog, layout, storage
@@ -27,7 +28,7 @@ from service import config as config_module
 from service.config import Config
 from service.errors import CheckpointError, DataError, UsageError
 from service.requests import PROBES, EvaluateRequest
-from workers.data.reader import ClipReader
+from workers.data.reader import ClipReader, first_seen
 from workers.data.transforms import build_transforms
 from workers.models import AudioVisualEncoder, build_encoders
 from workers.probe import MODALITIES, combine, evaluate_features, extract_features
@@ -234,9 +235,12 @@ def untrained_encoders(cfg: Config) -> AudioVisualEncoder:
     return build_encoders(cfg.model)
 
 
-def _batches(cfg: Config, data_uri: str, *, device: torch.device, endpoint_url: str) -> Iterator[dict[str, Any]]:
-    """Batches covering every clip of the set exactly once; `video` or `audio` is None when
-    the set lacks that modality."""
+def _batches(
+    cfg: Config, data_uri: str, clips: Any, *, device: torch.device, endpoint_url: str
+) -> Iterator[dict[str, Any]]:
+    """Batches covering each of `clips` (clip indices) once; a clip that cannot be decoded is
+    skipped (the reader counts and names it). `video` or `audio` is None when the set lacks
+    that modality."""
     reader = ClipReader(
         uri=data_uri,
         rank=0,
@@ -249,6 +253,7 @@ def _batches(cfg: Config, data_uri: str, *, device: torch.device, endpoint_url: 
         shuffle_buffer=1,
         num_decode_threads=cfg.data.num_decode_threads,
         endpoint_url=endpoint_url,
+        clips=clips,
     )
     transforms = build_transforms(cfg, device=device, train=False)
 
@@ -256,12 +261,13 @@ def _batches(cfg: Config, data_uri: str, *, device: torch.device, endpoint_url: 
         seen = torch.zeros(reader.manifest.num_clips, dtype=torch.bool)
         remaining = reader.num_clips
         with reader:
-            while remaining > 0:  # the reader runs on into the next epoch: keep each clip once
+            # Until every clip was seen, or the reader went on into a second epoch (the clips
+            # still missing were skipped: they cannot be decoded).
+            while remaining > 0 and reader.epoch == 0:
                 raw = next(reader)
-                fresh = ~seen[raw["index"]]
-                seen[raw["index"][fresh]] = True
-                remaining -= int(fresh.sum())
-                if not fresh.any():
+                fresh = first_seen(raw["index"], seen)
+                remaining -= len(fresh)
+                if not len(fresh):
                     continue
                 with torch.no_grad():
                     yield {
@@ -278,14 +284,15 @@ def features_of(
     models: dict[str, AudioVisualEncoder],
     cfg: Config,
     data_uri: str,
+    clips: Any,
     *,
     device: torch.device,
     endpoint_url: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{model name: extract_features output} over every clip of the set, in manifest order
-    (row i is clip index i)."""
-    batches = _batches(cfg, data_uri, device=device, endpoint_url=endpoint_url)
+    """{model name: extract_features output plus `index`} over the clips of `clips` that
+    decode, in clip-index order."""
+    batches = _batches(cfg, data_uri, clips, device=device, endpoint_url=endpoint_url)
     parts: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in models}
     order = []
     for batch in batches:
@@ -294,9 +301,15 @@ def features_of(
             parts[name].append(extract_features(model, [batch], device=device))
         if progress is not None:
             progress(int(batch["index"].shape[0]))
-    permutation = torch.argsort(torch.cat(order))
+    if not order:
+        raise DataError("none of its clips could be decoded; see the warnings for the reasons")
+    index = torch.cat(order)
+    permutation = torch.argsort(index)
     return {
-        name: {key: torch.cat([p[key] for p in chunks])[permutation] for key in chunks[0]}
+        name: {
+            "index": index[permutation],
+            **{key: torch.cat([p[key] for p in chunks])[permutation] for key in chunks[0]},
+        }
         for name, chunks in parts.items()
     }
 
@@ -341,18 +354,28 @@ def evaluate_checkpoint(
     torch_device = torch.device(device)
     for model in models.values():
         model.to(torch_device)
+    needed = np.unique(np.concatenate([np.concatenate([fold.train, fold.test]) for fold in chosen.folds]))
     try:
-        features = features_of(models, cfg, data_uri, device=torch_device, endpoint_url=endpoint_url, progress=progress)
+        features = features_of(
+            models, cfg, data_uri, needed, device=torch_device, endpoint_url=endpoint_url, progress=progress
+        )
     except DataError as err:
         raise DataError(f"evaluation data {data_uri}: {err}") from None
+    decoded = next(iter(features.values()))["index"]
+    row_of = torch.full((len(table),), -1, dtype=torch.int64)
+    row_of[decoded] = torch.arange(len(decoded))
+    skipped = len(needed) - len(decoded)
     labelled = table.label[table.label >= 0]
     num_classes = max(len(table.label_names), int(labelled.max()) + 1)
     fold_names = [fold.name for fold in chosen.folds]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for name, feats in features.items():
         per_fold = []
+        feats = {key: value for key, value in feats.items() if key != "index"}
         for fold in chosen.folds:
-            train, test = torch.as_tensor(fold.train), torch.as_tensor(fold.test)
+            train, test = (
+                rows[rows >= 0] for rows in (row_of[torch.as_tensor(fold.train)], row_of[torch.as_tensor(fold.test)])
+            )
             per_fold.append(
                 evaluate_features(
                     {key: value[train] for key, value in feats.items()},
@@ -374,10 +397,14 @@ def evaluate_checkpoint(
         "data": data_uri,
         "protocol": chosen.to_dict(),
         "splits": (
-            {"train": len(chosen.folds[0].train), "test": len(chosen.folds[0].test)}
+            {
+                "train": int((row_of[chosen.folds[0].train] >= 0).sum()),
+                "test": int((row_of[chosen.folds[0].test] >= 0).sum()),
+            }
             if single
-            else {fold.name: len(fold.test) for fold in chosen.folds}
+            else {fold.name: int((row_of[fold.test] >= 0).sum()) for fold in chosen.folds}
         ),
+        "skipped_clips": skipped,
         "num_classes": num_classes,
         "class_names": table.label_names or [str(c) for c in range(num_classes)],
         "modalities": [m for m in MODALITIES if m in next(iter(features.values()))],

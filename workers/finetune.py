@@ -31,7 +31,7 @@ from service import storage
 from service.config import Config
 from service.errors import UsageError
 from service.requests import FinetuneSettings
-from workers.data.reader import ClipReader
+from workers.data.reader import ClipReader, first_seen
 from workers.data.transforms import build_transforms
 from workers.evaluate import checkpoint_config, load_query_encoders, untrained_encoders
 from workers.models import AudioVisualEncoder
@@ -178,22 +178,24 @@ def _train_and_test(
     remaining = len(fold.test)
     seen = torch.zeros(len(sources), dtype=torch.bool)
     with _reader(cfg, data_uri, fold.test, seed=0, batch_size=64, endpoint_url=endpoint_url, train=False) as reader:
-        while remaining > 0:  # the reader runs on into the next epoch: keep each clip once
+        while remaining > 0 and reader.epoch == 0:  # each clip once; a second epoch: the rest were skipped
             raw = next(reader)
-            fresh = ~seen[raw["index"]]
-            if not fresh.any():
+            fresh = first_seen(raw["index"], seen)
+            if not len(fresh):
                 continue
             index = raw["index"][fresh]
-            seen[index] = True
             remaining -= len(index)
             with torch.no_grad():
                 x = getattr(test_transforms, modality)(raw[field][fresh].to(device))
                 probabilities[index] = F.softmax(classifier(encoder.features(x)).float(), dim=1).cpu()
             labels[index] = raw["label"][fresh]
     test = torch.as_tensor(fold.test)
+    test = test[seen[test]]  # a clip that cannot be decoded was skipped (the reader named it)
+    if len(test) == 0:
+        raise UsageError(f"{data_uri}: none of the held-out clips could be decoded")
     clip_top1 = float((probabilities[test].argmax(dim=1) == labels[test]).float().mean())
     videos: dict[str, list[int]] = {}
-    for i in fold.test.tolist():
+    for i in test.tolist():
         videos.setdefault(sources[i], []).append(i)
     hits = []
     for members in videos.values():
@@ -203,7 +205,7 @@ def _train_and_test(
     return {
         "clip_top1": clip_top1,
         "video_top1": float(np.mean(hits)),
-        "test_clips": len(fold.test),
+        "test_clips": len(test),
         "test_videos": len(videos),
         "train_loss": losses,
         "seconds": round(time.perf_counter() - started, 2),

@@ -8,6 +8,7 @@ runs in float32 on the CPU with no random numbers, so the same features give the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ KNN_TEMPERATURE = 0.07  # similarity weights exp(sim / 0.07), as in InstDisc and
 
 @dataclass(kw_only=True)
 class ProbeResult:
-    """Accuracies are fractions in [0, 1]; `per_class[c]` is NaN when class c has no test clip.
+    """Accuracies are fractions in [0, 1]; `per_class[c]` is NaN when class c has no test clip
+    (None in `to_dict`).
 
     `confusion[t, p]` counts test clips of true class t predicted as p; `support[c]` is the
     number of test clips of class c. `top5` (the true class among the five best scored) is
@@ -45,8 +47,13 @@ class ProbeResult:
         out: dict[str, Any] = {"top1": self.top1}
         if self.top5 is not None:
             out["top5"] = self.top5
-        out.update(per_class=self.per_class, support=self.support, confusion=self.confusion.tolist())
+        out.update(per_class=_json_floats(self.per_class), support=self.support, confusion=self.confusion.tolist())
         return out
+
+
+def _json_floats(values: list[float]) -> list[float | None]:
+    """NaN (a class with no test clip) as None: JSON has no NaN."""
+    return [None if math.isnan(v) else v for v in values]
 
 
 def score(predictions: Tensor, labels: Tensor, *, num_classes: int, scores: Tensor | None = None) -> ProbeResult:
@@ -84,7 +91,7 @@ def combine(results: list[ProbeResult], fold_names: list[str]) -> dict[str, Any]
         top5 = torch.tensor([r.top5 for r in results], dtype=torch.float64)
         out.update(top5=float(top5.mean()), top5_std=float(top5.std(unbiased=False)))
     out.update(
-        per_class=per_class.tolist(),
+        per_class=_json_floats(per_class.tolist()),
         support=support.tolist(),
         confusion=confusion.tolist(),
         folds=[

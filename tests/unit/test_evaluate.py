@@ -157,3 +157,21 @@ def test_finetuning_reports_clip_and_video_level_top1_for_both_rows(tmp_path, ch
     assert "video top-1" in format_finetune(result)
     with pytest.raises(UsageError, match="--epochs"):
         FinetuneSettings(epochs=0)
+
+
+def test_a_clip_that_cannot_be_decoded_is_left_out_and_said_not_waited_for(tmp_path, checkpoint):
+    """Evaluation reads only the clips its protocol uses (not `unused` ones) and finishes when
+    one cannot be decoded: left out, counted, said in the table."""
+    uri = str(tmp_path / "bad")
+    writer = DatasetWriter(uri, label_names=[f"class{c}" for c in range(CLASSES)], made_by={"generator": "test"})
+    for i, clip in enumerate(synth_clips(30, seed=1, num_classes=CLASSES, frames=2, size=16, seconds=0.25)):
+        split = "unused" if i >= 24 else "test" if i % 4 == 0 else "train"
+        frames = [b"not a jpeg"] * len(clip.frames) if i in (5, 26) else clip.frames
+        writer.add(dataclasses.replace(clip, frames=frames, source=f"v{i}", split=split))
+    writer.close()
+    evaluation = evaluate_checkpoint(checkpoint, data_uri=uri, baseline=False)
+    assert evaluation["skipped_clips"] == 1  # clip 5; clip 26 is unused and never read
+    assert evaluation["splits"] == {"train": 17, "test": 6}
+    result = evaluation["results"]["pretrained"]["video"]["linear"]
+    assert confusion_total(result) == 6
+    assert "1 clips could not be decoded and were left out" in reports.format_table(evaluation)

@@ -517,6 +517,19 @@ class ClipReader:
         self.close()
 
 
+def first_seen(index: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Positions in a batch's `index` of clips `seen` (a bool per clip index) does not hold
+    yet, which it then holds. A reader runs on into its next epochs, and a batch larger than
+    an epoch holds a clip more than once: each counts once. For passes over every clip once
+    (evaluation)."""
+    positions = []
+    for position, clip in enumerate(index.tolist()):
+        if not seen[clip]:
+            seen[clip] = True
+            positions.append(position)
+    return torch.tensor(positions, dtype=torch.int64)
+
+
 def _centre_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     top = (frames.shape[1] - height) // 2
     left = (frames.shape[2] - width) // 2
