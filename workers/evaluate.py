@@ -340,6 +340,7 @@ def evaluate_checkpoint(
     unknown = sorted(set(probes) - set(PROBES))
     if unknown:
         raise UsageError(f"probe {unknown[0]!r}: choose from {', '.join(PROBES)}")
+    cfg, meta = checkpoint_config(checkpoint_uri, endpoint_url=endpoint_url)  # the checkpoint first
     try:
         table = read_clip_table(data_uri, endpoint_url=endpoint_url)
         chosen = choose_protocol(table, protocol, test_fraction=test_fraction, seed=seed)
@@ -347,7 +348,6 @@ def evaluate_checkpoint(
         raise DataError(f"evaluation data {data_uri}: {err}") from None
     if any(len(fold.train) == 0 or len(fold.test) == 0 for fold in chosen.folds):
         raise DataError(f"evaluation data {data_uri}: {chosen.description}: a side of the split is empty")
-    cfg, meta = checkpoint_config(checkpoint_uri, endpoint_url=endpoint_url)
     models = {"pretrained": load_query_encoders(checkpoint_uri, cfg, endpoint_url=endpoint_url)}
     if baseline:
         models["untrained"] = untrained_encoders(cfg)

@@ -61,12 +61,12 @@ def finetune_checkpoint(
     row `clip_top1`, `video_top1`, `test_clips`, `test_videos`, `train_loss` per epoch,
     `seconds`."""
     started = time.perf_counter()
+    cfg, meta = checkpoint_config(checkpoint_uri, endpoint_url=endpoint_url)  # the checkpoint first
     table = read_clip_table(data_uri, endpoint_url=endpoint_url)
     chosen = choose_protocol(table, protocol, test_fraction=test_fraction, seed=split_seed)
     fold = chosen.folds[0]
     if len(fold.train) == 0 or len(fold.test) == 0:
         raise UsageError(f"{data_uri}: {chosen.description}: a side of the split is empty")
-    cfg, meta = checkpoint_config(checkpoint_uri, endpoint_url=endpoint_url)
     labelled = table.label[table.label >= 0]
     num_classes = max(len(table.label_names), int(labelled.max()) + 1)
     results = {}
