@@ -15,6 +15,7 @@ A storage root holds run folders and the generated data sets:
         metrics/metrics.jsonl, metrics/tensorboard/
         eval/checkpoint-%08d.json     evaluations of checkpoints (-<data set> on another set),
         eval/...-<modality>-<probe>.png   their confusion matrices
+        eval/finetune-checkpoint-%08d-<modality>.json   fine-tuning of a checkpoint
     <root>/datasets/synth-<hash>/     generated data sets, made once and reused
 
 docs/architecture.md describes what each file holds. Torch-free: the CLI imports it.
@@ -120,6 +121,14 @@ def eval_uri(run: str, step: int, *, data: str = "") -> str:
     """The evaluation of the checkpoint at `step`: on the run's own data set, or (`data`, a
     tag of another data set) on another."""
     return storage.join(run, EVAL_FOLDER, f"{checkpoint_name(step)}{'-' + data if data else ''}.json")
+
+
+def finetune_uri(run: str, step: int, modality: str, *, data: str = "") -> str:
+    """The fine-tuning of the checkpoint at `step`'s `modality` encoder (`data` as for
+    `eval_uri`)."""
+    return storage.join(
+        run, EVAL_FOLDER, f"finetune-{checkpoint_name(step)}-{modality}{'-' + data if data else ''}.json"
+    )
 
 
 def datasets_uri(root: str) -> str:

@@ -93,9 +93,8 @@ class PretrainRequest:
         return argv
 
 
-def add_evaluate_arguments(
-    parser: argparse.ArgumentParser, *, default_storage: str | None, with_address: bool = True
-) -> None:
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser, *, default_storage: str | None) -> None:
+    """Which checkpoint and which labelled data: `cmacc eval` and `cmacc finetune`."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--run", dest="run_id", default=None, help="run id: its newest checkpoint")
     which.add_argument("--checkpoint", default=None, help="checkpoint folder URI")
@@ -103,6 +102,27 @@ def add_evaluate_arguments(
         "--storage", default=default_storage, help=f"storage root of --run (default: {default_storage or './runs'})"
     )
     parser.add_argument("--data", default=None, help="labelled data set URI (default with --run: the run's data)")
+
+
+def _checkpoint_argv(request: EvaluateRequest | FinetuneRequest) -> list[str]:
+    """`_add_checkpoint_arguments`'s part of a job's command line for `request`."""
+    argv = ["--checkpoint", request.checkpoint] if request.checkpoint else ["--run", str(request.run_id)]
+    if request.storage:
+        argv += ["--storage", request.storage]
+    if request.data:
+        argv += ["--data", request.data]
+    return argv
+
+
+def _check_test_fraction(value: float) -> None:
+    if not 0 < value < 1:
+        raise UsageError(f"--test-fraction: must be between 0 and 1, got {value}")
+
+
+def add_evaluate_arguments(
+    parser: argparse.ArgumentParser, *, default_storage: str | None, with_address: bool = True
+) -> None:
+    _add_checkpoint_arguments(parser, default_storage=default_storage)
     parser.add_argument("--probe", choices=PROBES, action="append", help="a probe (default: both)")
     parser.add_argument(
         "--protocol",
@@ -150,8 +170,7 @@ class EvaluateRequest:
     def __post_init__(self) -> None:
         if self.protocol not in EVAL_PROTOCOLS:
             raise UsageError(f"--protocol {self.protocol!r}: choose from {', '.join(EVAL_PROTOCOLS)}")
-        if not 0 < self.test_fraction < 1:
-            raise UsageError(f"--test-fraction: must be between 0 and 1, got {self.test_fraction}")
+        _check_test_fraction(self.test_fraction)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvaluateRequest:
@@ -171,11 +190,7 @@ class EvaluateRequest:
     def job_argv(self) -> list[str]:
         """The arguments of `python -m jobs.evaluate` running this request as a Ray task
         in a job (storage and data URIs as given: make them absolute first)."""
-        argv = ["--checkpoint", self.checkpoint] if self.checkpoint else ["--run", str(self.run_id)]
-        if self.storage:
-            argv += ["--storage", self.storage]
-        if self.data:
-            argv += ["--data", self.data]
+        argv = _checkpoint_argv(self)
         for probe in self.probes:
             argv += ["--probe", probe]
         argv += ["--protocol", self.protocol, "--test-fraction", repr(self.test_fraction), "--seed", str(self.seed)]
@@ -277,13 +292,7 @@ class FinetuneSettings:
 def add_finetune_arguments(
     parser: argparse.ArgumentParser, *, default_storage: str | None, with_address: bool = True
 ) -> None:
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--run", dest="run_id", default=None, help="run id: its newest checkpoint")
-    which.add_argument("--checkpoint", default=None, help="checkpoint folder URI")
-    parser.add_argument(
-        "--storage", default=default_storage, help=f"storage root of --run (default: {default_storage or './runs'})"
-    )
-    parser.add_argument("--data", default=None, help="labelled data set URI (default with --run: the run's data)")
+    _add_checkpoint_arguments(parser, default_storage=default_storage)
     parser.add_argument("--modality", choices=("video", "audio"), default="video", help="encoder to fine-tune")
     parser.add_argument("--epochs", type=int, default=5, help="passes over the training clips (default: 5)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine to 0 (default: 0.01)")
@@ -323,8 +332,7 @@ class FinetuneRequest:
     scratch: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 < self.test_fraction < 1:
-            raise UsageError(f"--test-fraction: must be between 0 and 1, got {self.test_fraction}")
+        _check_test_fraction(self.test_fraction)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FinetuneRequest:
@@ -349,11 +357,7 @@ class FinetuneRequest:
 
     def job_argv(self) -> list[str]:
         """The arguments of `python -m jobs.finetune` for this request."""
-        argv = ["--checkpoint", self.checkpoint] if self.checkpoint else ["--run", str(self.run_id)]
-        if self.storage:
-            argv += ["--storage", self.storage]
-        if self.data:
-            argv += ["--data", self.data]
+        argv = _checkpoint_argv(self)
         s = self.settings
         argv += ["--modality", s.modality, "--epochs", str(s.epochs), "--lr", repr(s.lr)]
         argv += ["--batch-size", str(s.batch_size), "--weight-decay", repr(s.weight_decay), "--seed", str(s.seed)]

@@ -80,19 +80,11 @@ def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress:
 
 
 def _evaluate_on_cluster(checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
-    import os
-
-    import ray
-
     from workers import ray_init
 
     checkpoint_config(checkpoint, endpoint_url=settings["endpoint_url"])  # readable and registered, before Ray
-    if not ray.is_initialized():
-        ray_init.init(None, num_cpus=os.cpu_count() or 1, log_to_driver=True)  # the job's cluster (RAY_ADDRESS)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    print(f"cmacc eval: evaluating {checkpoint} as a Ray task ({gpus} GPU)", file=sys.stderr, flush=True)
-    task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=gpus)
-    return ray.get(task.remote(checkpoint, device="cuda" if gpus else "cpu", **settings))
+    print(f"cmacc eval: evaluating {checkpoint} as a Ray task", file=sys.stderr, flush=True)
+    return ray_init.run_task(evaluate_checkpoint, checkpoint, **settings)
 
 
 def evaluate_remote(cfg: Config, *, checkpoint: str, data: str) -> dict[str, Any]:
@@ -145,17 +137,22 @@ def data_tag(run_uri: str, evaluation: dict[str, Any], endpoint_url: str) -> str
     return f"{name}-{hashlib.sha256(data.encode()).hexdigest()[:8]}"
 
 
+def run_folder_of(checkpoint_uri: str, *, endpoint_url: str = "") -> str:
+    """The run folder a checkpoint lies in (the folder above it holds a run.json), or ""."""
+    parent, sep, _ = checkpoint_uri.rstrip("/").rpartition("/")
+    if not sep or not storage.exists(storage.join(parent, layout.RUN_FILE), endpoint_url=endpoint_url):
+        return ""
+    return parent
+
+
 def save_beside_checkpoint(evaluation: dict[str, Any], *, endpoint_url: str = "") -> str:
     """`cmacc eval`: save the evaluation in the `eval/` folder of the run the checkpoint
-    belongs to (the folder above it holds a run.json); "" for a checkpoint outside a run
-    folder, or when the run folder cannot be written (the result is printed either way)."""
-    run_uri = evaluation["checkpoint"].rstrip("/").rsplit("/", 1)[0]
-    if "/" not in evaluation["checkpoint"].rstrip("/"):
-        return ""
+    belongs to; "" for a checkpoint outside a run folder, or when the run folder cannot be
+    written (the result is printed either way)."""
+    run_uri = ""
     try:
-        if not storage.exists(storage.join(run_uri, layout.RUN_FILE), endpoint_url=endpoint_url):
-            return ""
-        return save_evaluation(run_uri, evaluation, endpoint_url=endpoint_url)
+        run_uri = run_folder_of(evaluation["checkpoint"], endpoint_url=endpoint_url)
+        return save_evaluation(run_uri, evaluation, endpoint_url=endpoint_url) if run_uri else ""
     except OSError as err:
         print(f"cmacc: warning: could not save the evaluation in {run_uri}: {err}", file=sys.stderr)
         return ""
@@ -170,7 +167,6 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], title: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     counts = np.asarray(confusion, dtype=np.int64)
     n = counts.shape[0]
@@ -361,35 +357,35 @@ def evaluate_checkpoint(
         )
     except DataError as err:
         raise DataError(f"evaluation data {data_uri}: {err}") from None
-    decoded = next(iter(features.values()))["index"]
+    decoded = next(iter(features.values()))["index"]  # the same clips for every model
     row_of = torch.full((len(table),), -1, dtype=torch.int64)
     row_of[decoded] = torch.arange(len(decoded))
-    skipped = len(needed) - len(decoded)
+
+    def rows(clips: np.ndarray) -> torch.Tensor:  # feature rows of the clips that decoded
+        found = row_of[torch.as_tensor(clips)]
+        return found[found >= 0]
+
+    fold_rows = [(rows(fold.train), rows(fold.test)) for fold in chosen.folds]
     labelled = table.label[table.label >= 0]
     num_classes = max(len(table.label_names), int(labelled.max()) + 1)
     fold_names = [fold.name for fold in chosen.folds]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for name, feats in features.items():
-        per_fold = []
-        feats = {key: value for key, value in feats.items() if key != "index"}
-        for fold in chosen.folds:
-            train, test = (
-                rows[rows >= 0] for rows in (row_of[torch.as_tensor(fold.train)], row_of[torch.as_tensor(fold.test)])
+        feats.pop("index")
+        per_fold = [
+            evaluate_features(
+                {key: value[train] for key, value in feats.items()},
+                {key: value[test] for key, value in feats.items()},
+                num_classes=num_classes,
+                cfg=cfg.eval,
+                probes=probes,
             )
-            per_fold.append(
-                evaluate_features(
-                    {key: value[train] for key, value in feats.items()},
-                    {key: value[test] for key, value in feats.items()},
-                    num_classes=num_classes,
-                    cfg=cfg.eval,
-                    probes=probes,
-                )
-            )
+            for train, test in fold_rows
+        ]
         results[name] = {
             modality: {probe: combine([f[modality][probe] for f in per_fold], fold_names) for probe in per_probe}
             for modality, per_probe in per_fold[0].items()
         }
-    single = len(chosen.folds) == 1
     return {
         "checkpoint": checkpoint_uri,
         "step": int(meta.get("step", -1)),
@@ -397,14 +393,11 @@ def evaluate_checkpoint(
         "data": data_uri,
         "protocol": chosen.to_dict(),
         "splits": (
-            {
-                "train": int((row_of[chosen.folds[0].train] >= 0).sum()),
-                "test": int((row_of[chosen.folds[0].test] >= 0).sum()),
-            }
-            if single
-            else {fold.name: int((row_of[fold.test] >= 0).sum()) for fold in chosen.folds}
+            {"train": len(fold_rows[0][0]), "test": len(fold_rows[0][1])}
+            if len(fold_rows) == 1
+            else {name: len(test) for name, (_, test) in zip(fold_names, fold_rows, strict=True)}
         ),
-        "skipped_clips": skipped,
+        "skipped_clips": len(needed) - len(decoded),
         "num_classes": num_classes,
         "class_names": table.label_names or [str(c) for c in range(num_classes)],
         "modalities": [m for m in MODALITIES if m in next(iter(features.values()))],

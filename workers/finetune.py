@@ -212,25 +212,13 @@ def _train_and_test(
     }
 
 
-def finetune_remote(checkpoint_uri: str, *, data_uri: str, settings: FinetuneSettings, **kwargs: Any) -> dict[str, Any]:
-    """`finetune_checkpoint` as a Ray task: one GPU when the cluster has one, else the CPUs
-    of one worker."""
-    import ray
-
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(finetune_checkpoint).options(num_gpus=gpus, num_cpus=1)
-    device = "cuda" if gpus else "cpu"
-    return ray.get(task.remote(checkpoint_uri, data_uri=data_uri, settings=settings, device=device, **kwargs))
-
-
 def save_finetune(run_uri: str, result: dict[str, Any], *, endpoint_url: str = "") -> str:
     """`<run>/eval/finetune-checkpoint-%08d-<modality>[-<data set>].json`; returns its URI."""
     from service import layout
     from workers.evaluate import data_tag
 
     tag = data_tag(run_uri, result, endpoint_url)
-    name = f"finetune-{layout.checkpoint_name(result['step'])}-{result['settings']['modality']}"
-    uri = storage.join(run_uri, layout.EVAL_FOLDER, f"{name}{'-' + tag if tag else ''}.json")
+    uri = layout.finetune_uri(run_uri, result["step"], result["settings"]["modality"], data=tag)
     storage.write_bytes(uri, json.dumps(result, indent=2).encode(), endpoint_url=endpoint_url)
     return uri
 
@@ -262,19 +250,14 @@ def finetune(request: Any) -> dict[str, Any]:
     (`--run` or `--checkpoint`), run `finetune_checkpoint` on Ray (the cluster of RAY_ADDRESS,
     as in a job, or a local Ray), store the result in the run's eval/ folder and note it in
     the run's record."""
-    import os
-
-    import ray
-
-    from service import catalog, layout
+    from service import catalog
     from workers import ray_init
-    from workers.evaluate import resolve
+    from workers.evaluate import resolve, run_folder_of
 
     checkpoint, data = resolve(request)
     checkpoint_config(checkpoint)  # a readable, registered checkpoint, before Ray starts
-    if not ray.is_initialized():
-        ray_init.init(None, num_cpus=os.cpu_count() or 1, log_to_driver=True)
-    result = finetune_remote(
+    result = ray_init.run_task(
+        finetune_checkpoint,
         checkpoint,
         data_uri=data,
         settings=request.settings,
@@ -283,8 +266,8 @@ def finetune(request: Any) -> dict[str, Any]:
         split_seed=request.split_seed,
         rows=ROWS if request.scratch else ("pretrained",),
     )
-    run_uri = checkpoint.rstrip("/").rsplit("/", 1)[0]
-    if storage.exists(storage.join(run_uri, layout.RUN_FILE)):
+    run_uri = run_folder_of(checkpoint)
+    if run_uri:
         try:
             result["saved"] = save_finetune(run_uri, result)
             catalog.note_result(run_uri, "finetune", _summary(result))

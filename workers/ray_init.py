@@ -59,3 +59,16 @@ def init(address: str | None, *, num_cpus: int, **kwargs: Any) -> None:
         return
     check_reachable(address)
     ray.init(address=address, **kwargs)
+
+
+def run_task(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, device=..., **kwargs)` as a Ray task on the cluster of RAY_ADDRESS (as in a
+    Ray job) or a local Ray, started when this process is not connected yet: one GPU and
+    `device="cuda"` when the cluster has a GPU, else one CPU and `device="cpu"`. Its result."""
+    import ray
+
+    if not ray.is_initialized():
+        init(None, num_cpus=os.cpu_count() or 1, log_to_driver=True)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(fn).options(num_cpus=1, num_gpus=gpus)
+    return ray.get(task.remote(*args, device="cuda" if gpus else "cpu", **kwargs))

@@ -144,6 +144,12 @@ def _read_storage(root: str, run_id: str, *, endpoint_url: str) -> tuple[bool, A
         return False, None
 
 
+def _runtime_env(env_vars: dict[str, str]) -> dict[str, Any]:
+    """A job's runtime environment: this project folder (without what must not travel) and
+    the variables it takes along."""
+    return {"working_dir": str(PROJECT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars}
+
+
 def job_entrypoint(request: PretrainRequest) -> list[str]:
     """The command a pretraining job runs on the cluster."""
     return ["python", "-m", "jobs.pretrain", *request.job_argv()]
@@ -190,7 +196,7 @@ def submit_run(jobs: Jobs, request: PretrainRequest, cfg: config.Config, *, resu
         "submit_job",
         entrypoint=shlex.join(job_entrypoint(request)),
         submission_id=submission_id,
-        runtime_env={"working_dir": str(PROJECT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
+        runtime_env=_runtime_env(env),
         metadata={RUN_ID_KEY: run_id, "cmacc_recipe": request.recipe, "cmacc_storage": request.storage},
     )
 
@@ -378,11 +384,7 @@ def run_as_job(address: str, entrypoint: list[str], *, what: str, run_id: str | 
         "submit_job",
         entrypoint=shlex.join(entrypoint),
         submission_id=submission_id,
-        runtime_env={
-            "working_dir": str(PROJECT),
-            "excludes": WORKING_DIR_EXCLUDES,
-            "env_vars": preflight.passed_environment(),
-        },
+        runtime_env=_runtime_env(preflight.passed_environment()),
         metadata={"cmacc_kind": what, "cmacc_of_run": run_id or ""},
     )
     print(f"cmacc: {what} submitted as job {submission_id} to {jobs.address}; its output:", file=sys.stderr, flush=True)

@@ -171,12 +171,13 @@ class ClipReader:
     rank had already made in a later epoch is replayed).
 
     A row that cannot be decoded, or whose clip id is in `exclude_clips`, is skipped, counted
-    in `num_skipped` and logged as a warning naming the clip; a missing shard or one that differs from the manifest raises `DataError`
-    naming the shard URI from the next `next()`. Call `close()` (or use `with`) to stop the
-    background threads. `clips`, when given, limits the reader to those clip indices
-    (manifest order; `split` is then not used). `note`, when given, is told which rows are being decoded
-    (`started(index, shard_name, row_in_shard, clip_id)` and `finished(index)`), from the
-    decode threads: see `workers.distributed.crashes`.
+    in `num_skipped` and logged as a warning naming the clip; a missing shard or one that
+    differs from the manifest raises `DataError` naming the shard URI from the next `next()`.
+    Call `close()` (or use `with`) to stop the background threads. `clips`, when given,
+    limits the reader to those clip indices (manifest order; `split` is then not used).
+    `note`, when given, is told which rows are being decoded (`started(index, shard_name,
+    row_in_shard, clip_id)` and `finished(index)`), from the decode threads: see
+    `workers.distributed.crashes`.
     """
 
     def __init__(
