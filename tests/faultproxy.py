@@ -93,6 +93,11 @@ class FaultProxy:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         for sock in (client, upstream):
             if sock is not None:
+                # Wake the other direction's thread blocked in recv() on this socket first: a
+                # close() alone leaves the socket open while it waits, so the peer never hears
+                # of it (a client then waited for an answer for good).
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
                 with contextlib.suppress(OSError):
                     sock.close()
 
