@@ -159,6 +159,7 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up; a run shorter than this warms up throughout
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    fused: bool = True  # torch's fused optimiser kernels (CPU and CUDA); a non-finite step is skipped on the device
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -175,6 +176,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between printed progress lines
     precision: Precision = "auto"  # auto = bf16 autocast on CUDA, float32 on CPU
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the encoders; auto = on CUDA only
+    channels_last: bool = True  # NDHWC clips and weights on CUDA (cuDNN's fastest 3D convolutions)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")

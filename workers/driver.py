@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -357,7 +358,10 @@ class ProgressBar:
         if step < self.bar.n:  # a restarted attempt replays steps since its checkpoint
             self.bar.reset(total=self.bar.total)
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{progress['loss']:.3f}", clips_s=f"{progress['clips_per_s']:.0f}", refresh=True)
+        postfix = {"clips_s": f"{progress['clips_per_s']:.0f}"}
+        if math.isfinite(progress["loss"]):  # NaN until the loop first reads its losses (train.log_every)
+            postfix = {"loss": f"{progress['loss']:.3f}", **postfix}
+        self.bar.set_postfix(postfix, refresh=True)
 
     def close(self) -> None:
         self.bar.close()

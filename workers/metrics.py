@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 class NullMetricsLog:
     """Does nothing: what ranks other than 0 log to."""
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], *, at: float | None = None) -> None:
         pass
 
     def sync(self) -> None:
@@ -59,8 +59,9 @@ class MetricsLog(NullMetricsLog):
         self.tensorboard_dir = os.path.join(self.local, "tensorboard")
         self.tensorboard = SummaryWriter(self.tensorboard_dir)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        record: dict[str, Any] = {"step": step, "time": round(time.time(), 3)}
+    def log(self, step: int, metrics: dict[str, float], *, at: float | None = None) -> None:
+        """One step's record; `at`: the wall time the step ended (default: now)."""
+        record: dict[str, Any] = {"step": step, "time": round(time.time() if at is None else at, 3)}
         if step <= self.logged_until:
             record["replayed"] = True
         for name, value in metrics.items():

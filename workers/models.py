@@ -224,8 +224,12 @@ def make_key_encoder(query: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def momentum_update(key_module: nn.Module, query_module: nn.Module, momentum: float) -> None:
-    """EMA of the key encoder: key = momentum x key + (1 - momentum) x query, per parameter.
+def momentum_update(
+    key_module: nn.Module, query_module: nn.Module, momentum: float, *, apply: torch.Tensor | None = None
+) -> None:
+    """EMA of the key encoder: key = momentum x key + (1 - momentum) x query, per parameter,
+    in one foreach kernel. `apply`, a 0-dim bool tensor, makes the update conditional on the
+    device (False: nothing changes) without a host sync.
 
     Buffers (BatchNorm running statistics, counters) are copied from the query encoder.
     Parameters and buffers are matched by registration order, so `query_module` may be the
@@ -235,6 +239,9 @@ def momentum_update(key_module: nn.Module, query_module: nn.Module, momentum: fl
     query_params = list(query_module.parameters())
     if len(key_params) != len(query_params):
         raise ValueError(f"key encoder has {len(key_params)} parameters, query encoder {len(query_params)}")
-    torch._foreach_lerp_(key_params, [q.detach() for q in query_params], 1.0 - momentum)
+    weight: float | torch.Tensor = 1.0 - momentum
+    if apply is not None:
+        weight = apply.to(key_params[0].dtype) * (1.0 - momentum)
+    torch._foreach_lerp_(key_params, [q.detach() for q in query_params], weight)
     for key_buffer, query_buffer in zip(key_module.buffers(), query_module.buffers(), strict=True):
-        key_buffer.copy_(query_buffer)
+        key_buffer.copy_(query_buffer if apply is None else torch.where(apply, query_buffer, key_buffer))

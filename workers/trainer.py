@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from service.config import Config, MethodConfig, ModelConfig, OptimConfig
+from service.config import Config, MethodConfig, ModelConfig, OptimConfig, TrainConfig
 from workers.diagnostics import step_statistics
 from workers.dictionary import EMPTY_ID, CandidatePool, NegativeDictionary
 from workers.loss import cross_modal_nce
@@ -50,24 +50,56 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def build_model(cfg: ModelConfig, *, device: torch.device) -> tuple[AudioVisualEncoder, AudioVisualEncoder]:
-    """Query encoders (f_v, f_a with heads) and their EMA key encoders (h_v, h_a), on `device`.
+def use_channels_last(train: TrainConfig, device: torch.device) -> bool:
+    """NDHWC video tensors and weights (`train.channels_last`): on CUDA only, where cuDNN's 3D
+    convolutions are fastest that way."""
+    return train.channels_last and device.type == "cuda"
+
+
+def use_compile(train: TrainConfig, device: torch.device) -> bool:
+    """`train.compile`: "auto" compiles on CUDA (about 40 s once, then faster steps), not on
+    CPU (where compiling takes longer than a short run)."""
+    return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
+
+
+def prepare_video(video: Tensor, *, channels_last: bool) -> Tensor:
+    return video.contiguous(memory_format=torch.channels_last_3d) if channels_last else video
+
+
+def build_model(
+    cfg: ModelConfig, *, device: torch.device, channels_last: bool | None = None
+) -> tuple[AudioVisualEncoder, AudioVisualEncoder]:
+    """Query encoders (f_v, f_a with heads) and their EMA key encoders (h_v, h_a), on `device`;
+    NDHWC weights with `channels_last` (default: on CUDA).
 
     Seed torch's global generator first for a reproducible initialisation.
     """
     query = build_encoders(cfg).to(device)
-    if device.type == "cuda":  # cuDNN's 3D convolutions are fastest in NDHWC
+    if device.type == "cuda" if channels_last is None else channels_last:
         query = query.to(memory_format=torch.channels_last_3d)
     key = make_key_encoder(query)
     return query, key
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def fused_available(device: torch.device) -> bool:
+    return device.type in ("cuda", "cpu")  # torch's fused SGD and AdamW kernels
+
+
+def build_optimizer(
+    cfg: OptimConfig, params: Iterable[nn.Parameter], *, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """SGD or AdamW; with `optim.fused` their fused kernels (one kernel for all parameters,
+    and an on-device skip of a non-finite step: `train_step`)."""
+    fused = True if cfg.fused and fused_available(device or torch.device("cpu")) else None
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     raise ValueError(f"optim.name: unknown optimiser {cfg.name!r}")
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.defaults.get("fused"))
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -125,9 +157,12 @@ class TrainState:
 def build_train_state(cfg: Config, *, device: torch.device) -> TrainState:
     """Encoders initialised from `train.seed`, optimiser and schedule over `train.steps`."""
     torch.manual_seed(cfg.train.seed)
-    query, key = build_model(cfg.model, device=device)
-    optimizer = build_optimizer(cfg.optim, query.parameters())
+    query, key = build_model(cfg.model, device=device, channels_last=use_channels_last(cfg.train, device))
+    optimizer = build_optimizer(cfg.optim, query.parameters(), device=device)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.steps)
+    if use_compile(cfg.train, device):  # in place: parameter names and checkpoints are unchanged
+        query.compile()
+        key.compile()
     return TrainState(query=query, key=key, optimizer=optimizer, scheduler=scheduler)
 
 
@@ -180,17 +215,35 @@ def build_dictionaries(cfg: Config, *, device: torch.device) -> Dictionaries:
 
 @dataclass(kw_only=True)
 class StepOutput:
-    """A step's loss parts (floats, nats) and the batch's embeddings for the dictionary update."""
+    """A step's loss parts (0-dim tensors, nats, on the device: reading them is a host sync,
+    so the distributed loop reads them every `train.log_every` steps), its finiteness and the
+    batch's embeddings for the dictionary update."""
 
-    losses: dict[str, float]
+    step: int  # the step taken (0-based)
+    losses: dict[str, Tensor]
     lr: float
+    finite: Tensor  # 0-dim bool: every rank's loss (and gradient norm) finite; False = nothing was updated
     queries_v: Tensor  # M x d, detached
     queries_a: Tensor  # M x d, detached
     keys_v: Tensor  # M x d
     keys_a: Tensor  # M x d
 
 
-def _check_finite(
+def non_finite_error(step: int, what: str, losses: Mapping[str, Tensor]) -> NonFiniteLossError:
+    parts = ", ".join(f"{name}={float(v.detach()):.4g}" for name, v in losses.items())
+    return NonFiniteLossError(
+        f"step {step}: the {what} is not finite ({parts}); stopped before the optimiser step, weights unchanged"
+    )
+
+
+def check_finite(out: StepOutput) -> None:
+    """Raise NonFiniteLossError when the step was not finite (a host sync: the distributed
+    loop calls it once the step's results are on the host anyway)."""
+    if not bool(out.finite):
+        raise non_finite_error(out.step, "loss or gradient norm", out.losses)
+
+
+def _check_finite_now(
     value: Tensor,
     *,
     what: str,
@@ -198,15 +251,13 @@ def _check_finite(
     losses: Mapping[str, Tensor],
     all_finite: Callable[[bool], bool] | None = None,
 ) -> None:
-    # One host sync per step: the price of stopping before a bad update rather than after it.
+    # A host sync in the middle of the step: the price of stopping before a bad update when
+    # the optimiser cannot skip one on the device (optim.fused = false).
     finite = bool(torch.isfinite(value))
     if all_finite is not None:  # every rank must stop together, or DDP's all-reduce would hang
         finite = all_finite(finite)
     if not finite:
-        parts = ", ".join(f"{name}={float(v.detach()):.4g}" for name, v in losses.items())
-        raise NonFiniteLossError(
-            f"step {step}: the {what} is not finite ({parts}); stopped before the optimiser step, weights unchanged"
-        )
+        raise non_finite_error(step, what, losses)
 
 
 def train_step(
@@ -218,19 +269,25 @@ def train_step(
     method: MethodConfig,
     grad_clip: float = 0.0,
     amp_dtype: torch.dtype | None = None,
+    channels_last: bool | None = None,
     all_finite: Callable[[bool], bool] | None = None,
+    all_finite_on_device: Callable[[Tensor], Tensor] | None = None,
+    defer_check: bool = False,
 ) -> StepOutput:
     """One CM-ACC step on a batch already on the device (steps 1 to 3 of the method).
 
-    Raises NonFiniteLossError before the optimiser step when the loss (or, with `grad_clip`,
-    the gradient norm) is not finite; the weights are then unchanged. In a data-parallel run
-    `all_finite` combines every rank's verdict (True only if all are finite), so that all
-    ranks stop at the same step.
+    A non-finite loss (or, with `grad_clip`, gradient norm) changes no weight. By default the
+    step raises NonFiniteLossError before the optimiser step. With `defer_check` and a fused
+    optimiser nothing waits for the host: the verdict stays on the device, the optimiser and
+    the EMA skip the update there (fused kernels' `found_inf`; an EMA weight of 0), and the
+    caller raises later with `check_finite(out)`. In a data-parallel run `all_finite` (host
+    bools) or `all_finite_on_device` (0-dim tensors) combine every rank's verdict, so that all
+    ranks stop at the same step. `channels_last` (default: on CUDA) makes the clips NDHWC.
     """
     video, audio, clip_ids = batch["video"], batch["audio"], batch["index"]
     device = video.device
-    if device.type == "cuda":
-        video = video.contiguous(memory_format=torch.channels_last_3d)
+    video = prepare_video(video, channels_last=device.type == "cuda" if channels_last is None else channels_last)
+    deferred = defer_check and is_fused(state.optimizer)
     state.optimizer.zero_grad(set_to_none=True)
     autocast = nullcontext() if amp_dtype is None else torch.autocast(device_type=device.type, dtype=amp_dtype)
     with autocast:
@@ -250,19 +307,34 @@ def train_step(
         dictionary_ids_a=dictionary_a.ids,
         dictionary_ids_v=dictionary_v.ids,
     )
-    _check_finite(losses["loss"], what="loss", step=state.step, losses=losses, all_finite=all_finite)
+    if not deferred:
+        _check_finite_now(losses["loss"], what="loss", step=state.step, losses=losses, all_finite=all_finite)
     losses["loss"].backward()
+    finite = torch.isfinite(losses["loss"].detach())
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(state.query.parameters(), grad_clip)
-        _check_finite(grad_norm, what="gradient norm", step=state.step, losses=losses, all_finite=all_finite)
+        if deferred:
+            finite = finite & torch.isfinite(grad_norm)
+        else:
+            _check_finite_now(grad_norm, what="gradient norm", step=state.step, losses=losses, all_finite=all_finite)
+    if deferred and all_finite_on_device is not None:
+        finite = all_finite_on_device(finite)
     lr = state.optimizer.param_groups[0]["lr"]
-    state.optimizer.step()
+    if deferred:
+        state.optimizer.found_inf = (~finite).float()  # read by the fused kernels: skip when 1
+        state.optimizer.step()
+        del state.optimizer.found_inf
+        momentum_update(state.key, state.query, method.momentum, apply=finite)
+    else:
+        state.optimizer.step()
+        momentum_update(state.key, state.query, method.momentum)
     state.scheduler.step()
-    momentum_update(state.key, state.query, method.momentum)
     state.step += 1
     return StepOutput(
-        losses={name: float(value.detach()) for name, value in losses.items()},
+        step=state.step - 1,
+        losses={name: value.detach() for name, value in losses.items()},
         lr=lr,
+        finite=finite,
         queries_v=queries_v.detach().float(),
         queries_a=queries_a.detach().float(),
         keys_v=keys_v.float(),
@@ -270,10 +342,11 @@ def train_step(
     )
 
 
-def step_metrics(out: StepOutput, *, num_clips: int, compute_s: float) -> dict[str, float]:
-    """The metrics of one step under their logged names: loss parts (nats), the learning
-    rate the step used and the clips per second of its compute (`compute_s`: from the batch
-    on the device to the dictionaries updated)."""
+def step_metrics(out: StepOutput, *, num_clips: int, compute_s: float) -> dict[str, Any]:
+    """The metrics of one step under their logged names: loss parts (nats; 0-dim tensors as
+    the step left them, `host_values` reads them), the learning rate the step used and the
+    clips per second of its compute (`compute_s`: from the batch on the device to the
+    dictionaries updated)."""
     return {
         "train/loss": out.losses["loss"],
         "train/loss_va": out.losses["loss_va"],
@@ -281,6 +354,18 @@ def step_metrics(out: StepOutput, *, num_clips: int, compute_s: float) -> dict[s
         "train/lr": out.lr,
         "train/clips_per_s": num_clips / max(compute_s, 1e-9),
     }
+
+
+def host_values(records: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """`records` with every 0-dim tensor replaced by its float: one host copy for all."""
+    places = [(i, name) for i, record in enumerate(records) for name, v in record.items() if isinstance(v, Tensor)]
+    if not places:
+        return records
+    values = torch.stack([records[i][name].detach().float().reshape(()) for i, name in places]).tolist()
+    out = [dict(record) for record in records]
+    for (i, name), value in zip(places, values, strict=True):
+        out[i][name] = value
+    return out
 
 
 def update_dictionaries(
@@ -419,6 +504,7 @@ def train(
             "data/wait_s": loaded - started,
             "dict/select_ms": 1000 * (finished - select_started),
         }
+        metrics = host_values([metrics])[0]
         if state.step % cfg.train.log_every == 0 or state.step == total:
             metrics.update(
                 step_statistics(

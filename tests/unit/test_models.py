@@ -1,5 +1,6 @@
 """Encoders, the EMA key update and the single-process trainer's step (docs/architecture.md, "The method")."""
 
+import copy
 import itertools
 import math
 
@@ -13,6 +14,9 @@ from workers.trainer import (
     NonFiniteLossError,
     build_dictionaries,
     build_train_state,
+    check_finite,
+    host_values,
+    is_fused,
     lr_factor,
     train,
     train_step,
@@ -169,6 +173,42 @@ def test_non_finite_loss_stops_before_the_optimiser_step_with_weights_unchanged(
         assert torch.equal(a, b)
     for a, b in zip(key_before, state.key.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimiser", ["sgd", "adamw"])
+def test_a_deferred_non_finite_step_changes_nothing_on_the_device_and_is_raised_by_check_finite(optimiser):
+    cfg = tiny_config()
+    cfg.optim.name = optimiser
+    state = build_train_state(cfg, device=torch.device("cpu"))
+    assert is_fused(state.optimizer)  # optim.fused defaults to on, and CPU has the kernels
+    dictionaries = build_dictionaries(cfg, device=torch.device("cpu"))
+    step = dict(dictionary_v=dictionaries.dictionary_v, dictionary_a=dictionaries.dictionary_a, method=cfg.method)
+    train_step(state, make_batch(0), defer_check=True, **step)  # one good step: optimiser state exists
+    query_before = [p.clone() for p in state.query.parameters()]
+    key_before = [p.clone() for p in state.key.parameters()]  # buffers: the forward passes update them
+    optimiser_before = copy.deepcopy(state.optimizer.state_dict()["state"])
+    batch = make_batch(1)
+    batch["audio"][1] = float("nan")
+    out = train_step(state, batch, defer_check=True, grad_clip=1.0, **step)  # no exception: nothing waited
+    assert not bool(out.finite) and out.step == 1
+    with pytest.raises(NonFiniteLossError, match=r"step 1: the loss or gradient norm is not finite"):
+        check_finite(out)
+    assert all(torch.equal(a, b) for a, b in zip(query_before, state.query.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(key_before, state.key.parameters(), strict=True))
+    for slot, values in optimiser_before.items():
+        for name, value in values.items():
+            assert torch.equal(value, state.optimizer.state_dict()["state"][slot][name]), name
+    good = train_step(state, make_batch(2), defer_check=True, **step)
+    check_finite(good)  # finite: nothing raised
+    assert any(not torch.equal(a, b) for a, b in zip(query_before, state.query.parameters(), strict=True))
+
+
+def test_host_values_reads_every_tensor_of_every_record_at_once():
+    records = [{"a": torch.tensor(1.5), "b": 2.0}, {"a": torch.tensor(float("nan")), "c": torch.tensor(3)}]
+    resolved = host_values(records)
+    assert resolved[0] == {"a": 1.5, "b": 2.0}
+    assert math.isnan(resolved[1]["a"]) and resolved[1]["c"] == 3.0
+    assert isinstance(records[0]["a"], torch.Tensor)  # the input is left as it was
 
 
 @pytest.mark.parametrize("sampler", ["active", "random", "moco"])

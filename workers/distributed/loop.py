@@ -6,7 +6,8 @@ Each step, on every rank: a batch from the rank's `ClipReader`, device transform
 query encoders in DDP). Then the global batch's keys, queries and clip ids are gathered and
 rank 0 sends them to the actor without waiting; the deltas due at this step (see
 `replicas`) are broadcast and applied on every rank. A checkpoint is written every
-`checkpoint.every_steps`, at the end and on a stop request.
+`checkpoint.every_steps`, at the end and on a stop request. Nothing else in a step waits
+for the device (docs/performance.md): losses are read every `train.log_every` steps.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,17 @@ from workers.distributed.faults import Faults
 from workers.distributed.replicas import DeltaSchedule, Replicas, build_replicas
 from workers.metrics import MetricsLog, NullMetricsLog
 from workers.tensors import to_numpy
-from workers.trainer import NonFiniteLossError, StepOutput, TrainState, autocast_dtype, build_train_state, step_metrics
+from workers.trainer import (
+    NonFiniteLossError,
+    StepOutput,
+    TrainState,
+    autocast_dtype,
+    build_train_state,
+    check_finite,
+    host_values,
+    step_metrics,
+    use_channels_last,
+)
 from workers.trainer import train_step as method_step
 
 PROGRESS_EVERY_S = 0.5  # how often rank 0 tells the actor its step, for the driver's progress bar
@@ -74,6 +85,8 @@ class Worker:
     faults: Faults
     note: ReadingNote  # where this rank is reading, left behind if the process dies
     repeated_crash: str = ""  # the previous two attempts died at the same place: the run ends
+    staged: HostCopy | None = None  # rank 0: the newest global batch on its way to the host, not submitted yet
+    unchecked: StepOutput | None = None  # the newest step whose finiteness was not read yet
 
     def close(self) -> None:
         self.reader.close()
@@ -210,7 +223,12 @@ def look_at_crashes(run: RunContext, rank: int) -> str:
 
 
 def run_steps(w: Worker) -> dict[str, Any]:
-    """Steps until `train.steps`, a stop request or a non-finite loss; returns the outcome."""
+    """Steps until `train.steps`, a stop request or a non-finite loss; returns the outcome.
+
+    Nothing in a step waits for the device but the copy of the global batch's embeddings to
+    the host that the actor needs (rank 0) and the broadcast of its deltas: the step's loss
+    values stay on the device and are read, with every step's since, when the metrics are
+    written (every `train.log_every` steps, at checkpoints and at the end)."""
     cfg, state = w.cfg, w.state
     total = cfg.train.steps
     batches = iter(w.reader)
@@ -219,6 +237,7 @@ def run_steps(w: Worker) -> dict[str, Any]:
     state.key.train()
     last_log = last_progress = time.perf_counter()
     metrics: dict[str, float] = {}
+    pending = PendingMetrics(w.log)
     stop = False
     while state.step < total and not stop:
         step = state.step
@@ -230,36 +249,62 @@ def run_steps(w: Worker) -> dict[str, Any]:
         try:
             out = train_step(w, batch)
         except NonFiniteLossError as err:
+            pending.flush()
             return _failed(step, metrics, str(err))
-        exchanged = exchange_with_actor(w, out, batch)
+        log_due = state.step % cfg.train.log_every == 0 or state.step >= total
+        flush = log_due or state.step % cfg.checkpoint.every_steps == 0
+        exchanged = exchange_with_actor(w, out, batch, flush=flush)
         if exchanged.error:
+            pending.flush()
             return _failed(state.step, metrics, exchanged.error)
         stop = (
             exchanged.stop_requested or state.step == w.faults.stop_step or _preempted(state.step, cfg.train.log_every)
         )
-        metrics = step_metrics(out, num_clips=exchanged.clip_ids.shape[0], compute_s=time.perf_counter() - loaded)
-        metrics.update(data_metrics(w, wait_s=loaded - started, clip_ids=exchanged.clip_ids))
-        metrics.update(actor_metrics(w, exchanged))
+        # Finiteness: the previous step's now (its results reached the host with this
+        # exchange, so reading it waits for nothing), this step's too before any checkpoint.
+        unchecked = [o for o in (w.unchecked, out) if o is not None]
+        w.unchecked = None if flush or stop else unchecked.pop()
+        try:
+            for done in unchecked:
+                check_finite(done)
+        except NonFiniteLossError as err:
+            pending.flush()
+            return _failed(done.step, metrics, str(err))
+        step_done = time.perf_counter()
+        step_ended_at = time.time()
+        step_record = step_metrics(out, num_clips=exchanged.num_clips, compute_s=step_done - loaded)
+        step_record.update(data_metrics(w, wait_s=loaded - started))
+        step_record.update(actor_metrics(w, exchanged))
         at_end = state.step >= total or stop
+        log_due = log_due or at_end
         checkpoint_due = at_end or state.step % cfg.checkpoint.every_steps == 0
+        digests = dict(exchanged.digests)
         actor_state = None
         if checkpoint_due:
-            actor_state, error = fetch_actor_state(w)
+            actor_state, error = fetch_actor_state(w, digests)
             if error:
+                pending.flush()
                 return _failed(state.step, metrics, error)
-        if w.schedule is not None and (state.step % cfg.train.log_every == 0 or at_end):
-            metrics.update(measured(w, exchanged, step))
+        for record_step, digest in digests.items():
+            if record_step == state.step:
+                step_record["data/batch_digest"] = digest
+            else:
+                pending.patch(record_step, {"data/batch_digest": digest})
+        if w.schedule is not None and log_due:
+            step_record.update(measured(w, exchanged, step))
         if step == start_step:  # marks where each attempt began: the steps a failure cost
-            metrics["run/start_step"] = float(start_step)
+            step_record["run/start_step"] = float(start_step)
         if at_end:
-            metrics.update(final_checks(w, actor_state))
+            step_record.update(final_checks(w, actor_state))
             if stop:
-                metrics["stopped"] = 1.0
-        w.log.log(state.step, metrics)
+                step_record["stopped"] = 1.0
+        pending.add(state.step, step_record, at=step_ended_at)
+        if log_due or checkpoint_due:
+            metrics = pending.flush()
         if w.schedule is not None and (at_end or time.perf_counter() - last_progress >= PROGRESS_EVERY_S):
-            w.schedule.client.report_progress(_progress(state.step, total, metrics))
+            w.schedule.client.report_progress(_progress(state.step, total, metrics, step_record))
             last_progress = time.perf_counter()
-        if w.rank == 0 and (state.step % cfg.train.log_every == 0 or at_end):
+        if w.rank == 0 and log_due:
             rate = cfg.train.log_every if state.step % cfg.train.log_every == 0 else 1
             say(progress_line(state.step, total, metrics, rate / max(time.perf_counter() - last_log, 1e-9)))
             last_log = time.perf_counter()
@@ -278,6 +323,35 @@ def run_steps(w: Worker) -> dict[str, Any]:
     return {"state": "stopped" if stop else "succeeded", "step": state.step, "metrics": metrics, "error": ""}
 
 
+class PendingMetrics:
+    """Steps' metrics not written yet, with their loss values still on the device: `flush`
+    reads them all in one host copy, writes each step's record (timed when the step ended)
+    and returns the newest record."""
+
+    def __init__(self, log: NullMetricsLog):
+        self.log = log
+        self.records: list[tuple[int, dict[str, Any], float]] = []
+
+    def add(self, step: int, record: dict[str, Any], *, at: float) -> None:
+        self.records.append((step, record, at))
+
+    def patch(self, step: int, values: dict[str, Any]) -> None:
+        """Add `values` to the pending record of `step` (none there: nothing to add to)."""
+        for pending_step, record, _ in reversed(self.records):
+            if pending_step == step:
+                record.update(values)
+                return
+
+    def flush(self) -> dict[str, float]:
+        if not self.records:
+            return {}
+        resolved = host_values([record for _, record, _ in self.records])
+        for (step, _, at), record in zip(self.records, resolved, strict=True):
+            self.log.log(step, record, at=at)
+        self.records.clear()
+        return resolved[-1]
+
+
 def _failed(step: int, metrics: dict[str, float], error: str) -> dict[str, Any]:
     """The outcome of a run that every rank ends at once, without an exception Ray Train would
     retry: a non-finite loss, or a dictionary actor that could not be recovered (training on
@@ -287,12 +361,14 @@ def _failed(step: int, metrics: dict[str, float], error: str) -> dict[str, Any]:
     return {"state": "failed", "step": step, "metrics": metrics, "error": message}
 
 
-def fetch_actor_state(w: Worker) -> tuple[dict[str, Any] | None, str]:
-    """The actor's state for a checkpoint (rank 0; None elsewhere) and, on every rank, the
-    error that ends the run when the actor cannot give it ("" when it did)."""
+def fetch_actor_state(w: Worker, digests: dict[int, float]) -> tuple[dict[str, Any] | None, str]:
+    """The actor's state for a checkpoint (rank 0; None elsewhere), after the staged batch
+    (a stop between flushes leaves one) is submitted, its digest added to `digests`; and, on
+    every rank, the error that ends the run when the actor cannot give it ("" when it did)."""
     actor_state, error = None, ""
     if w.schedule is not None:
         try:
+            digests.update(submit_staged(w))
             actor_state = w.schedule.actor_state(w.replicas)
         except ActorError as err:
             error = str(err)
@@ -300,8 +376,10 @@ def fetch_actor_state(w: Worker) -> tuple[dict[str, Any] | None, str]:
 
 
 def train_step(w: Worker, batch: dict[str, Any]) -> StepOutput:
-    """The method's step on this rank's batch, against this rank's replicas; every rank stops
-    together on a non-finite loss."""
+    """The method's step on this rank's batch, against this rank's replicas. A non-finite
+    loss changes nothing on any rank; with a fused optimiser the verdict stays on the device
+    (the loop reads it with `check_finite` after the exchange), else every rank stops
+    together inside the step."""
     if w.state.step == w.faults.nan_step:
         batch["video"] = batch["video"] * float("nan")
     return method_step(
@@ -312,7 +390,10 @@ def train_step(w: Worker, batch: dict[str, Any]) -> StepOutput:
         method=w.cfg.method,
         grad_clip=w.cfg.optim.grad_clip,
         amp_dtype=autocast_dtype(w.cfg.train.precision, w.device),
+        channels_last=use_channels_last(w.cfg.train, w.device),
         all_finite=lambda ok: collectives.all_ranks_true(ok, w.device),
+        all_finite_on_device=collectives.all_ranks_true_on_device,
+        defer_check=True,
     )
 
 
@@ -325,24 +406,72 @@ class Exchanged:
     labels: torch.Tensor  # M: their labels (-1 when unknown)
     gathered: dict[str, torch.Tensor]  # the global batch's queries_v, queries_a, keys_v, keys_a [M, d]
     deltas: list[Delta]  # the deltas applied now
+    digests: dict[int, float] = field(default_factory=dict)  # rank 0: {step record: batch digest} submitted now
     error: str = ""  # the actor failed for good: the run ends
 
+    @property
+    def num_clips(self) -> int:
+        return int(self.clip_ids.shape[0])
 
-def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Exchanged:
+
+class HostCopy:
+    """A step's global batch on its way to the host for the actor: on CUDA copied into pinned
+    memory without waiting, with an event to wait on when it is submitted (by then, usually,
+    long done); on the CPU the tensors themselves."""
+
+    def __init__(self, step: int, tensors: dict[str, torch.Tensor]):
+        self.step = step  # the step whose batch this is
+        self.event = None
+        self.tensors = dict(tensors)
+        if any(t.is_cuda for t in tensors.values()):
+            self.tensors = {}
+            for name, tensor in tensors.items():
+                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host.copy_(tensor, non_blocking=True)
+                self.tensors[name] = host
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return {name: to_numpy(tensor) for name, tensor in self.tensors.items()}
+
+
+def submit_staged(w: Worker) -> dict[int, float]:
+    """Rank 0: submit the staged batch to the actor; returns {its step's record: the batch's
+    digest} (nothing when none is staged)."""
+    if w.staged is None or w.schedule is None:
+        return {}
+    staged, w.staged = w.staged, None
+    arrays = staged.arrays()
+    w.schedule.submit(staged.step, arrays)
+    # the global batch's clip ids, condensed: resumed and uninterrupted runs must agree
+    return {staged.step + 1: float(zlib.crc32(arrays["clip_ids"].tobytes()))}
+
+
+def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any], *, flush: bool) -> Exchanged:
     """Gather the global batch, send it to the actor (rank 0) and apply the deltas due now
-    on every rank."""
+    on every rank.
+
+    With `method.max_staleness` >= 1 the deltas due now are of batches at least one step
+    older, so rank 0 stages this batch (its copy to the host runs without waiting) and
+    submits it at the next step; with `flush` (log steps, checkpoints, the end) or
+    `max_staleness = 0` it submits it now. Either way the actor sees every batch in step
+    order, so the run does not depend on when the copies finish."""
     gathered = {
         name: collectives.gather_rows(getattr(out, name)) for name in ("queries_v", "queries_a", "keys_v", "keys_a")
     }
     clip_ids = collectives.gather_rows(batch["index"])
     labels = collectives.gather_rows(batch["label"])
     control: dict[str, Any] = {"deltas": [], "stop": False, "error": ""}
+    digests: dict[int, float] = {}
     if w.schedule is not None:
-        arrays = {name: to_numpy(value) for name, value in gathered.items()}
-        arrays["clip_ids"] = to_numpy(clip_ids)
-        arrays["labels"] = to_numpy(labels)
         try:
-            w.schedule.submit(w.state.step - 1, arrays)  # the batch of the step just taken
+            digests.update(submit_staged(w))  # the previous step's batch
+            w.staged = HostCopy(w.state.step - 1, {**gathered, "clip_ids": clip_ids, "labels": labels})
+            if flush or w.cfg.method.max_staleness == 0:
+                digests.update(submit_staged(w))
             final = w.state.step >= w.cfg.train.steps
             control["deltas"] = w.schedule.due(w.state.step, w.replicas, drain=final)
         except ActorError as err:  # what the schedule could not recover from
@@ -351,7 +480,13 @@ def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Ex
     control = collectives.broadcast_from_rank0(control)
     if control["error"]:
         return Exchanged(
-            stop_requested=True, clip_ids=clip_ids, labels=labels, gathered=gathered, deltas=[], error=control["error"]
+            stop_requested=True,
+            clip_ids=clip_ids,
+            labels=labels,
+            gathered=gathered,
+            deltas=[],
+            digests=digests,
+            error=control["error"],
         )
     for delta in control["deltas"]:
         w.replicas.apply(delta)
@@ -361,19 +496,19 @@ def exchange_with_actor(w: Worker, out: StepOutput, batch: dict[str, Any]) -> Ex
         labels=labels,
         gathered=gathered,
         deltas=control["deltas"],
+        digests=digests,
     )
 
 
 # --- metrics and checks -----------------------------------------------------------------------
 
 
-def data_metrics(w: Worker, *, wait_s: float, clip_ids: torch.Tensor) -> dict[str, float]:
+def data_metrics(w: Worker, *, wait_s: float) -> dict[str, float]:
+    """`data/batch_digest` joins the record when rank 0 submits the batch (`submit_staged`)."""
     return {
         "data/wait_s": wait_s,
         "data/skipped": float(w.reader.num_skipped),
         "storage/retries": float(sum(storage.RETRIES.values())),  # this rank's process, since it started
-        # the global batch's clip ids, condensed: resumed and uninterrupted runs must agree
-        "data/batch_digest": float(zlib.crc32(to_numpy(clip_ids).tobytes())),
     }
 
 
@@ -439,8 +574,15 @@ def _preempted(step: int, every: int) -> bool:
     return step % every == 0 and ray.train.get_preemption_info() is not None
 
 
-def _progress(step: int, total: int, metrics: dict[str, float]) -> dict[str, float]:
-    return {"step": step, "total": total, "loss": metrics["train/loss"], "clips_per_s": metrics["train/clips_per_s"]}
+def _progress(step: int, total: int, written: dict[str, float], now: dict[str, Any]) -> dict[str, float]:
+    """For the driver's display: the step now, the loss as of the last written metrics (NaN
+    before the first), the clips/s now."""
+    return {
+        "step": step,
+        "total": total,
+        "loss": written.get("train/loss", math.nan),
+        "clips_per_s": now["train/clips_per_s"],
+    }
 
 
 def say(line: str) -> None:
