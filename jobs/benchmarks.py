@@ -1,0 +1,187 @@
+"""The work of `cmacc bench train` and `cmacc bench reader` (and of `python -m jobs.bench`):
+(a) the plain step against (b) a real pretraining job, side by side; the reader over a data
+set (docs/performance.md). The arguments are parsed and checked in `service.commands.bench`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from service import config, layout, storage
+from service.errors import Failure
+from service.requests import PretrainRequest
+
+
+def variants(cfg: config.Config, device: str) -> list[tuple[str, list[str]]]:
+    """The plain-step variants: each speed setting flipped from what the recipe resolves to."""
+    compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device == "cuda")
+    found = [
+        ("optim.fused=" + str(not cfg.optim.fused).lower(), [f"optim.fused={str(not cfg.optim.fused).lower()}"]),
+        ("train.compile=" + ("off" if compiled else "on"), [f"train.compile={'off' if compiled else 'on'}"]),
+    ]
+    if device == "cuda":
+        flipped = str(not cfg.train.channels_last).lower()
+        found.append((f"train.channels_last={flipped}", [f"train.channels_last={flipped}"]))
+        precision = "fp32" if cfg.train.precision in ("auto", "bf16") else "bf16"
+        found.append((f"train.precision={precision}", [f"train.precision={precision}"]))
+    return found
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class QuietProgress:
+    """The service run's progress for the bench: a line on stderr every 5 s."""
+
+    def __init__(self, client: Any, total: int, initial: int):
+        self.total, self.last = total, 0.0
+
+    def show(self, progress: dict[str, Any]) -> None:
+        if time.monotonic() - self.last >= 5:
+            self.last = time.monotonic()
+            say(f"bench: service path at step {progress['step']}/{self.total}")
+
+    def close(self) -> None:
+        pass
+
+
+def service_path(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """(b): a real pretraining run of the recipe with the bench's steps and checkpoints,
+    reduced to figures from its metrics log; the run's folder is removed unless --storage."""
+    from jobs.pretrain import pretrain
+    from workers.bench.train import service_figures
+    from workers.metrics import read_metrics
+
+    forced = [
+        f"train.steps={args.warmup + args.steps}",
+        f"checkpoint.every_steps={args.checkpoint_every}",
+        "eval.after_training=false",
+        f"resources.num_workers={args.workers}",
+        f"resources.use_gpu={'true' if device == 'cuda' else 'false'}",
+    ]
+    root = args.storage or tempfile.mkdtemp(prefix="cmacc-bench-")
+    run_id = time.strftime("bench-%Y%m%d-%H%M%S")
+    request = PretrainRequest(
+        run_id=run_id, recipe=args.recipe, overrides=(*args.overrides, *forced), storage=root, data=args.data
+    )
+    say(f"bench: (b) the service path: pretraining run {run_id} in {root} ...")
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the job's own lines: stdout is the report's
+        outcome = pretrain(request, progress=QuietProgress)
+    wall_s = time.perf_counter() - started
+    if outcome["state"] != "succeeded":
+        raise Failure(f"cmacc bench train: the service run {run_id} ended {outcome['state']}: {outcome.get('error')}")
+    cfg = config.load_recipe(args.recipe, [*args.overrides, *forced])
+    run_uri = layout.run_uri(root, run_id)
+    records = read_metrics(run_uri, endpoint_url=cfg.storage.endpoint_url)
+    figures = service_figures(
+        records, global_batch=cfg.global_batch_size, warmup=args.warmup, checkpoint_every=args.checkpoint_every
+    )
+    figures.update(run=run_uri, wall_s=wall_s, timings=outcome.get("timings", {}))
+    if args.storage is None:  # a temporary folder of this bench
+        shutil.rmtree(root, ignore_errors=True)
+        figures["run"] = None
+    return figures
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from workers.bench import train as bench_train
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Failure("cmacc bench train: --device cuda, but this machine has no CUDA device")
+    device_settings = [f"resources.use_gpu={'true' if device.type == 'cuda' else 'false'}"]
+    cfg = config.load_recipe(args.recipe, [*args.overrides, *device_settings])
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))  # as many as a worker gets
+    peak = args.peak_tflops or bench_train.known_peak(device)
+    say(f"bench: (a) the plain step of {args.recipe} on {args.device} ...")
+    plain = bench_train.plain_step(cfg, device=device, steps=args.steps, warmup=args.warmup)
+    flops_per_clip = plain["flops_per_step"] / cfg.train.batch_size if plain["flops_per_step"] else None
+    bench_train.with_utilisation(plain, flops_per_clip=flops_per_clip, peak_tflops=peak)
+    report: dict[str, Any] = {
+        "benchmark": "train",
+        "recipe": args.recipe,
+        "overrides": list(args.overrides),
+        "device": args.device,
+        "device_name": bench_train.device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": cfg.train.batch_size,
+        "workers": args.workers,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "checkpoint_every": args.checkpoint_every,
+        "peak_tflops": peak,
+        "flops_per_clip": flops_per_clip,
+        "date": time.strftime("%Y-%m-%d"),
+        "plain": plain,
+        "variants": [],
+    }
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    service: dict[str, Any] = {}
+    if not args.plain_only:
+        service = service_path(args, args.device)
+        bench_train.with_utilisation(service, flops_per_clip=flops_per_clip, peak_tflops=peak)
+    report["service"] = service
+    ratio = service.get("clips_per_s")
+    report["ratio"] = ratio / plain["clips_per_s"] if ratio else None
+    # The variants last: compiling leaves worker processes behind that would share the CPUs with (b).
+    if args.variants:
+        for name, settings in variants(cfg, args.device):
+            say(f"bench: (a) variant {name} ...")
+            variant_cfg = config.load_recipe(args.recipe, [*args.overrides, *device_settings, *settings])
+            try:
+                figures = bench_train.plain_step(
+                    variant_cfg, device=device, steps=args.steps, warmup=args.warmup, count_flops=False
+                )
+                report["variants"].append({"name": name, "figures": figures, "error": ""})
+            except Exception as err:  # a variant this machine cannot run (e.g. no compiler): said, not fatal
+                report["variants"].append({"name": name, "figures": None, "error": f"{type(err).__name__}: {err}"})
+    text = json.dumps(report, indent=2)
+    print(text if args.json else bench_train.table(report), flush=True)
+    if args.out:
+        storage.write_bytes(args.out, (text + "\n").encode())
+    return 0
+
+
+def run_reader(args: argparse.Namespace, threads: list[int]) -> int:
+    from workers.bench import reader as bench_reader
+
+    cfg = config.load_recipe(args.recipe, list(args.overrides))
+    endpoint = args.endpoint_url or cfg.storage.endpoint_url
+    results = []
+    for count in threads:
+        say(f"bench: reader with {count} decode thread(s) ...")
+        results.append(
+            bench_reader.time_reader(
+                cfg, uri=args.data, threads=count, batches=args.batches, warmup=args.warmup, endpoint_url=endpoint
+            )
+        )
+    report = {
+        "benchmark": "reader",
+        "data": args.data,
+        "recipe": args.recipe,
+        "batch_size": cfg.train.batch_size,
+        "frames": cfg.model.video.frames,
+        "batches": args.batches,
+        "warmup": args.warmup,
+        "target": args.target,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text if args.json else bench_reader.table(report), flush=True)
+    if args.out:
+        storage.write_bytes(args.out, (text + "\n").encode())
+    return 0
