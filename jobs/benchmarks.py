@@ -19,18 +19,21 @@ from service.requests import PretrainRequest
 
 
 def variants(cfg: config.Config, device: str) -> list[tuple[str, list[str]]]:
-    """The plain-step variants: each speed setting flipped from what the recipe resolves to."""
-    compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device == "cuda")
-    found = [
-        ("optim.fused=" + str(not cfg.optim.fused).lower(), [f"optim.fused={str(not cfg.optim.fused).lower()}"]),
-        ("train.compile=" + ("off" if compiled else "on"), [f"train.compile={'off' if compiled else 'on'}"]),
+    """The plain-step variants, (name, settings): each speed setting flipped from what the
+    recipe resolves to on `device` (channels_last and precision act on CUDA only)."""
+    import torch
+
+    from workers.trainer import autocast_dtype, use_compile
+
+    resolved = torch.device(device)
+    flips = [
+        f"optim.fused={str(not cfg.optim.fused).lower()}",
+        f"train.compile={'off' if use_compile(cfg.train, resolved) else 'on'}",
     ]
-    if device == "cuda":
-        flipped = str(not cfg.train.channels_last).lower()
-        found.append((f"train.channels_last={flipped}", [f"train.channels_last={flipped}"]))
-        precision = "fp32" if cfg.train.precision in ("auto", "bf16") else "bf16"
-        found.append((f"train.precision={precision}", [f"train.precision={precision}"]))
-    return found
+    if resolved.type == "cuda":
+        flips.append(f"train.channels_last={str(not cfg.train.channels_last).lower()}")
+        flips.append(f"train.precision={'fp32' if autocast_dtype(cfg.train.precision, resolved) else 'bf16'}")
+    return [(flip, [flip]) for flip in flips]
 
 
 def say(line: str) -> None:
@@ -66,6 +69,7 @@ def service_path(args: argparse.Namespace, device: str) -> dict[str, Any]:
         f"resources.num_workers={args.workers}",
         f"resources.use_gpu={'true' if device == 'cuda' else 'false'}",
     ]
+    cfg = config.load_recipe(args.recipe, [*args.overrides, *forced])  # a bad setting is refused here, first
     root = args.storage or tempfile.mkdtemp(prefix="cmacc-bench-")
     run_id = time.strftime("bench-%Y%m%d-%H%M%S")
     request = PretrainRequest(
@@ -78,7 +82,6 @@ def service_path(args: argparse.Namespace, device: str) -> dict[str, Any]:
     wall_s = time.perf_counter() - started
     if outcome["state"] != "succeeded":
         raise Failure(f"cmacc bench train: the service run {run_id} ended {outcome['state']}: {outcome.get('error')}")
-    cfg = config.load_recipe(args.recipe, [*args.overrides, *forced])
     run_uri = layout.run_uri(root, run_id)
     records = read_metrics(run_uri, endpoint_url=cfg.storage.endpoint_url)
     figures = service_figures(
@@ -94,11 +97,10 @@ def service_path(args: argparse.Namespace, device: str) -> dict[str, Any]:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from workers.bench import check_device, device_name
     from workers.bench import train as bench_train
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Failure("cmacc bench train: --device cuda, but this machine has no CUDA device")
+    device = check_device(args.device, command="train")
     device_settings = [f"resources.use_gpu={'true' if device.type == 'cuda' else 'false'}"]
     cfg = config.load_recipe(args.recipe, [*args.overrides, *device_settings])
     if device.type == "cpu":
@@ -113,7 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
         "recipe": args.recipe,
         "overrides": list(args.overrides),
         "device": args.device,
-        "device_name": bench_train.device_name(device),
+        "device_name": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch_size": cfg.train.batch_size,
@@ -163,9 +165,10 @@ def run_reader(args: argparse.Namespace, threads: list[int]) -> int:
     results = []
     for count in threads:
         say(f"bench: reader with {count} decode thread(s) ...")
+        with_threads = config.load_recipe(args.recipe, [*args.overrides, f"data.num_decode_threads={count}"])
         results.append(
             bench_reader.time_reader(
-                cfg, uri=args.data, threads=count, batches=args.batches, warmup=args.warmup, endpoint_url=endpoint
+                with_threads, uri=args.data, batches=args.batches, warmup=args.warmup, endpoint_url=endpoint
             )
         )
     report = {

@@ -23,6 +23,13 @@ import torch
 from service.errors import CheckpointError
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA; nothing to wait for on the CPU): before
+    reading a clock that times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def to_numpy(tree: Any) -> Any:
     """Tensors in a nested dict (or a single tensor) as numpy arrays on the host."""
     if isinstance(tree, torch.Tensor):

@@ -34,6 +34,7 @@ from workers.dictionary import EMPTY_ID, CandidatePool, NegativeDictionary
 from workers.loss import cross_modal_nce
 from workers.models import AudioVisualEncoder, build_encoders, make_key_encoder, momentum_update
 from workers.sampler import Sampler
+from workers.tensors import synchronize
 
 
 class NonFiniteLossError(RuntimeError):
@@ -433,11 +434,6 @@ def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, T
     return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train(
     cfg: Config,
     batches: Iterable[Mapping[str, Tensor]],
@@ -483,7 +479,7 @@ def train(
             grad_clip=cfg.optim.grad_clip,
             amp_dtype=amp_dtype,
         )
-        _sync(device)
+        synchronize(device)
         select_started = time.perf_counter()
         labels = batch.get("label")
         counts = update_dictionaries(
@@ -496,7 +492,7 @@ def train(
             labels=labels,
             step=step,
         )
-        _sync(device)
+        synchronize(device)
         finished = time.perf_counter()
         metrics = {
             "step": float(state.step),

@@ -10,29 +10,17 @@ from typing import Any
 import torch
 
 from service.config import Config
-from workers.data.reader import ClipReader
+from workers.data.reader import training_reader
 
 
-def time_reader(
-    cfg: Config, *, uri: str, threads: int, batches: int, warmup: int, endpoint_url: str = ""
-) -> dict[str, Any]:
-    """Clips/s and frames/s over `batches` batches after `warmup` untimed ones, with
-    `threads` decode threads (the reader cycles through the set as often as needed)."""
+def time_reader(cfg: Config, *, uri: str, batches: int, warmup: int, endpoint_url: str = "") -> dict[str, Any]:
+    """Clips/s and frames/s of the reader a training run of `cfg` builds (one rank, every
+    clip), over `batches` batches after `warmup` untimed ones, with the
+    `data.num_decode_threads` threads of `cfg` (the reader cycles through the set as often
+    as needed)."""
+    threads = cfg.data.num_decode_threads
     torch.set_num_threads(max(1, threads))
-    reader = ClipReader(
-        uri=uri,
-        rank=0,
-        world_size=1,
-        seed=cfg.train.seed,
-        batch_size=cfg.train.batch_size,
-        frames=cfg.model.video.frames,
-        seconds=cfg.data.clip_seconds,
-        sample_rate=cfg.data.sample_rate,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        num_decode_threads=threads,
-        prefetch_batches=cfg.data.prefetch_batches,
-        endpoint_url=endpoint_url,
-    )
+    reader = training_reader(cfg, uri=uri, endpoint_url=endpoint_url)
     with reader:
         started = time.perf_counter()
         shape: tuple[int, ...] = ()

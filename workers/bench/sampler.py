@@ -20,21 +20,10 @@ import torch
 from torch.nn import functional as F
 
 from service import storage
-from service.errors import Failure, UsageError
+from service.errors import UsageError
+from workers.bench import check_device, device_name
 from workers.sampler import resolve_pseudo_classes, select
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def check_device(device: str) -> torch.device:
-    """`device` as a torch.device; Failure when it is CUDA and this machine has none."""
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise Failure("cmacc bench sampler: --device cuda, but this machine has no CUDA device")
-    return torch_device
+from workers.tensors import synchronize
 
 
 def time_selection(
@@ -68,7 +57,7 @@ def time_selection(
     generator.manual_seed(seed)
     timings = []
     for run in range(warmup + repeats):
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         selection = select(
             sampler,
@@ -83,7 +72,7 @@ def time_selection(
             num_pseudo_classes=0,
             generator=generator,
         )
-        _sync(device)
+        synchronize(device)
         if run >= warmup:
             timings.append(1000 * (time.perf_counter() - started))
     assert selection.ids.shape[0] == min(num_picks, num_candidates)
@@ -110,7 +99,7 @@ def bench_sampler(
     on_case: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Time every (N, M, P) case; returns the setting and one result per case."""
-    torch_device = check_device(device)
+    torch_device = check_device(device, command="sampler")
     results = []
     for num_candidates, batch_size, num_picks in cases:
         result = time_selection(
@@ -127,12 +116,11 @@ def bench_sampler(
         results.append(result)
         if on_case is not None:
             on_case(result)
-    name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"
     return {
         "benchmark": "sampler",
         "sampler": sampler,
         "device": device,
-        "device_name": name,
+        "device_name": device_name(torch_device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "d": dim,
@@ -158,7 +146,7 @@ def run_sampler_command(args: argparse.Namespace, cases: Sequence[tuple[int, int
     repeats = 2 if args.quick else args.repeats
     if repeats < 1 or args.warmup < 0 or args.dim < 2:
         raise UsageError("cmacc bench sampler: --repeats must be >= 1, --warmup >= 0 and --dim >= 2")
-    check_device(args.device)
+    check_device(args.device, command="sampler")
     if not args.json:
         print(
             f"{args.sampler} selection on {args.device}, d={args.dim}, median of {repeats} after {args.warmup} warm-up"

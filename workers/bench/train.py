@@ -26,9 +26,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from service.config import Config
+from workers.bench import device_name
 from workers.data.transforms import build_transforms
 from workers.loss import cross_modal_nce
 from workers.models import momentum_update
+from workers.tensors import synchronize
 from workers.trainer import (
     autocast_dtype,
     build_dictionaries,
@@ -39,15 +41,6 @@ from workers.trainer import (
 
 # Dense bf16 matrix peaks measured on the device (TFLOP/s), by a substring of its name.
 PEAK_TFLOPS = {"H200": 790.0}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def known_peak(device: torch.device) -> float | None:
@@ -115,12 +108,12 @@ def plain_step(
     first = time.perf_counter()
     for _ in range(warmup):
         step()
-    _sync(device)
+    synchronize(device)
     warm_s = time.perf_counter() - first
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    synchronize(device)
     elapsed = time.perf_counter() - started
     clips_per_s = steps * cfg.train.batch_size / elapsed
     return {

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from service.config import Config
 from workers.data.decode import DecodedClip, decode_row
 from workers.data.format import DataError, read_manifest, read_shard, read_shard_columns, shard_uri
 
@@ -516,6 +517,37 @@ class ClipReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def training_reader(
+    cfg: Config,
+    *,
+    uri: str,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str | None = None,
+    endpoint_url: str = "",
+    note: Any = None,
+) -> ClipReader:
+    """The reader a training run of `cfg` gives one rank: the recipe's batch, frames, audio,
+    shuffle buffer, decode threads, prefetch and `data.exclude_clips`."""
+    return ClipReader(
+        uri=uri,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+        frames=cfg.model.video.frames,
+        seconds=cfg.data.clip_seconds,
+        sample_rate=cfg.data.sample_rate,
+        split=split,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        num_decode_threads=cfg.data.num_decode_threads,
+        prefetch_batches=cfg.data.prefetch_batches,
+        endpoint_url=endpoint_url,
+        exclude_clips=frozenset(clip for clip in cfg.data.exclude_clips.split(",") if clip.strip()),
+        note=note,
+    )
 
 
 def first_seen(index: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:

@@ -47,11 +47,8 @@ def broadcast_from_rank0(obj: Any) -> Any:
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is True on every rank."""
-    value = torch.tensor([1 if flag else 0], device=device)
-    if world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    """True on every rank when `flag` is True on every rank (a host bool: waits for it)."""
+    return bool(all_ranks_true_on_device(torch.tensor(flag, device=device)))
 
 
 def all_ranks_true_on_device(flag: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ Each step, on every rank: a batch from the rank's `ClipReader`, device transform
 query encoders in DDP). Then the global batch's keys, queries and clip ids are gathered and
 rank 0 sends them to the actor without waiting; the deltas due at this step (see
 `replicas`) are broadcast and applied on every rank. A checkpoint is written every
-`checkpoint.every_steps`, at the end and on a stop request. Nothing else in a step waits
-for the device (docs/performance.md): losses are read every `train.log_every` steps.
+`checkpoint.every_steps`, at the end and on a stop request. What in a step waits for the
+device, and what no longer does: docs/architecture.md, "A training step".
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from service import storage
 from service.config import Config
 from service.errors import ActorError
 from workers.actor import Delta, DictionaryClient
-from workers.data.reader import ClipReader
+from workers.data.reader import ClipReader, training_reader
 from workers.data.transforms import Transforms, build_transforms, step_generator
 from workers.diagnostics import step_statistics
 from workers.distributed import collectives
@@ -123,21 +123,13 @@ def build_device(cfg: Config) -> torch.device:
 
 
 def build_reader(cfg: Config, run: RunContext, *, rank: int, world_size: int, note: Any = None) -> ClipReader:
-    return ClipReader(
+    return training_reader(
+        cfg,
         uri=run.data_uri,
         rank=rank,
         world_size=world_size,
-        seed=cfg.train.seed,
-        batch_size=cfg.train.batch_size,
-        frames=cfg.model.video.frames,
-        seconds=cfg.data.clip_seconds,
-        sample_rate=cfg.data.sample_rate,
         split=run.split,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        num_decode_threads=cfg.data.num_decode_threads,
-        prefetch_batches=cfg.data.prefetch_batches,
         endpoint_url=run.endpoint_url,
-        exclude_clips=frozenset(clip for clip in cfg.data.exclude_clips.split(",") if clip.strip()),
         note=note,
     )
 
@@ -225,10 +217,10 @@ def look_at_crashes(run: RunContext, rank: int) -> str:
 def run_steps(w: Worker) -> dict[str, Any]:
     """Steps until `train.steps`, a stop request or a non-finite loss; returns the outcome.
 
-    Nothing in a step waits for the device but the copy of the global batch's embeddings to
-    the host that the actor needs (rank 0) and the broadcast of its deltas: the step's loss
-    values stay on the device and are read, with every step's since, when the metrics are
-    written (every `train.log_every` steps, at checkpoints and at the end)."""
+    A step waits for the device only where the method needs it: with `max_staleness = 0`,
+    for the copy of the global batch the actor selects from before the next step (rank 0).
+    Loss values and finiteness stay on the device and are read when the metrics are written
+    (every `train.log_every` steps, at checkpoints and at the end) or a step later."""
     cfg, state = w.cfg, w.state
     total = cfg.train.steps
     batches = iter(w.reader)
@@ -239,6 +231,11 @@ def run_steps(w: Worker) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     pending = PendingMetrics(w.log)
     stop = False
+
+    def failed(at: int, error: str) -> dict[str, Any]:  # the steps logged so far are written first
+        pending.flush()
+        return _failed(at, metrics, error)
+
     while state.step < total and not stop:
         step = state.step
         w.note.at_step(step)
@@ -249,14 +246,12 @@ def run_steps(w: Worker) -> dict[str, Any]:
         try:
             out = train_step(w, batch)
         except NonFiniteLossError as err:
-            pending.flush()
-            return _failed(step, metrics, str(err))
+            return failed(step, str(err))
         log_due = state.step % cfg.train.log_every == 0 or state.step >= total
         flush = log_due or state.step % cfg.checkpoint.every_steps == 0
         exchanged = exchange_with_actor(w, out, batch, flush=flush)
         if exchanged.error:
-            pending.flush()
-            return _failed(state.step, metrics, exchanged.error)
+            return failed(state.step, exchanged.error)
         stop = (
             exchanged.stop_requested or state.step == w.faults.stop_step or _preempted(state.step, cfg.train.log_every)
         )
@@ -268,8 +263,7 @@ def run_steps(w: Worker) -> dict[str, Any]:
             for done in unchecked:
                 check_finite(done)
         except NonFiniteLossError as err:
-            pending.flush()
-            return _failed(done.step, metrics, str(err))
+            return failed(done.step, str(err))
         step_done = time.perf_counter()
         step_ended_at = time.time()
         step_record = step_metrics(out, num_clips=exchanged.num_clips, compute_s=step_done - loaded)
@@ -283,8 +277,7 @@ def run_steps(w: Worker) -> dict[str, Any]:
         if checkpoint_due:
             actor_state, error = fetch_actor_state(w, digests)
             if error:
-                pending.flush()
-                return _failed(state.step, metrics, error)
+                return failed(state.step, error)
         for record_step, digest in digests.items():
             if record_step == state.step:
                 step_record["data/batch_digest"] = digest
