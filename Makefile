@@ -1,6 +1,6 @@
 # `make demo` runs the default job; `make test` runs the suite (what CI runs); `make test-fast`
-# runs every test not marked slow. All create .venv on first use and reinstall only when
-# pyproject.toml changes.
+# runs every test not marked slow. All create .venv on first use (with the optional tracker
+# extras, so their tests run) and reinstall only when pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,mlflow,wandb]'
 	touch $(STAMP)
 
 install: $(STAMP)

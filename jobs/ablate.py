@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from service import config, errors, storage
+from service import config, errors, ray_jobs, storage
 from service.requests import AblateRequest, add_ablate_arguments
 
 
@@ -30,7 +30,7 @@ def default_id(request: AblateRequest) -> str:
 
 def ablate(request: AblateRequest, *, command: str = "", progress: Any = None) -> dict[str, Any]:
     """Check, run (or continue) every run, evaluate, write the report; returns the report."""
-    from workers.ablation import plan, runner  # torch and ray load only now
+    from jobs.ablation import plan, runner  # torch and ray load when the job runs: --help answers at once
 
     started = time.perf_counter()
     cfg = config.load_recipe(request.recipe, list(request.overrides))
@@ -46,9 +46,7 @@ def ablate(request: AblateRequest, *, command: str = "", progress: Any = None) -
     endpoint = cfg.storage.endpoint_url
     plan.check(spec, cfg, endpoint_url=endpoint)  # refusals happen here, before anything is written
     if request.address:
-        from service.commands.cluster import ablation_jobs
-
-        submit, job_status, job_progress = ablation_jobs(request.address, cfg, request.recipe)
+        submit, job_status = ray_jobs.ablation_jobs(request.address, cfg, request.recipe)
     plan.save_spec(spec, endpoint_url=endpoint)
     print(
         f"cmacc ablate: {spec.ablation_id}: {len(spec.runs())} runs under {spec.storage}; report in {spec.folder}",
@@ -62,7 +60,6 @@ def ablate(request: AblateRequest, *, command: str = "", progress: Any = None) -
             steps=cfg.train.steps,
             submit=submit,
             job_status=job_status,
-            job_progress=job_progress,
             endpoint_url=endpoint,
         )
     else:
@@ -73,7 +70,7 @@ def ablate(request: AblateRequest, *, command: str = "", progress: Any = None) -
 
 
 def report(result: dict[str, Any], *, as_json: bool) -> int:
-    from workers.ablation.report import summary_table
+    from jobs.ablation.report import summary_table
 
     print(json.dumps(result, indent=2) if as_json else summary_table(result), flush=True)
     return 0

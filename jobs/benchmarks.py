@@ -1,6 +1,6 @@
 """The work of `cmacc bench train` and `cmacc bench reader` (and of `python -m jobs.bench`):
 (a) the plain step against (b) a real pretraining job, side by side; the reader over a data
-set (docs/performance.md). The arguments are parsed and checked in `service.commands.bench`."""
+set (docs/performance.md). The arguments are parsed and checked in `jobs.bench`."""
 
 from __future__ import annotations
 
@@ -13,18 +13,23 @@ import tempfile
 import time
 from typing import Any
 
+import torch
+
+from jobs.pretrain import pretrain
 from service import config, layout, storage
 from service.errors import Failure
 from service.requests import PretrainRequest
+from workers.bench import check_device, device_name
+from workers.bench import reader as bench_reader
+from workers.bench import train as bench_train
+from workers.bench.train import service_figures
+from workers.metrics import read_metrics
+from workers.training import autocast_dtype, use_compile
 
 
 def variants(cfg: config.Config, device: str) -> list[tuple[str, list[str]]]:
     """The plain-step variants, (name, settings): each speed setting flipped from what the
     recipe resolves to on `device` (channels_last and precision act on CUDA only)."""
-    import torch
-
-    from workers.trainer import autocast_dtype, use_compile
-
     resolved = torch.device(device)
     flips = [
         f"optim.fused={str(not cfg.optim.fused).lower()}",
@@ -58,10 +63,6 @@ class QuietProgress:
 def service_path(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """(b): a real pretraining run of the recipe with the bench's steps and checkpoints,
     reduced to figures from its metrics log; the run's folder is removed unless --storage."""
-    from jobs.pretrain import pretrain
-    from workers.bench.train import service_figures
-    from workers.metrics import read_metrics
-
     forced = [
         f"train.steps={args.warmup + args.steps}",
         f"checkpoint.every_steps={args.checkpoint_every}",
@@ -95,21 +96,19 @@ def service_path(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from workers.bench import check_device, device_name
-    from workers.bench import train as bench_train
-
     device = check_device(args.device, command="train")
     device_settings = [f"resources.use_gpu={'true' if device.type == 'cuda' else 'false'}"]
     cfg = config.load_recipe(args.recipe, [*args.overrides, *device_settings])
     if device.type == "cpu":
         torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))  # as many as a worker gets
     peak = args.peak_tflops or bench_train.known_peak(device)
-    say(f"bench: (a) the plain step of {args.recipe} on {args.device} ...")
-    plain = bench_train.plain_step(cfg, device=device, steps=args.steps, warmup=args.warmup)
-    flops_per_clip = plain["flops_per_step"] / cfg.train.batch_size if plain["flops_per_step"] else None
-    bench_train.with_utilisation(plain, flops_per_clip=flops_per_clip, peak_tflops=peak)
+    plain: dict[str, Any] = {}
+    flops_per_clip = None
+    if not getattr(args, "service_only", False):
+        say(f"bench: (a) the plain step of {args.recipe} on {args.device} ...")
+        plain = bench_train.plain_step(cfg, device=device, steps=args.steps, warmup=args.warmup)
+        flops_per_clip = plain["flops_per_step"] / cfg.train.batch_size if plain["flops_per_step"] else None
+        bench_train.with_utilisation(plain, flops_per_clip=flops_per_clip, peak_tflops=peak)
     report: dict[str, Any] = {
         "benchmark": "train",
         "recipe": args.recipe,
@@ -137,7 +136,7 @@ def run_train(args: argparse.Namespace) -> int:
         bench_train.with_utilisation(service, flops_per_clip=flops_per_clip, peak_tflops=peak)
     report["service"] = service
     ratio = service.get("clips_per_s")
-    report["ratio"] = ratio / plain["clips_per_s"] if ratio else None
+    report["ratio"] = ratio / plain["clips_per_s"] if ratio and plain else None
     # The variants last: compiling leaves worker processes behind that would share the CPUs with (b).
     if args.variants:
         for name, settings in variants(cfg, args.device):
@@ -158,8 +157,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_reader(args: argparse.Namespace, threads: list[int]) -> int:
-    from workers.bench import reader as bench_reader
-
     cfg = config.load_recipe(args.recipe, list(args.overrides))
     endpoint = args.endpoint_url or cfg.storage.endpoint_url
     results = []

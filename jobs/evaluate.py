@@ -18,7 +18,7 @@ from service.requests import EvaluateRequest, add_evaluate_arguments
 
 def evaluate(request: EvaluateRequest) -> dict[str, Any]:
     """The evaluation of a request (see `workers.evaluate.evaluate`)."""
-    from workers.evaluate import evaluate as evaluate_here  # torch loads only now
+    from workers.evaluate import evaluate as evaluate_here  # torch loads when the job runs: --help answers at once
 
     return evaluate_here(request)
 

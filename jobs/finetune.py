@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(request: FinetuneRequest, *, as_json: bool) -> int:
-    from workers.finetune import finetune, format_finetune  # torch loads only now
+    from workers.finetune import finetune, format_finetune  # torch loads when the job runs: --help answers at once
 
     result = finetune(request)
     print(json.dumps(result, indent=2) if as_json else format_finetune(result), flush=True)

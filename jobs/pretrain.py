@@ -26,12 +26,20 @@ from service.requests import PretrainRequest, add_pretrain_arguments
 def pretrain(request: PretrainRequest, *, progress: Any = None) -> dict[str, Any]:
     """The whole job: check, start Ray, train, evaluate. Returns the outcome (state, step,
     checkpoint, metrics, evaluation, timings). `progress`: see `workers.driver.fit`."""
-    from workers import driver  # torch and ray load only now
+    # torch and ray load when the job runs, not when it is imported: `python -m jobs.pretrain
+    # --help` answers at once (the container image's own check runs it).
+    from workers import driver
 
     started = time.perf_counter()
     cfg = config.load_recipe(request.recipe, list(request.overrides))
     run = driver.prepare_run(cfg, request)  # refusals happen here, before anything is written
-    lease = RunLease(run.run_uri, run_id=run.run_id, ttl_s=cfg.storage.lease_ttl_s, endpoint_url=run.endpoint_url)
+    lease = RunLease(
+        run.run_uri,
+        run_id=run.run_id,
+        ttl_s=cfg.storage.lease_ttl_s,
+        endpoint_url=run.endpoint_url,
+        retry_budget_s=cfg.storage.retry_budget_s,
+    )
     lease.acquire()  # another live job on this run id: refused here, naming it
     try:
         return _pretrain_holding_lease(cfg, run, request, lease, progress=progress, started=started)
@@ -42,10 +50,10 @@ def pretrain(request: PretrainRequest, *, progress: Any = None) -> dict[str, Any
 def _pretrain_holding_lease(
     cfg: config.Config, run: Any, request: PretrainRequest, lease: RunLease, *, progress: Any, started: float
 ) -> dict[str, Any]:
-    from workers import driver
+    from workers import driver, supervision
 
-    shortage = driver.start_ray(cfg, request.address, log_to_driver=progress is None)
-    with driver.StopSignals() as stop:
+    shortage = driver.start_ray(cfg, request.address, log_to_driver=progress is None, quiet=not request.verbose)
+    with supervision.StopSignals() as stop:
         client = driver.start_actor(run)
         stop.client = client
         lease.on_lost = lambda message: client.request_stop()  # another job holds the run now: stop
@@ -53,7 +61,7 @@ def _pretrain_holding_lease(
         driver.record(run, state="waiting", note=note)
         try:
             outcome = driver.summarise(run, driver.fit(run, client, stop, progress=progress))
-        except driver.StoppedBeforeStart:
+        except supervision.StoppedBeforeStart:
             outcome = {"run_id": run.run_id, "state": "stopped", "step": run.start_step, "checkpoint": None}
             outcome["note"] = "stopped while starting: no step was reported yet, so there was nothing to checkpoint"
         except Exception as err:
@@ -67,6 +75,8 @@ def _pretrain_holding_lease(
     evaluation = None
     if outcome["state"] == "succeeded" and cfg.eval.after_training:
         evaluation = driver.evaluate_run(run, outcome)
+        if evaluation is not None:
+            driver.track_evaluation(run, evaluation)
     run.timings["total_s"] = time.perf_counter() - started
     outcome.update(
         timings={name: round(value, 2) for name, value in run.timings.items()},

@@ -2,8 +2,10 @@
 each job keeps there (no Ray, no torch). File and folder names come from `service.layout`.
 
 * `run.json` (the run record): run id, recipe, resolved config, sampler, data URI, state,
-  last step, error, created and updated times, and the newest evaluation summary. The job
-  that trains the run writes it (`write_run_record`); `cmacc runs` and friends read it.
+  last step, the training job's progress (step, loss, rate; renewed while it trains),
+  error, created and updated times, and the newest evaluation summary. The job that trains
+  the run writes it (`write_run_record`); `cmacc runs`, `cmacc status` and a cluster
+  ablation read it.
 * Checkpoints: `checkpoint-%08d/` folders that carry their `meta.json`; `registered` says
   whether Ray Train listed the checkpoint in its snapshot, which it writes only after the
   whole folder is uploaded. Only registered checkpoints are used (resumed from, evaluated,
@@ -68,10 +70,12 @@ class RunEntry:
         }
 
 
-def _read_json(uri: str, endpoint_url: str) -> dict[str, Any] | None:
-    if not storage.exists(uri, endpoint_url=endpoint_url):
+def _read_json(
+    uri: str, endpoint_url: str, retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S
+) -> dict[str, Any] | None:
+    if not storage.exists(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s):
         return None
-    return _parse_json(uri, storage.read_bytes(uri, endpoint_url=endpoint_url))
+    return _parse_json(uri, storage.read_bytes(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s))
 
 
 def _parse_json(uri: str, data: bytes) -> dict[str, Any]:
@@ -235,15 +239,21 @@ def write_run_record(
     note: str = "",
     evaluation: dict[str, Any] | None = None,
     train_s: float | None = None,
+    progress: dict[str, Any] | None = None,
     endpoint_url: str = "",
+    retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S,
 ) -> None:
     """Write the run's record, `<run>/run.json` (no credentials in it), keeping what the
-    previous record of the run said about its creation, last step and evaluation.
+    previous record of the run said about its creation, last step, progress and evaluation.
     `train_s`: this job's training time, added to the run's total (`timings.train_s_total`).
-    `note`: what the state waits on (`waiting`: the resources the cluster lacks)."""
+    `note`: what the state waits on (`waiting`: the resources the cluster lacks).
+    `progress`: how far a training job has come (`step`, `total`, `loss`, `clips_per_s`,
+    `at`), written by the job while it trains; its step becomes the last step."""
     uri = storage.join(run_uri, layout.RUN_FILE)
-    previous = _read_json(uri, endpoint_url) or {}
+    previous = _read_json(uri, endpoint_url, retry_budget_s) or {}
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if progress is not None and last_step is None:
+        last_step = int(progress["step"])
     entry = {
         "run_id": run_id,
         "recipe": recipe,
@@ -255,6 +265,8 @@ def write_run_record(
         "note": note,
         "created": previous.get("created", now),
         "updated": now,
+        "progress": previous.get("progress") if progress is None else progress,
+        "trackers": previous.get("trackers"),  # the MLflow and W&B runs a resumed job continues
         "eval": previous.get("eval"),
         "finetune": previous.get("finetune"),
         "timings": dict(previous.get("timings") or {}),
@@ -271,7 +283,9 @@ def write_run_record(
                 for modality, probe, untrained, pretrained in reports.summary_rows(evaluation)
             },
         }
-    storage.write_bytes(uri, json.dumps(entry, indent=2).encode(), endpoint_url=endpoint_url)
+    storage.write_bytes(
+        uri, json.dumps(entry, indent=2).encode(), endpoint_url=endpoint_url, retry_budget_s=retry_budget_s
+    )
 
 
 def note_result(run_uri: str, key: str, value: Any, *, endpoint_url: str = "", attempts: int = 5) -> None:

@@ -2,17 +2,16 @@
 
 A run is described by one `Config`. Recipes are TOML files in `jobs/recipes/`; anything a
 recipe leaves out takes the defaults below. Every user mistake raises `ConfigError`, whose
-message starts with the dotted name of the offending field (`optim.lr: ...`).
+message starts with the dotted name of the offending field (`optim.lr: ...`); the generic
+building and coercion is `service.typed_settings`.
 
 This module is imported by the CLI, so it must never import torch or ray.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,31 +19,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from service.errors import UsageError
+from service import typed_settings
+from service.storage import DEFAULT_RETRY_BUDGET_S
+from service.typed_settings import ConfigError, require
+
+__all__ = ["Config", "ConfigError", "field_names", "from_dict", "load_recipe", "parse_overrides", "recipe_names"]
 
 
-class ConfigError(UsageError, ValueError):
-    """A config value is invalid (exit code 2). `field` is the dotted name of the offending field."""
-
-    def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        self.reason = message
-        super().__init__(f"{field_name}: {message}" if field_name else message)
-
-    def under(self, prefix: str) -> ConfigError:
-        """The same error with its field name qualified by a section prefix."""
-        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.reason)
-
-
-def _require(condition: bool, field_name: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(field_name, message)
-
-
-Sampler = Literal["active", "uncertainty", "diversity", "random", "moco"]
+Sampler = Literal["active", "uncertainty", "diversity", "random", "moco", "active-dict", "active-aware", "hardness"]
 VideoArch = Literal["r3d_18", "r2plus1d_18"]
 AudioArch = Literal["resnet18"]
 Precision = Literal["auto", "fp32", "bf16"]
+PoolKind = Literal["stream", "fresh"]
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclass(kw_only=True)
@@ -64,15 +51,15 @@ class DataConfig:
     exclude_clips: str = ""  # comma-separated clip ids the training reader skips (counted in data/skipped)
 
     def __post_init__(self) -> None:
-        _require(self.num_clips > 0, "num_clips", f"must be > 0, got {self.num_clips}")
-        _require(self.num_classes > 0, "num_classes", f"must be > 0, got {self.num_classes}")
-        _require(self.frames > 0, "frames", f"must be > 0, got {self.frames}")
-        _require(self.size >= 8, "size", f"must be >= 8 pixels, got {self.size}")
-        _require(self.clip_seconds > 0, "clip_seconds", f"must be > 0, got {self.clip_seconds}")
-        _require(self.sample_rate >= 1000, "sample_rate", f"must be >= 1000 Hz, got {self.sample_rate}")
-        _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
-        _require(self.num_decode_threads >= 1, "num_decode_threads", f"must be >= 1, got {self.num_decode_threads}")
-        _require(self.prefetch_batches >= 1, "prefetch_batches", f"must be >= 1, got {self.prefetch_batches}")
+        require(self.num_clips > 0, "num_clips", f"must be > 0, got {self.num_clips}")
+        require(self.num_classes > 0, "num_classes", f"must be > 0, got {self.num_classes}")
+        require(self.frames > 0, "frames", f"must be > 0, got {self.frames}")
+        require(self.size >= 8, "size", f"must be >= 8 pixels, got {self.size}")
+        require(self.clip_seconds > 0, "clip_seconds", f"must be > 0, got {self.clip_seconds}")
+        require(self.sample_rate >= 1000, "sample_rate", f"must be >= 1000 Hz, got {self.sample_rate}")
+        require(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        require(self.num_decode_threads >= 1, "num_decode_threads", f"must be >= 1, got {self.num_decode_threads}")
+        require(self.prefetch_batches >= 1, "prefetch_batches", f"must be >= 1, got {self.prefetch_batches}")
 
 
 @dataclass(kw_only=True)
@@ -88,11 +75,11 @@ class VideoModelConfig:
     jitter: float = 0.4  # colour jitter strength of training clips (0 = none)
 
     def __post_init__(self) -> None:
-        _require(0 < self.width <= 4, "width", f"must be in (0, 4], got {self.width}")
-        _require(self.frames >= 1, "frames", f"must be >= 1, got {self.frames}")
-        _require(self.size >= 16, "size", f"must be >= 16 pixels, got {self.size}")
-        _require(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
-        _require(0 <= self.jitter < 1, "jitter", f"must be in [0, 1), got {self.jitter}")
+        require(0 < self.width <= 4, "width", f"must be in (0, 4], got {self.width}")
+        require(self.frames >= 1, "frames", f"must be >= 1, got {self.frames}")
+        require(self.size >= 16, "size", f"must be >= 16 pixels, got {self.size}")
+        require(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
+        require(0 <= self.jitter < 1, "jitter", f"must be in [0, 1), got {self.jitter}")
 
 
 @dataclass(kw_only=True)
@@ -106,9 +93,9 @@ class AudioModelConfig:
     clip_norm: bool = False  # standardise each clip's log-mel (see workers.data.transforms)
 
     def __post_init__(self) -> None:
-        _require(0 < self.width <= 4, "width", f"must be in (0, 4], got {self.width}")
-        _require(self.n_mels >= 8, "n_mels", f"must be >= 8, got {self.n_mels}")
-        _require(self.hop_ms > 0, "hop_ms", f"must be > 0, got {self.hop_ms}")
+        require(0 < self.width <= 4, "width", f"must be in (0, 4], got {self.width}")
+        require(self.n_mels >= 8, "n_mels", f"must be >= 8, got {self.n_mels}")
+        require(self.hop_ms > 0, "hop_ms", f"must be > 0, got {self.hop_ms}")
 
 
 @dataclass(kw_only=True)
@@ -120,8 +107,8 @@ class ModelConfig:
     head_norm: Literal["none", "batch"] = "none"  # BatchNorm in the heads keeps embeddings from collapsing
 
     def __post_init__(self) -> None:
-        _require(self.embed_dim >= 2, "embed_dim", f"must be >= 2, got {self.embed_dim}")
-        _require(self.head_hidden >= 1, "head_hidden", f"must be >= 1, got {self.head_hidden}")
+        require(self.embed_dim >= 2, "embed_dim", f"must be >= 2, got {self.embed_dim}")
+        require(self.head_hidden >= 1, "head_hidden", f"must be >= 1, got {self.head_hidden}")
 
 
 @dataclass(kw_only=True)
@@ -129,10 +116,12 @@ class MethodConfig:
     """CM-ACC itself: dictionaries, candidate pools and the sampler (docs/architecture.md, "The method")."""
 
     sampler: Sampler = "active"
+    pool: PoolKind = "stream"  # fresh: the batch + extra clips drawn each step; stream: recent arrivals not entered
     dictionary_size: int = 16384  # K keys per modality
-    pool_size: int = 0  # N candidates per modality; 0 = 4 x the global batch M
-    enqueue: int = 0  # P keys a pool sampler enqueues per step; 0 = enqueue_fraction x M (moco enqueues all M)
-    enqueue_fraction: float = 0.25  # P as a fraction of the global batch M, when enqueue = 0
+    pool_size: int = 0  # N candidates per modality; 0 = 2M (fresh; M for moco without shadows) or 4M (stream)
+    enqueue: int = 0  # P keys a pool sampler enqueues per step; 0 = M (fresh) or enqueue_fraction x M (stream)
+    enqueue_fraction: float = 0.25  # P as a fraction of the global batch M, stream pool with enqueue = 0
+    shadow_samplers: str = ""  # comma-separated samplers fed the same candidates into shadow dictionaries
     pseudo_classes: int = 0  # queries used as pseudo-classes; 0 = min(global batch, 256)
     temperature: float = 0.07  # tau
     momentum: float = 0.999  # EMA momentum of the key encoders
@@ -140,14 +129,27 @@ class MethodConfig:
     in_batch_negatives: bool = False  # also use the other clips of the batch as negatives
 
     def __post_init__(self) -> None:
-        _require(self.dictionary_size >= 1, "dictionary_size", f"must be >= 1, got {self.dictionary_size}")
-        _require(self.pool_size >= 0, "pool_size", f"must be >= 0, got {self.pool_size}")
-        _require(self.enqueue >= 0, "enqueue", f"must be >= 0, got {self.enqueue}")
-        _require(0 < self.enqueue_fraction <= 1, "enqueue_fraction", f"must be in (0, 1], got {self.enqueue_fraction}")
-        _require(self.pseudo_classes >= 0, "pseudo_classes", f"must be >= 0, got {self.pseudo_classes}")
-        _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        _require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _require(self.max_staleness >= 0, "max_staleness", f"must be >= 0, got {self.max_staleness}")
+        require(self.dictionary_size >= 1, "dictionary_size", f"must be >= 1, got {self.dictionary_size}")
+        require(self.pool_size >= 0, "pool_size", f"must be >= 0, got {self.pool_size}")
+        require(self.enqueue >= 0, "enqueue", f"must be >= 0, got {self.enqueue}")
+        require(0 < self.enqueue_fraction <= 1, "enqueue_fraction", f"must be in (0, 1], got {self.enqueue_fraction}")
+        require(self.pseudo_classes >= 0, "pseudo_classes", f"must be >= 0, got {self.pseudo_classes}")
+        require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.max_staleness >= 0, "max_staleness", f"must be >= 0, got {self.max_staleness}")
+        names = self.shadows()
+        known = typing.get_args(Sampler)
+        unknown = [name for name in names if name not in known]
+        require(
+            not unknown,
+            "shadow_samplers",
+            f"unknown sampler {', '.join(map(repr, unknown))} (known: {', '.join(known)})",
+        )
+        require(len(set(names)) == len(names), "shadow_samplers", f"names a sampler twice: {self.shadow_samplers!r}")
+
+    def shadows(self) -> tuple[str, ...]:
+        """The shadow samplers, in the order given."""
+        return tuple(name.strip() for name in self.shadow_samplers.split(",") if name.strip())
 
 
 @dataclass(kw_only=True)
@@ -162,27 +164,36 @@ class OptimConfig:
     fused: bool = True  # torch's fused optimiser kernels (CPU and CUDA); a non-finite step is skipped on the device
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     steps: int = 1000  # optimiser steps in the whole run
-    batch_size: int = 128  # clips per worker per step
+    global_batch_size: int = 0  # M: clips per step over all workers; 0 = batch_size x resources.num_workers
+    batch_size: int = 128  # clips per worker per step, when global_batch_size = 0 (a fixed worker count)
     seed: int = 0
     log_every: int = 10  # steps between printed progress lines
     precision: Precision = "auto"  # auto = bf16 autocast on CUDA, float32 on CPU
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the encoders; auto = on CUDA only
     channels_last: bool = True  # NDHWC clips and weights on CUDA (cuDNN's fastest 3D convolutions)
+    trackers: tuple[str, ...] = ("tensorboard",)  # where metrics go besides metrics.jsonl: tensorboard, mlflow, wandb
+    tracker_project: str = "cmacc"  # the MLflow experiment and the W&B project of the run
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        _require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
-        _require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        require(self.global_batch_size >= 0, "global_batch_size", f"must be >= 0, got {self.global_batch_size}")
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        require(
+            not unknown, "trackers", f"unknown tracker {', '.join(map(repr, unknown))} (known: {', '.join(TRACKERS)})"
+        )
+        require(bool(self.tracker_project.strip()), "tracker_project", "must not be empty")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
 
 
 @dataclass(kw_only=True)
@@ -191,13 +202,15 @@ class CheckpointConfig:
     num_to_keep: int = 2
 
     def __post_init__(self) -> None:
-        _require(self.every_steps >= 1, "every_steps", f"must be >= 1, got {self.every_steps}")
-        _require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+        require(self.every_steps >= 1, "every_steps", f"must be >= 1, got {self.every_steps}")
+        require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
 
 
 @dataclass(kw_only=True)
 class ResourcesConfig:
-    num_workers: int = 1  # Ray Train workers (one per GPU on a GPU cluster)
+    num_workers: int = 1  # Ray Train workers (one per GPU on a GPU cluster), when the group is not elastic
+    min_workers: int = 0  # elastic group: at least this many workers (0 with max_workers 0: not elastic)
+    max_workers: int = 0  # elastic group: at most this many; 0 = a fixed group of num_workers
     use_gpu: bool = False
     gpus_per_worker: float = 1.0  # only used when use_gpu
     cpus_per_worker: int = 1  # for decode threads and the data pipeline
@@ -206,24 +219,51 @@ class ResourcesConfig:
     max_actor_restarts: int = 3  # restarts of the dictionary actor in a run before the run fails
     actor_timeout_s: float = 300.0  # an actor call not answered in this long: the actor is restarted
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
+    resize_check_s: float = 60.0  # elastic group: how often Ray Train considers growing it, seconds
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        _require(self.gpus_per_worker > 0, "gpus_per_worker", f"must be > 0, got {self.gpus_per_worker}")
-        _require(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
-        _require(0 <= self.actor_gpus <= 1, "actor_gpus", f"must be in [0, 1], got {self.actor_gpus}")
-        _require(
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.max_workers or self.min_workers:
+            require(self.min_workers >= 1, "min_workers", f"must be >= 1 for an elastic group, got {self.min_workers}")
+            require(
+                self.max_workers >= self.min_workers,
+                "max_workers",
+                f"must be >= resources.min_workers ({self.min_workers}), got {self.max_workers}",
+            )
+            require(
+                not self.use_gpu or self.actor_gpus == 0 or self.gpus_per_worker + self.actor_gpus <= 1,
+                "actor_gpus",
+                f"an elastic group grows into every GPU it can get, so the actor's share must fit beside a "
+                f"worker's on one GPU (gpus_per_worker {self.gpus_per_worker:g} + actor_gpus {self.actor_gpus:g} "
+                "<= 1) or be 0 (the actor selects on the CPU)",
+            )
+        require(self.gpus_per_worker > 0, "gpus_per_worker", f"must be > 0, got {self.gpus_per_worker}")
+        require(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
+        require(0 <= self.actor_gpus <= 1, "actor_gpus", f"must be in [0, 1], got {self.actor_gpus}")
+        require(
             0 <= self.max_failures <= 100,
             "max_failures",
             f"must be in [0, 100], got {self.max_failures} (no longer unlimited: a clip or bug that kills a "
             "worker every time would be retried forever)",
         )
-        _require(
+        require(
             0 <= self.max_actor_restarts <= 100,
             "max_actor_restarts",
             f"must be in [0, 100], got {self.max_actor_restarts}",
         )
-        _require(self.actor_timeout_s > 0, "actor_timeout_s", f"must be > 0, got {self.actor_timeout_s}")
+        require(self.actor_timeout_s > 0, "actor_timeout_s", f"must be > 0, got {self.actor_timeout_s}")
+        require(self.resize_check_s >= 0, "resize_check_s", f"must be >= 0, got {self.resize_check_s}")
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_workers > 0
+
+    @property
+    def world_sizes(self) -> tuple[int, ...]:
+        """Every worker count the run may train on: the elastic range, or the fixed count."""
+        if self.elastic:
+            return tuple(range(self.min_workers, self.max_workers + 1))
+        return (self.num_workers,)
 
 
 @dataclass(kw_only=True)
@@ -231,11 +271,11 @@ class StorageConfig:
     root: str = "./runs"  # URI under which run folders live
     endpoint_url: str = ""  # S3 endpoint; "" = AWS_ENDPOINT_URL_S3 or the AWS default
     lease_ttl_s: float = 120.0  # a run's lease lapses this long after its job's last heartbeat
-    retry_budget_s: float = 60.0  # how long one storage operation retries transient errors
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S  # how long one storage operation retries transient errors
 
     def __post_init__(self) -> None:
-        _require(self.lease_ttl_s >= 5, "lease_ttl_s", f"must be >= 5 seconds, got {self.lease_ttl_s}")
-        _require(
+        require(self.lease_ttl_s >= 5, "lease_ttl_s", f"must be >= 5 seconds, got {self.lease_ttl_s}")
+        require(
             0 <= self.retry_budget_s <= 3600, "retry_budget_s", f"must be in [0, 3600] s, got {self.retry_budget_s}"
         )
 
@@ -249,9 +289,9 @@ class EvalConfig:
     linear_weight_decay: float = 1e-4
 
     def __post_init__(self) -> None:
-        _require(self.knn_k >= 1, "knn_k", f"must be >= 1, got {self.knn_k}")
-        _require(self.linear_epochs >= 1, "linear_epochs", f"must be >= 1, got {self.linear_epochs}")
-        _require(self.linear_lr > 0, "linear_lr", f"must be > 0, got {self.linear_lr}")
+        require(self.knn_k >= 1, "knn_k", f"must be >= 1, got {self.knn_k}")
+        require(self.linear_epochs >= 1, "linear_epochs", f"must be >= 1, got {self.linear_epochs}")
+        require(self.linear_lr > 0, "linear_lr", f"must be > 0, got {self.linear_lr}")
 
 
 @dataclass(kw_only=True)
@@ -270,46 +310,98 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        batch = f"the global batch M (train.batch_size x resources.num_workers = {self.global_batch_size})"
-        _require(
-            self.method.pseudo_classes <= self.global_batch_size,
+        res, method = self.resources, self.method
+        if res.elastic:
+            require(
+                self.train.global_batch_size > 0,
+                "train.global_batch_size",
+                f"must be set for an elastic group (resources.min_workers = {res.min_workers}, max_workers = "
+                f"{res.max_workers}): the run is defined by its global batch, whatever the number of workers",
+            )
+        m = self.global_batch_size
+        batch = f"the global batch M ({m})"
+        indivisible = [w for w in res.world_sizes if m % w or (self.num_extra_clips % w)]
+        sizes = ", ".join(map(str, res.world_sizes))
+        require(
+            not indivisible,
+            "train.global_batch_size",
+            f"M = {m} (and the fresh pool's E = {self.num_extra_clips} extra clips) must divide by every "
+            f"allowed number of workers ({sizes}); {', '.join(map(str, indivisible))} do not",
+        )
+        require(
+            min(m // w for w in res.world_sizes) >= 2,
+            "train.global_batch_size",
+            f"M = {m} leaves fewer than 2 clips per worker with {max(res.world_sizes)} workers",
+        )
+        require(
+            method.pseudo_classes <= m,
             "method.pseudo_classes",
-            f"must be <= {batch}, got {self.method.pseudo_classes}",
+            f"must be <= {batch}, got {method.pseudo_classes}",
         )
-        _require(
-            self.method.enqueue <= self.global_batch_size,
-            "method.enqueue",
-            f"must be <= {batch}: at most M keys arrive per step; got {self.method.enqueue}",
-        )
-        _require(
-            self.method.sampler == "moco" or self.enqueue_per_step <= self.method.dictionary_size,
-            "method.enqueue",
-            f"must be <= method.dictionary_size ({self.method.dictionary_size}): more picks per step than "
-            f"the dictionary holds would push out the best of them; got P = {self.enqueue_per_step}",
-        )
-        _require(
-            self.method.pool_size == 0 or self.method.pool_size >= self.global_batch_size,
+        if method.pool == "stream":
+            require(
+                method.enqueue <= m,
+                "method.enqueue",
+                f"must be <= {batch} with the stream pool: at most M keys arrive per step; got {method.enqueue}",
+            )
+        require(
+            method.pool_size == 0 or method.pool_size >= m,
             "method.pool_size",
-            f"must be 0 (= 4M) or >= {batch}, got {self.method.pool_size}",
+            f"must be 0 (the default) or >= {batch}: the {method.pool} pool holds at least the batch; "
+            f"got {method.pool_size}",
+        )
+        require(
+            method.enqueue <= self.pool_capacity,
+            "method.enqueue",
+            f"must be <= the pool size N ({self.pool_capacity}), got {method.enqueue}",
+        )
+        require(
+            method.sampler == "moco" or self.enqueue_per_step <= method.dictionary_size,
+            "method.enqueue",
+            f"must be <= method.dictionary_size ({method.dictionary_size}): more picks per step than "
+            f"the dictionary holds would push out the best of them; got P = {self.enqueue_per_step}",
         )
 
     @property
     def global_batch_size(self) -> int:
-        """M: clips per step over all workers."""
-        return self.train.batch_size * self.resources.num_workers
+        """M: clips per step over all workers, whatever their number."""
+        return self.train.global_batch_size or self.train.batch_size * self.resources.num_workers
+
+    def rank_batch_size(self, world_size: int) -> int:
+        """Clips per step of each of `world_size` workers (M / W; validation made it whole)."""
+        return self.global_batch_size // world_size
+
+    @property
+    def shadow_samplers(self) -> tuple[str, ...]:
+        return self.method.shadows()
 
     @property
     def enqueue_per_step(self) -> int:
-        """P: keys that enter each dictionary per step (M for `moco`, which has no pool)."""
-        if self.method.sampler == "moco":
-            return self.global_batch_size
-        return self.method.enqueue or max(1, int(self.global_batch_size * self.method.enqueue_fraction))
+        """P: keys that enter each dictionary per step (M for `moco`, which enqueues its batch)."""
+        m, method = self.global_batch_size, self.method
+        if method.sampler == "moco":
+            return m
+        if method.pool == "fresh":
+            return method.enqueue or m
+        return method.enqueue or max(1, int(m * method.enqueue_fraction))
 
     @property
     def pool_capacity(self) -> int:
-        """N: the arrivals each pool remembers (the most recent N; those already taken into a
-        dictionary stay in their slots but cannot be picked again)."""
-        return self.method.pool_size or 4 * self.global_batch_size
+        """N: the candidates of a modality. Fresh: the batch and N - M extra clips, 2M by default
+        (M for `moco` without shadows: it reads no extra clips). Stream: the most recent N
+        arrivals, 4M by default (those already taken stay in their slots but cannot be picked
+        again)."""
+        m, method = self.global_batch_size, self.method
+        if method.pool_size:
+            return method.pool_size
+        if method.pool == "fresh":
+            return m if method.sampler == "moco" and not method.shadows() else 2 * m
+        return 4 * m
+
+    @property
+    def num_extra_clips(self) -> int:
+        """E: clips the fresh pool reads per step besides the batch (0 for the stream pool)."""
+        return self.pool_capacity - self.global_batch_size if self.method.pool == "fresh" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -319,130 +411,18 @@ class Config:
 
 
 def field_names(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every settable dotted field name under `cls`, e.g. `optim.lr`."""
-    names = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            names.extend(field_names(kind, path + "."))
-        else:
-            names.append(path)
-    return names
-
-
-def _unknown_key(path: str) -> ConfigError:
-    candidates = field_names()
-    close = difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
-    if not close:  # a wrong section name still leaves a useful leaf name
-        leaf = path.rsplit(".", 1)[-1]
-        close = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf][:1]
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(path, f"unknown config key{hint}")
-
-
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def _coerce(value: Any, kind: Any, path: str) -> Any:
-    """Convert a TOML value or a `--set` string to the field's declared type."""
-    if typing.get_origin(kind) is Literal:
-        choices = typing.get_args(kind)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(path, f"{value!r} is not one of {', '.join(map(str, choices))}{hint}")
-        return value
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(path, f"expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(path, f"expected an integer, got {value!r}")
-    if kind is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value.strip())
-        if number is None:
-            raise ConfigError(path, f"expected a number, got {value!r}")
-        if not math.isfinite(number):  # inf and nan pass float() but no rate, length or size is infinite
-            raise ConfigError(path, f"expected a finite number, got {value!r}")
-        return number
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(path, f"expected a string, got {value!r}")
-    raise AssertionError(f"config field {path} has an unsupported type {kind!r}")
-
-
-def _build(cls: type, mapping: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(mapping, dict):
-        raise ConfigError(prefix.rstrip("."), f"expected a table of settings, got {mapping!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in mapping.items():
-        path = f"{prefix}{key}"
-        if key not in known:
-            raise _unknown_key(path)
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, value, path + ".")
-        else:
-            kwargs[key] = _coerce(value, kind, path)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise err.under(prefix.rstrip(".")) if prefix else err from None
+    """Every settable dotted field name under `cls` (default: the whole Config), e.g. `optim.lr`."""
+    return typed_settings.field_names(cls, prefix)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn `["optim.lr=0.1", "method.sampler=random"]` into a nested mapping of strings."""
-    nested: dict[str, Any] = {}
-    leaves = set(field_names())
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError("", f"--set expects key=value, got {item!r}")
-        if key not in leaves:
-            raise _unknown_key(key)
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    return typed_settings.parse_overrides(Config, overrides)
 
 
 def from_dict(mapping: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """Build and validate a Config from a nested mapping plus `--set` overrides."""
-    merged = _merge(mapping, parse_overrides(overrides or []))
-    return _build(Config, merged, "")
+    return typed_settings.build(Config, typed_settings.merge(mapping, parse_overrides(overrides or [])))
 
 
 # --- recipes --------------------------------------------------------------------------------

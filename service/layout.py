@@ -11,6 +11,7 @@ A storage root holds run folders and the generated data sets:
             train.pt                  rank 0: encoders, optimiser, schedule, replicas, ...
             actor.pt                  rank 0: the dictionary actor's state
             reader-%05d.json          every rank: its reader cursor
+            extra-reader-%05d.json    every rank: its fresh-pool reader cursor (method.pool = "fresh")
         checkpoint_manager_snapshot.json   Ray Train's registered checkpoints
         metrics/metrics.jsonl, metrics/tensorboard/
         eval/checkpoint-%08d.json     evaluations of checkpoints (-<data set> on another set),
@@ -111,6 +112,11 @@ def check_checkpoint_format(meta: dict[str, Any], where: str, *, to: str = "resu
 
 def reader_file(rank: int) -> str:
     return f"reader-{rank:05d}.json"
+
+
+def extra_reader_file(rank: int) -> str:
+    """The cursor of a rank's second reader stream (the fresh pool's extra clips)."""
+    return f"extra-reader-{rank:05d}.json"
 
 
 def metrics_uri(run: str) -> str:

@@ -90,11 +90,13 @@ class RunLease:
         run_id: str,
         ttl_s: float,
         endpoint_url: str = "",
+        retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S,
         on_lost: Callable[[str], None] | None = None,
     ):
         self.uri = storage.join(run_uri, layout.LEASE_FILE)
         self.run_id = run_id
         self.endpoint_url = endpoint_url
+        self.retry_budget_s = retry_budget_s
         self.on_lost = on_lost
         self.record = LeaseRecord(
             owner=uuid.uuid4().hex,
@@ -112,7 +114,7 @@ class RunLease:
 
     def acquire(self) -> None:
         """Take the lease, or raise RunBusyError naming the live holder."""
-        found = storage.read_with_token(self.uri, endpoint_url=self.endpoint_url)
+        found = storage.read_with_token(self.uri, endpoint_url=self.endpoint_url, retry_budget_s=self.retry_budget_s)
         if found is not None:
             holder = LeaseRecord.from_json(found[0])
             if holder is not None and holder.live() and holder.owner != self.record.owner:
@@ -122,10 +124,16 @@ class RunLease:
         self.record.heartbeat = time.time()
         try:
             self.token = storage.write_if(
-                self.uri, self.record.to_json(), token=found[1] if found else None, endpoint_url=self.endpoint_url
+                self.uri,
+                self.record.to_json(),
+                token=found[1] if found else None,
+                endpoint_url=self.endpoint_url,
+                retry_budget_s=self.retry_budget_s,
             )
         except storage.PreconditionFailed:  # another job wrote it between our read and write
-            holder = LeaseRecord.from_json(storage.read_bytes(self.uri, endpoint_url=self.endpoint_url))
+            holder = LeaseRecord.from_json(
+                storage.read_bytes(self.uri, endpoint_url=self.endpoint_url, retry_budget_s=self.retry_budget_s)
+            )
             if holder is not None and holder.owner == self.record.owner:  # our write did land
                 self.token = storage.content_token(self.record.to_json())
             else:
@@ -154,7 +162,13 @@ class RunLease:
     def _write(self, **changes: Any) -> None:
         for name, value in changes.items():
             setattr(self.record, name, value)
-        self.token = storage.write_if(self.uri, self.record.to_json(), token=self.token, endpoint_url=self.endpoint_url)
+        self.token = storage.write_if(
+            self.uri,
+            self.record.to_json(),
+            token=self.token,
+            endpoint_url=self.endpoint_url,
+            retry_budget_s=self.retry_budget_s,
+        )
 
     def release(self) -> None:
         """Stop the heartbeat and mark the lease released (a lost lease is left alone)."""

@@ -16,8 +16,19 @@ from service.errors import Failure, RunExistsError, UsageError
 from service.lease import busy_error
 
 # Environment variables a job and its workers take along: object-store endpoint and region,
-# never credentials (the cluster's nodes use their own).
-PASSED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+# where the experiment trackers log and how; never credentials (WANDB_API_KEY, AWS keys:
+# the cluster's nodes use their own).
+PASSED_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "WANDB_MODE",
+    "WANDB_ENTITY",
+    "WANDB_SILENT",
+    "WANDB_CONSOLE",
+)
 FAULT_ENV_PREFIX = "CMACC_FAULT_"  # test hooks of workers.distributed.faults
 
 
@@ -60,6 +71,76 @@ def check_start(
     return newest.step if newest is not None else 0
 
 
+# Settings that shape what a checkpoint holds: a run resumed with another value cannot load it
+# (tensor shapes, state parts) or would silently become another method. The world size is
+# not among them: a run is defined by its global batch M, whatever its number of workers.
+STATE_SETTINGS = (
+    "model.video.arch",
+    "model.video.width",
+    "model.audio.arch",
+    "model.audio.width",
+    "model.embed_dim",
+    "model.head_hidden",
+    "model.head_norm",
+    "method.sampler",
+    "method.pool",
+    "method.dictionary_size",
+    "method.shadow_samplers",
+    "optim.name",
+    "train.seed",
+)
+
+
+def _flat(tree: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(saved: Mapping[str, object], cfg: Config, *, where: str) -> None:
+    """Refuse, before any worker starts, a resume whose settings cannot continue the
+    checkpoint at `where` (its `meta.json` config `saved`): another global batch M (or pool
+    size N), or another value of a setting in `STATE_SETTINGS`. A UsageError names every
+    setting that differs, both values, and how to keep M on another number of workers."""
+    old_flat = _flat(saved)
+    new_flat = _flat(cfg.to_dict())
+    differ = [
+        f"{name} {old_flat[name]!r} -> {new_flat.get(name)!r}"
+        for name in STATE_SETTINGS
+        if name in old_flat and old_flat[name] != new_flat.get(name)
+    ]
+    saved_batch = _global_batch(old_flat)
+    if saved_batch is not None and saved_batch != cfg.global_batch_size:
+        differ.append(
+            f"the global batch M {saved_batch} -> {cfg.global_batch_size} (train.global_batch_size, or "
+            "train.batch_size x resources.num_workers when it is 0; to resume on another number of workers "
+            f"keep M: --set train.global_batch_size={saved_batch})"
+        )
+    saved_pool = old_flat.get("method.pool_size")
+    if not differ and saved_pool and saved_pool != cfg.method.pool_size:
+        differ.append(f"method.pool_size {saved_pool!r} -> {cfg.method.pool_size!r}")
+    if differ:
+        raise UsageError(
+            f"--resume: the checkpoint {where} cannot continue with these settings: {'; '.join(differ)} "
+            "(nothing was changed)"
+        )
+
+
+def _global_batch(flat: Mapping[str, object]) -> int | None:
+    """M of a saved config: its global batch, or its per-worker batch x workers."""
+    explicit = flat.get("train.global_batch_size")
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    batch, workers = flat.get("train.batch_size"), flat.get("resources.num_workers")
+    if isinstance(batch, int) and isinstance(workers, int):
+        return batch * workers
+    return None
+
+
 def passed_environment(environ: Mapping[str, str] | None = None, *, with_fault_hooks: bool = False) -> dict[str, str]:
     """The variables of `environ` (default: this process's) a job or its workers take along."""
     environ = os.environ if environ is None else environ
@@ -71,8 +152,10 @@ def passed_environment(environ: Mapping[str, str] | None = None, *, with_fault_h
 
 
 def resources_needed(cfg: Config) -> tuple[int, float]:
-    """(CPUs, GPUs) a run asks of the cluster: its workers and the dictionary actor."""
+    """(CPUs, GPUs) a run needs of the cluster to start: its workers (an elastic group's
+    minimum) and the dictionary actor."""
     res = cfg.resources
-    cpus = res.num_workers * res.cpus_per_worker + 1  # + 1: the actor
-    gpus = (res.num_workers * res.gpus_per_worker if res.use_gpu else 0) + res.actor_gpus
+    workers = min(res.world_sizes)
+    cpus = workers * res.cpus_per_worker + 1  # + 1: the actor
+    gpus = (workers * res.gpus_per_worker if res.use_gpu else 0) + res.actor_gpus
     return cpus, gpus

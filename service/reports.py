@@ -6,6 +6,7 @@ the catalog use them without torch.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 MODALITIES = ("video", "audio")
@@ -105,3 +106,17 @@ def format_summary(outcome: dict[str, Any]) -> str:
     elif outcome.get("evaluation_note"):
         lines.append(f"  {outcome['evaluation_note']}")
     return "\n".join(lines)
+
+
+def progress_text(progress: dict[str, Any]) -> str:
+    """A training job's progress as a run record keeps it (`service.catalog`), on one line:
+    `step 50/1000  loss 9.123  clips/s 50.0`."""
+    parts = [f"step {int(progress['step'])}/{int(progress['total'])}"]
+    loss = progress.get("loss")
+    if isinstance(loss, (int, float)) and math.isfinite(loss):
+        parts.append(f"loss {loss:.3f}")
+    if progress.get("clips_per_s") is not None:
+        parts.append(f"clips/s {float(progress['clips_per_s']):.1f}")
+    if progress.get("world_size"):
+        parts.append(f"workers {int(progress['world_size'])}")
+    return "  ".join(parts)

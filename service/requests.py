@@ -47,6 +47,11 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, *, run_id_help: str,
         help="continue the run id when it has a checkpoint, else start it (for jobs that a scheduler retries)",
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON instead of the summary")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own messages (each report's metrics, worker start-up, notices) on the terminal",
+    )
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -61,6 +66,7 @@ class PretrainRequest:
     address: str | None = None  # Ray address; None = RAY_ADDRESS or a local Ray
     resume: bool = False
     resume_if_any: bool = False  # resume when there is a checkpoint, else start (retried jobs)
+    verbose: bool = False  # Ray's own INFO messages on the terminal too (always in Ray's log files)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **changes: object) -> PretrainRequest:
@@ -73,6 +79,7 @@ class PretrainRequest:
             "address": getattr(args, "address", None),
             "resume": args.resume,
             "resume_if_any": getattr(args, "resume_if_any", False),
+            "verbose": getattr(args, "verbose", False),
         }
         return cls(**{**fields, **changes})
 
@@ -90,6 +97,8 @@ class PretrainRequest:
             argv.append("--resume")
         if self.resume_if_any:
             argv.append("--resume-if-any")
+        if self.verbose:
+            argv.append("--verbose")
         return argv
 
 

@@ -9,8 +9,10 @@
 
 Paths stay `str` so `s3://` is never mangled by `pathlib`. Transient errors (connection
 reset or refused, time-outs, HTTP 5xx, throttling) are retried with exponential backoff
-within a time budget (`storage.retry_budget_s`, default 60 s); the error that finally
-escapes is a `StorageError` naming the URI.
+within a time budget; the error that finally escapes is a `StorageError` naming the URI.
+The budget is an argument of every operation (`retry_budget_s`): a run passes its
+`storage.retry_budget_s` down to the clients it makes; without one it is
+`DEFAULT_RETRY_BUDGET_S`.
 
 Imported by the CLI: fsspec, s3fs and pyarrow are imported lazily, never torch or ray.
 """
@@ -32,23 +34,12 @@ T = TypeVar("T")
 DEFAULT_BASE_DELAY_S = 0.25
 MAX_DELAY_S = 8.0  # the longest wait between two tries
 RETRY_NOTICE_S = 2.0  # retrying longer than this: one warning on stderr says what and why
-# The time one operation may spend retrying (storage.retry_budget_s; set_retry_budget). A
-# throttling burst or a short outage of the store costs that much time, not the operation.
-_retry_budget_s = float(os.environ.get("CMACC_STORAGE_RETRY_BUDGET_S", "60"))
+# The time one operation may spend retrying, unless its caller passes its own
+# (`storage.retry_budget_s` of a run). A throttling burst or a short outage of the store
+# costs that much time, not the operation.
+DEFAULT_RETRY_BUDGET_S = 60.0
 # Retries made by this process, by operation (reported in the training metrics).
 RETRIES: collections.Counter[str] = collections.Counter()
-
-
-def set_retry_budget(seconds: float) -> None:
-    """The retry budget of this process (and of the processes it starts: the variable
-    CMACC_STORAGE_RETRY_BUDGET_S travels to Ray workers)."""
-    global _retry_budget_s
-    _retry_budget_s = float(seconds)
-    os.environ["CMACC_STORAGE_RETRY_BUDGET_S"] = str(float(seconds))
-
-
-def retry_budget_s() -> float:
-    return _retry_budget_s
 
 
 class StorageError(OSError):
@@ -126,9 +117,12 @@ def filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
     return fsspec.filesystem(scheme), path
 
 
-def arrow_filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
+def arrow_filesystem(
+    uri: str, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> tuple[Any, str]:
     """A `pyarrow.fs.FileSystem` and the path inside it, as Ray Train's `storage_filesystem`
-    and `storage_path` want them (no `s3://` in the path)."""
+    and `storage_path` want them (no `s3://` in the path); its S3 retries span about
+    `retry_budget_s`."""
     import pyarrow.fs as pafs
 
     scheme, path = split_uri(uri)
@@ -147,7 +141,7 @@ def arrow_filesystem(uri: str, *, endpoint_url: str = "") -> tuple[Any, str]:
         # Ray Train's checkpoint uploads and snapshots go through this filesystem, outside
         # `retry`: AWS's standard strategy (exponential backoff capped at 20 s) with enough
         # attempts to span about the retry budget, kept when Ray pickles it (service.arrow_fs).
-        return RetryingS3FileSystem(max_attempts=max(3, round(retry_budget_s() / 6)), **kwargs), path
+        return RetryingS3FileSystem(max_attempts=max(3, round(retry_budget_s / 6)), **kwargs), path
     if scheme == "file":
         return pafs.LocalFileSystem(), path
     import fsspec
@@ -194,18 +188,17 @@ def retry(
     uri: str,
     fn: Callable[[], T],
     *,
-    budget_s: float | None = None,
+    budget_s: float = DEFAULT_RETRY_BUDGET_S,
     base_delay_s: float = DEFAULT_BASE_DELAY_S,
 ) -> T:
     """Run `fn`, retrying transient failures with exponential backoff and jitter (0.25 s,
-    0.5 s, ... at most `MAX_DELAY_S` apart) for as long as the retry budget lasts
-    (`budget_s`, default `retry_budget_s()`).
+    0.5 s, ... at most `MAX_DELAY_S` apart) for as long as the retry budget `budget_s` lasts.
 
     A missing object raises `FileNotFoundError` naming the URI at once; any other failure
     that survives the retries raises `StorageError` naming the operation, the URI and the
     time spent.
     """
-    budget = retry_budget_s() if budget_s is None else budget_s
+    budget = budget_s
     started = time.monotonic()
     attempt = 0
     noticed = False
@@ -238,18 +231,24 @@ def retry(
 # --- small helpers every caller needs -------------------------------------------------------
 
 
-def read_bytes(uri: str, *, endpoint_url: str = "") -> bytes:
+def read_bytes(uri: str, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S) -> bytes:
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
-    return retry("read", uri, lambda: fs.cat_file(path))
+    return retry("read", uri, lambda: fs.cat_file(path), budget_s=retry_budget_s)
 
 
-def read_range(uri: str, start: int, length: int, *, endpoint_url: str = "") -> bytes:
+def read_range(
+    uri: str, start: int, length: int, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> bytes:
     """Bytes [start, start + length) of an object."""
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
-    return retry("read range of", uri, lambda: fs.cat_file(path, start=start, end=start + length))
+    return retry(
+        "read range of", uri, lambda: fs.cat_file(path, start=start, end=start + length), budget_s=retry_budget_s
+    )
 
 
-def write_bytes(uri: str, data: bytes, *, endpoint_url: str = "") -> None:
+def write_bytes(
+    uri: str, data: bytes, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> None:
     """Write an object whole. Local files are written to a temporary name, then renamed,
     so a reader never sees half a file."""
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
@@ -264,15 +263,15 @@ def write_bytes(uri: str, data: bytes, *, endpoint_url: str = "") -> None:
         else:
             fs.pipe_file(path, data)
 
-    retry("write", uri, write)
+    retry("write", uri, write, budget_s=retry_budget_s)
 
 
-def exists(uri: str, *, endpoint_url: str = "") -> bool:
+def exists(uri: str, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S) -> bool:
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
-    return retry("check", uri, lambda: fs.exists(path))
+    return retry("check", uri, lambda: fs.exists(path), budget_s=retry_budget_s)
 
 
-def list_dir(uri: str, *, endpoint_url: str = "") -> list[str]:
+def list_dir(uri: str, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S) -> list[str]:
     """Names (not paths) directly under a folder URI, sorted; [] when it does not exist."""
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
 
@@ -283,17 +282,19 @@ def list_dir(uri: str, *, endpoint_url: str = "") -> list[str]:
             return []
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
 
-    return retry("list", uri, ls)
+    return retry("list", uri, ls, budget_s=retry_budget_s)
 
 
-def remove(uri: str, *, recursive: bool = False, endpoint_url: str = "") -> None:
+def remove(
+    uri: str, *, recursive: bool = False, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> None:
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
-    retry("delete", uri, lambda: fs.rm(path, recursive=recursive))
+    retry("delete", uri, lambda: fs.rm(path, recursive=recursive), budget_s=retry_budget_s)
 
 
-def size(uri: str, *, endpoint_url: str = "") -> int:
+def size(uri: str, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S) -> int:
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
-    return retry("stat", uri, lambda: int(fs.size(path)))
+    return retry("stat", uri, lambda: int(fs.size(path)), budget_s=retry_budget_s)
 
 
 # --- compare-and-swap for small objects (the run lease) -----------------------------------
@@ -310,16 +311,20 @@ def content_token(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def read_with_token(uri: str, *, endpoint_url: str = "") -> tuple[bytes, str] | None:
+def read_with_token(
+    uri: str, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> tuple[bytes, str] | None:
     """An object's bytes and their version token, or None when it does not exist."""
     try:
-        data = read_bytes(uri, endpoint_url=endpoint_url)
+        data = read_bytes(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
     except FileNotFoundError:
         return None
     return data, content_token(data)
 
 
-def write_if(uri: str, data: bytes, *, token: str | None, endpoint_url: str = "") -> str:
+def write_if(
+    uri: str, data: bytes, *, token: str | None, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> str:
     """Write a small object only if it is still as read: absent when `token` is None, else
     unchanged since the read that gave `token`. Returns the new token; PreconditionFailed when
     another writer got there first.
@@ -368,7 +373,7 @@ def write_if(uri: str, data: bytes, *, token: str | None, endpoint_url: str = ""
                 raise lost
             fs.pipe_file(path, data)
 
-    retry("write", uri, write)
+    retry("write", uri, write, budget_s=retry_budget_s)
     return content_token(data)
 
 

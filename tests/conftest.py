@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The experiment trackers never reach a network from the tests: W&B writes offline runs,
+# quietly; MLflow sends no telemetry. Set before any Ray starts, so every worker has them.
+for _name, _value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("MLFLOW_DISABLE_TELEMETRY", "true")):
+    os.environ.setdefault(_name, _value)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,11 +1,12 @@
 """The dictionary actor: the authority over both negative dictionaries (docs/architecture.md,
 "The dictionary actor and the replicas").
 
-* `DictionaryService` is a plain class that does the work: it owns both dictionaries, both
-  candidate pools and the sampler (with its random state), a version number and the recent
-  deltas. `submit` runs step 4 of the method for one global batch through the same
-  `update_dictionaries` as the single-process trainer and returns a `Delta`: which slots of
-  each dictionary now hold which keys. Tested without Ray.
+* `DictionaryService` is a plain class that does the work: it owns the run's dictionaries
+  and their shadows (`workers.enqueue.DictionarySet`: dictionaries, stream pools, samplers
+  with their random states), a version number and the recent deltas. `submit` runs step 4
+  of the method for one global batch through the same `DictionarySet.update` as the
+  single-process trainer and returns a `Delta`: which slots of each dictionary (and of each
+  shadow) now hold which keys. Tested without Ray.
 * `DictionaryClient` is the typed client the training loop and the driver use: one method
   per operation of the actor, no `.remote()` or `ray.get` outside this module, and actor
   failures turned into the project's errors (`ActorRestarted`, `ActorError`). Ray runs
@@ -21,10 +22,11 @@ step: the full dictionary moves only for checkpoints and re-seeding.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,25 +35,38 @@ import torch
 from service import config as config_module
 from service.config import Config
 from service.errors import ActorError, ActorRestarted
+from workers.dictionary import NegativeDictionary
+from workers.enqueue import Arrivals, DictionarySet, build_dictionary_set
 from workers.tensors import to_numpy, to_torch
-from workers.trainer import Dictionaries, build_dictionaries, update_dictionaries
 
 DELTA_HISTORY = 64  # deltas kept for replicas that resume behind the actor
 RESTART_WAIT_S = 120.0  # how long a caller waits for Ray to restart a dead actor
 MODALITIES = ("v", "a")
-ENTERED_PARTS = ("slots", "keys", "ids", "labels", "steps")
+ENTERED_PARTS = ("slots", "keys", "ids", "labels", "steps", "sources")
 
 
 @dataclass(kw_only=True)
 class Entered:
     """The keys that entered one dictionary: `slots` [P] of the dictionary now hold `keys`
-    [P, d] of the clips `ids` [P], with their `labels` [P] (-1 unknown) and arrival `steps` [P]."""
+    [P, d] of the clips `ids` [P], with their `labels` [P] (-1 unknown), arrival `steps` [P]
+    and `sources` [P] (-1 unknown)."""
 
     slots: np.ndarray
     keys: np.ndarray
     ids: np.ndarray
     labels: np.ndarray
     steps: np.ndarray
+    sources: np.ndarray
+
+    @classmethod
+    def since(cls, dictionary: NegativeDictionary, pointer: int, count: int) -> Entered:
+        """The `count` keys written into `dictionary` from slot `pointer` on."""
+        slots = (pointer + torch.arange(count, device=dictionary.device)) % dictionary.size
+        return cls(
+            slots=to_numpy(slots),
+            keys=to_numpy(dictionary.keys[slots]),
+            **{name: to_numpy(getattr(dictionary, name)[slots]) for name in ENTERED_PARTS[2:]},
+        )
 
 
 @dataclass(kw_only=True)
@@ -59,9 +74,10 @@ class Delta:
     """What one global batch changed in the dictionaries: version `version` (the one it
     creates), made from the batch of training step `step` by the actor process `incarnation`.
 
-    `entered_v` and `entered_a` say what entered D_v and D_a; `select_ms` is the time the
-    selection took in the actor; `stop_requested` carries the driver's stop request to the
-    training loop (no extra call per step).
+    `entered_v` and `entered_a` say what entered D_v and D_a, `shadows` what entered each
+    shadow's (D_v, D_a) by sampler name; `select_ms` is the time the selection took in the
+    actor; `stop_requested` carries the driver's stop request to the training loop (no extra
+    call per step).
     """
 
     version: int
@@ -71,35 +87,43 @@ class Delta:
     entered_a: Entered
     select_ms: float
     stop_requested: bool
+    shadows: dict[str, tuple[Entered, Entered]] = field(default_factory=dict)
 
     def entered(self, modality: str) -> Entered:
         return self.entered_v if modality == "v" else self.entered_a
 
+    def without_shadows(self) -> Delta:
+        """The same delta for ranks that keep no shadows (only rank 0 measures them)."""
+        return dataclasses.replace(self, shadows={})
+
     def to_dict(self) -> dict[str, Any]:
         """The stored form (in checkpoints): flat names, numpy arrays."""
         out: dict[str, Any] = {"version": self.version, "step": self.step, "incarnation": self.incarnation}
-        for m in MODALITIES:
-            entered = self.entered(m)
-            for part in ENTERED_PARTS:
-                out[f"{part}_{m}"] = getattr(entered, part)
+        members = {"": (self.entered_v, self.entered_a)}
+        members.update({f"shadow/{name}/": pair for name, pair in self.shadows.items()})
+        for prefix, pair in members.items():
+            for m, entered in zip(MODALITIES, pair, strict=True):
+                for part in ENTERED_PARTS:
+                    out[f"{prefix}{part}_{m}"] = getattr(entered, part)
         out.update({"select_ms": self.select_ms, "stop_requested": self.stop_requested})
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Delta:
-        def entered(m: str) -> Entered:
-            unknown = np.full_like(raw[f"ids_{m}"], -1)  # deltas saved before labels and steps were kept
-            parts = {part: raw.get(f"{part}_{m}", unknown) for part in ENTERED_PARTS}
-            return Entered(**parts)
+        def entered(prefix: str, m: str) -> Entered:
+            unknown = np.full_like(raw[f"{prefix}ids_{m}"], -1)  # deltas saved before a column was kept
+            return Entered(**{part: raw.get(f"{prefix}{part}_{m}", unknown) for part in ENTERED_PARTS})
 
+        names = sorted({key.split("/")[1] for key in raw if key.startswith("shadow/")})
         return cls(
             version=int(raw["version"]),
             step=int(raw["step"]),
             incarnation=str(raw["incarnation"]),
-            entered_v=entered("v"),
-            entered_a=entered("a"),
+            entered_v=entered("", "v"),
+            entered_a=entered("", "a"),
             select_ms=float(raw["select_ms"]),
             stop_requested=bool(raw["stop_requested"]),
+            shadows={name: (entered(f"shadow/{name}/", "v"), entered(f"shadow/{name}/", "a")) for name in names},
         )
 
 
@@ -123,59 +147,37 @@ class DictionaryService:
 
     def reset(self) -> None:
         """Back to the initial state: what a run without a checkpoint starts from."""
-        self.dictionaries: Dictionaries = build_dictionaries(self.cfg, device=self.device)
+        self.dictionaries: DictionarySet = build_dictionary_set(self.cfg, device=self.device)
         self.version = 0
         self.history: collections.deque[Delta] = collections.deque(maxlen=DELTA_HISTORY)
         self.stop_requested = False
 
-    def submit(
-        self,
-        *,
-        step: int,
-        queries_v: np.ndarray,
-        queries_a: np.ndarray,
-        keys_v: np.ndarray,
-        keys_a: np.ndarray,
-        clip_ids: np.ndarray,
-        labels: np.ndarray | None = None,
-    ) -> Delta:
-        """Select and enqueue for one global batch of training step `step` (all arrays
-        [M, d], clip_ids and labels [M]); the delta."""
+    def submit(self, *, step: int, **arrays: np.ndarray) -> Delta:
+        """Select and enqueue for one global batch of training step `step` (the arrays of
+        `workers.enqueue.Arrivals`: [M, d] embeddings, [M] columns, the fresh pool's extra
+        clips); the delta."""
         started = time.perf_counter()
-        pointers = {m: getattr(self.dictionaries, f"dictionary_{m}").pointer for m in MODALITIES}
-        counts = update_dictionaries(
-            self.dictionaries,
-            queries_v=to_torch(queries_v, self.device),
-            queries_a=to_torch(queries_a, self.device),
-            keys_v=to_torch(keys_v, self.device),
-            keys_a=to_torch(keys_a, self.device),
-            clip_ids=to_torch(clip_ids, self.device),
-            labels=None if labels is None else to_torch(labels, self.device),
-            step=step,
-        )
+        members = {"main": self.dictionaries.main, **self.dictionaries.shadows}
+        pointers = {name: {m: d.dictionary(m).pointer for m in MODALITIES} for name, d in members.items()}
+        counts = self.dictionaries.update(Arrivals.from_arrays(step, arrays, self.device))
         self.version += 1
-        entered = {}
-        for m in MODALITIES:
-            dictionary = getattr(self.dictionaries, f"dictionary_{m}")
-            num_entered = int(counts[f"entered_{m}"])
-            slots = (pointers[m] + torch.arange(num_entered, device=self.device)) % dictionary.size
-            entered[m] = Entered(
-                slots=to_numpy(slots),
-                keys=to_numpy(dictionary.keys[slots]),
-                ids=to_numpy(dictionary.ids[slots]),
-                labels=to_numpy(dictionary.labels[slots]),
-                steps=to_numpy(dictionary.steps[slots]),
+        entered = {
+            name: tuple(
+                Entered.since(d.dictionary(m), pointers[name][m], int(counts[name][f"entered_{m}"])) for m in MODALITIES
             )
+            for name, d in members.items()
+        }
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         delta = Delta(
             version=self.version,
             step=step,
             incarnation=self.incarnation,
-            entered_v=entered["v"],
-            entered_a=entered["a"],
+            entered_v=entered["main"][0],
+            entered_a=entered["main"][1],
             select_ms=1000 * (time.perf_counter() - started),
             stop_requested=self.stop_requested,
+            shadows={name: pair for name, pair in entered.items() if name != "main"},
         )
         self.history.append(delta)
         return delta
@@ -186,11 +188,17 @@ class DictionaryService:
             raise LookupError(f"deltas after version {version} are no longer kept (now at {self.version})")
         return [delta for delta in self.history if delta.version > version]
 
-    def reseed(self, *, dictionary_v: dict[str, Any], dictionary_a: dict[str, Any], version: int) -> None:
-        """Take the dictionaries from a replica after a restart; pools start empty again."""
+    def reseed(self, *, members: dict[str, dict[str, Any]], version: int) -> None:
+        """Take the dictionaries from rank 0's replicas after a restart ("main" and each
+        shadow's, each {"dictionary_v": state, "dictionary_a": state}); pools start empty
+        again and the samplers from their seeds."""
         self.reset()
-        self.dictionaries.dictionary_v.load_state_dict(to_torch(dictionary_v))
-        self.dictionaries.dictionary_a.load_state_dict(to_torch(dictionary_a))
+        for name, dictionaries in members.items():
+            target = self.dictionaries.main if name == "main" else self.dictionaries.shadows.get(name)
+            if target is None:
+                continue
+            for m in MODALITIES:
+                target.dictionary(m).load_state_dict(to_torch(dictionaries[f"dictionary_{m}"]))
         self.version = version
 
     def state_dict(self) -> dict[str, Any]:
@@ -294,8 +302,8 @@ class DictionaryClient:
     def reset(self) -> None:
         self._call("reset")
 
-    def reseed(self, *, dictionary_v: dict[str, Any], dictionary_a: dict[str, Any], version: int) -> None:
-        self._call("reseed", dictionary_v=dictionary_v, dictionary_a=dictionary_a, version=version)
+    def reseed(self, *, members: dict[str, dict[str, Any]], version: int) -> None:
+        self._call("reseed", members=members, version=version)
 
     def state_dict(self) -> dict[str, Any]:
         return self._call("state_dict")

@@ -9,13 +9,26 @@ changes training.
   the mean cosine of a query with its own clip's key of the other modality and with the
   other clips' keys: learning shows as a gap between them.
 * Dictionaries (per modality, over the keys that came from clips): fraction of arrivals
-  that entered, label entropy, the same-label fraction a query meets (false negatives),
-  mean pairwise cosine and effective rank of the keys (redundancy), mean key age in steps.
+  that entered, label entropy, mean pairwise cosine and effective rank of the keys
+  (redundancy), mean key age in steps.
+* What the queries meet in a dictionary (`dictionary_instruments`, per modality of the
+  dictionary: D_a is met by the video queries): the softmax mass over the negatives that
+  falls on keys of the query's own label (`fn_mass`: false negatives, weighted as the loss
+  weighs them), the share of its 10 nearest keys with its label (`top10_same_label`), its
+  largest cosine to a key (`hardness`), the dictionary's share of the negative mass against
+  the in-batch negatives (`neg_share`), and the mass on keys from the query's own source
+  file (`same_source_mass`: near-duplicates of one recording). `same_label_frac` (the
+  share of known-label keys with the query's label, averaged over queries) is kept, but it
+  is blind: with balanced batch labels it is about 1/C for ANY dictionary, even one holding
+  a single class, because it weighs each class's share of the dictionary by its share of
+  the batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,8 +97,68 @@ def embedding_metrics(*, queries_v: Tensor, queries_a: Tensor, keys_v: Tensor, k
     return out
 
 
+def dictionary_instruments(
+    dictionary: NegativeDictionary,
+    *,
+    modality: str,
+    queries: Tensor,
+    clip_ids: Tensor,
+    labels: Tensor,
+    sources: Tensor | None,
+    batch_keys: Tensor,
+    temperature: float,
+    in_batch_negatives: bool,
+    prefix: str = "dict",
+) -> dict[str, float]:
+    """What the queries [M, d] of a batch (their clip ids, labels and sources [M]) meet in
+    `dictionary` (the one of `modality`, which the other modality's queries meet), weighed
+    as the loss weighs it: softmax over the negatives at `temperature`, the dictionary's keys
+    (a query's own clip left out) plus, with `in_batch_negatives`, the other clips' keys of
+    the batch (`batch_keys` [M, d], row i the positive of query i). Mean over queries (over
+    labelled ones for the label measures; over queries with a known source for the source
+    one). NaN where nothing can be measured."""
+    m = modality
+    q = queries.double()
+    keys = dictionary.keys.to(q.device, torch.float64)  # K x d
+    ids, key_labels = dictionary.ids.to(q.device), dictionary.labels.to(q.device)
+    cos_dict = q @ keys.T  # M x K
+    own = clip_ids[:, None].to(q.device) == ids[None, :]  # M x K: a query's own clip is no negative
+    logits = (cos_dict / temperature).masked_fill(own, float("-inf"))
+    if in_batch_negatives:
+        batch = (q @ batch_keys.double().T) / temperature  # M x M, the diagonal is the positive
+        batch = batch.masked_fill(torch.eye(batch.shape[0], dtype=torch.bool, device=q.device), float("-inf"))
+        logits = torch.cat([logits, batch], dim=1)
+    weights = torch.softmax(logits, dim=1)[:, : keys.shape[0]]  # M x K: each key's share of the negative mass
+    query_labels = labels.to(q.device)
+    labelled = query_labels >= 0
+    same_label = (key_labels[None, :] == query_labels[:, None]) & (key_labels[None, :] >= 0)  # M x K
+    out = {
+        f"{prefix}/neg_share_{m}": float(weights.sum(dim=1).mean()),
+        f"{prefix}/hardness_{m}": float(cos_dict.masked_fill(own, float("-inf")).max(dim=1).values.mean()),
+        f"{prefix}/fn_mass_{m}": float((weights * same_label).sum(dim=1)[labelled].mean())
+        if labelled.any()
+        else math.nan,
+    }
+    from_clips = (ids >= 0) & (key_labels >= 0)
+    nearest = math.nan
+    if labelled.any() and from_clips.any():
+        count = min(10, int(from_clips.sum()))
+        ranked = cos_dict.masked_fill(own | ~from_clips[None, :], float("-inf")).topk(count, dim=1).indices  # M x 10
+        nearest = float(same_label.gather(1, ranked).double().mean(dim=1)[labelled].mean())
+    out[f"{prefix}/top10_same_label_{m}"] = nearest
+    if sources is not None:
+        query_sources = sources.to(q.device)
+        key_sources = dictionary.sources.to(q.device)
+        same_source = (key_sources[None, :] == query_sources[:, None]) & (key_sources[None, :] >= 0)
+        known = query_sources >= 0
+        out[f"{prefix}/same_source_mass_{m}"] = (
+            float((weights * same_source).sum(dim=1)[known].mean()) if known.any() else math.nan
+        )
+    return out
+
+
 def dictionary_metrics(
-    dictionary: NegativeDictionary, *, modality: str, step: int, query_labels: Tensor
+    dictionary: NegativeDictionary, *, modality: str, step: int, query_labels: Tensor, prefix: str = "dict"
 ) -> dict[str, float]:
     """What one dictionary holds at `step` (the step the current batch was trained at), over
     its keys that came from clips; `query_labels` [M] are the current batch's labels."""
@@ -94,38 +167,62 @@ def dictionary_metrics(
     labels = dictionary.labels[real].cpu().numpy()
     arrival = dictionary.steps[real]
     arrival = arrival[arrival >= 0]
-    m = modality
+    m, p = modality, prefix
     return {
-        f"dict/filled_{m}": float(real.float().mean()),
-        f"dict/label_entropy_{m}": label_entropy(labels),
-        f"dict/same_label_frac_{m}": same_label_fraction(query_labels.cpu().numpy(), labels),
-        f"dict/key_cos_{m}": mean_pairwise_cosine(keys),
-        f"dict/effective_rank_{m}": effective_rank(keys),
-        f"dict/key_age_{m}": float((step - arrival).double().mean()) if arrival.numel() else float("nan"),
+        f"{p}/filled_{m}": float(real.float().mean()),
+        f"{p}/label_entropy_{m}": label_entropy(labels),
+        f"{p}/same_label_frac_{m}": same_label_fraction(query_labels.cpu().numpy(), labels),
+        f"{p}/key_cos_{m}": mean_pairwise_cosine(keys),
+        f"{p}/effective_rank_{m}": effective_rank(keys),
+        f"{p}/key_age_{m}": float((step - arrival).double().mean()) if arrival.numel() else float("nan"),
     }
 
 
 def step_statistics(
+    batch: Any,
+    views: Mapping[str, tuple[NegativeDictionary, NegativeDictionary]],
     *,
-    queries_v: Tensor,
-    queries_a: Tensor,
-    keys_v: Tensor,
-    keys_a: Tensor,
-    labels: Tensor,
-    dictionary_v: NegativeDictionary,
-    dictionary_a: NegativeDictionary,
-    step: int,
-    arrived: float,
-    entered_v: float,
-    entered_a: float,
+    temperature: float,
+    in_batch_negatives: bool,
 ) -> dict[str, float]:
-    """Every statistic of one step, as both trainers log it every `train.log_every` steps:
-    the batch's embeddings ([M, d] each, `labels` [M]), both dictionaries at `step` (the
-    step the batch was trained at), and the fraction of the arrivals that entered
-    (`dict/entered_frac_{v,a}`: `entered_*` of `arrived` keys; P / M for a pool sampler in
-    steady state; NaN when nothing arrived)."""
-    out = embedding_metrics(queries_v=queries_v, queries_a=queries_a, keys_v=keys_v, keys_a=keys_a)
-    for modality, dictionary, entered in (("v", dictionary_v, entered_v), ("a", dictionary_a, entered_a)):
-        out.update(dictionary_metrics(dictionary, modality=modality, step=step, query_labels=labels))
-        out[f"dict/entered_frac_{modality}"] = entered / arrived if arrived else math.nan
+    """Every statistic of one step, as both trainers log it every `train.log_every` steps,
+    measured on the current batch (`workers.enqueue.Arrivals`: its [M, d] embeddings, labels,
+    sources) against the dictionaries as its loss met them (before they take its keys).
+    `views`: (D_v, D_a) by metric prefix ("dict" for the run's, "shadow/<sampler>" for each
+    shadow). The mean key age is counted from the batch's step."""
+    out = embedding_metrics(
+        queries_v=batch.queries_v, queries_a=batch.queries_a, keys_v=batch.keys_v, keys_a=batch.keys_a
+    )
+    for prefix, (dictionary_v, dictionary_a) in views.items():
+        # D_a meets the video queries (their positives: the audio keys), D_v the audio queries.
+        for modality, dictionary, queries, keys in (
+            ("v", dictionary_v, batch.queries_a, batch.keys_v),
+            ("a", dictionary_a, batch.queries_v, batch.keys_a),
+        ):
+            out.update(
+                dictionary_metrics(
+                    dictionary, modality=modality, step=batch.step, query_labels=batch.labels, prefix=prefix
+                )
+            )
+            out.update(
+                dictionary_instruments(
+                    dictionary,
+                    modality=modality,
+                    queries=queries,
+                    clip_ids=batch.clip_ids,
+                    labels=batch.labels,
+                    sources=batch.sources,
+                    batch_keys=keys,
+                    temperature=temperature,
+                    in_batch_negatives=in_batch_negatives,
+                    prefix=prefix,
+                )
+            )
     return out
+
+
+def entered_fractions(counts: Mapping[str, float]) -> dict[str, float]:
+    """`dict/entered_frac_{v,a}`: the fraction of the arrivals (`counts["arrived"]`) that
+    entered each dictionary (P / M in steady state; NaN when nothing arrived)."""
+    arrived = counts.get("arrived", 0.0)
+    return {f"dict/entered_frac_{m}": counts.get(f"entered_{m}", 0.0) / arrived if arrived else math.nan for m in "va"}

@@ -1,7 +1,8 @@
 """The negative dictionaries D_a, D_v and the candidate pools U_a, U_v (docs/architecture.md, "The method").
 
 Both are ring buffers of L2-normalised keys [size, d] with, per key, the clip id, the clip's
-label (-1 when unknown) and the step its batch was trained at (its arrival; -1 for none):
+label (-1 when unknown), the step its key was encoded at (its arrival; -1 for none) and the
+clip's source file as an id (-1 when unknown):
 
 * `NegativeDictionary` (K keys): the negatives of the loss. Enqueueing n keys overwrites the
   n oldest. It starts full of random unit vectors with clip id -1 (no clip), as MoCo does: the
@@ -12,8 +13,8 @@ label (-1 when unknown) and the step its batch was trained at (its arrival; -1 f
   taken (clip id -1), so the pool holds the recent arrivals that have not entered. It
   starts empty.
 
-Labels and arrival steps are not used by training: they make the dictionaries measurable
-(label entropy, false negatives, key age; `workers/diagnostics.py`).
+Labels, arrival steps and sources are not used by training: they make the dictionaries
+measurable (false negatives, key age, near-duplicates; `workers/diagnostics.py`).
 
 Plain classes with `state_dict` / `load_state_dict`: the trainer owns them in one process,
 the dictionary actor in a cluster.
@@ -28,6 +29,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 EMPTY_ID = -1  # clip id of a slot that holds no clip's key
+COLUMNS = ("ids", "labels", "steps", "sources")  # what a ring keeps per key besides the key
 
 
 class _KeyRing:
@@ -44,48 +46,58 @@ class _KeyRing:
         self.ids = torch.full((size,), EMPTY_ID, device=device, dtype=torch.long)  # size
         self.labels = torch.full((size,), EMPTY_ID, device=device, dtype=torch.long)  # size
         self.steps = torch.full((size,), EMPTY_ID, device=device, dtype=torch.long)  # size: arrival step
+        self.sources = torch.full((size,), EMPTY_ID, device=device, dtype=torch.long)  # size: source file id
         self.pointer = 0  # slot the next key is written to (the oldest key)
 
     @property
     def device(self) -> torch.device:
         return self.keys.device
 
-    def _write(self, keys: Tensor, ids: Tensor, labels: Tensor | None = None, steps: Tensor | None = None) -> Tensor:
-        """Write keys [n, d], ids [n] and optionally labels [n] and arrival steps [n] (else -1)
-        over the n oldest slots; returns their slots [n].
+    def _write(
+        self,
+        keys: Tensor,
+        ids: Tensor,
+        labels: Tensor | None = None,
+        steps: Tensor | None = None,
+        sources: Tensor | None = None,
+    ) -> Tensor:
+        """Write keys [n, d], ids [n] and optionally labels, arrival steps and sources [n]
+        (else -1) over the n oldest slots; returns their slots [n].
 
         With n > size only the last `size` keys are kept (the newest win).
         """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must be [n, {self.dim}], got {list(keys.shape)}")
-        for name, column in (("ids", ids), ("labels", labels), ("steps", steps)):
+        columns = {"ids": ids, "labels": labels, "steps": steps, "sources": sources}
+        for name, column in columns.items():
             if column is not None and column.shape != keys.shape[:1]:
                 raise ValueError(f"{name} must be [{keys.shape[0]}], got {list(column.shape)}")
-        unknown = torch.full_like(ids, EMPTY_ID)
-        labels = unknown if labels is None else labels
-        steps = unknown if steps is None else steps
+        columns = {name: torch.full_like(ids, EMPTY_ID) if c is None else c for name, c in columns.items()}
         if keys.shape[0] > self.size:
-            keys, ids, labels, steps = (x[-self.size :] for x in (keys, ids, labels, steps))
+            keys = keys[-self.size :]
+            columns = {name: c[-self.size :] for name, c in columns.items()}
         num_keys = keys.shape[0]
         slots = (self.pointer + torch.arange(num_keys, device=self.device)) % self.size  # n
         self.keys[slots] = keys.detach().to(self.keys.dtype)
-        self.ids[slots] = ids.to(self.device, torch.long)
-        self.labels[slots] = labels.to(self.device, torch.long)
-        self.steps[slots] = steps.to(self.device, torch.long)
+        for name, column in columns.items():
+            getattr(self, name)[slots] = column.to(self.device, torch.long)
         self.pointer = (self.pointer + num_keys) % self.size
         return slots
+
+    def oldest_first(self) -> Tensor:
+        """The keys [size, d] in ring order, the oldest (the next to be replaced) first."""
+        return self.keys.roll(-self.pointer, dims=0)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "keys": self.keys.clone(),
-            "ids": self.ids.clone(),
-            "labels": self.labels.clone(),
-            "steps": self.steps.clone(),
+            **{name: getattr(self, name).clone() for name in COLUMNS},
             "pointer": self.pointer,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state; one saved before labels and steps were kept has them unknown (-1)."""
+        """Restore a state; one saved before labels, steps or sources were kept has them
+        unknown (-1)."""
         keys, ids = state["keys"], state["ids"]
         if tuple(keys.shape) != (self.size, self.dim) or tuple(ids.shape) != (self.size,):
             raise ValueError(
@@ -94,7 +106,7 @@ class _KeyRing:
             )
         self.keys.copy_(keys)
         self.ids.copy_(ids)
-        for name in ("labels", "steps"):
+        for name in COLUMNS[1:]:
             column = state.get(name)
             getattr(self, name).copy_(column if column is not None else torch.full_like(self.ids, EMPTY_ID))
         self.pointer = int(state["pointer"])
@@ -119,10 +131,17 @@ class NegativeDictionary(_KeyRing):
         noise = torch.randn(size, dim, generator=generator)  # K x d, drawn on the CPU: same on every device
         self.keys.copy_(F.normalize(noise, dim=1))
 
-    def enqueue(self, keys: Tensor, ids: Tensor, labels: Tensor | None = None, steps: Tensor | None = None) -> Tensor:
-        """Put keys [n, d] with clip ids [n] (labels and arrival steps [n] when known) in place
-        of the n oldest; returns their slots [n]."""
-        return self._write(keys, ids, labels, steps)
+    def enqueue(
+        self,
+        keys: Tensor,
+        ids: Tensor,
+        labels: Tensor | None = None,
+        steps: Tensor | None = None,
+        sources: Tensor | None = None,
+    ) -> Tensor:
+        """Put keys [n, d] with clip ids [n] (labels, arrival steps and sources [n] when known)
+        in place of the n oldest; returns their slots [n]."""
+        return self._write(keys, ids, labels, steps, sources)
 
 
 class CandidatePool(_KeyRing):
@@ -132,10 +151,17 @@ class CandidatePool(_KeyRing):
         super().__init__(size=size, dim=dim, device=device)
         self.num_filled = 0
 
-    def push(self, keys: Tensor, ids: Tensor, labels: Tensor | None = None, steps: Tensor | None = None) -> None:
-        """Add keys [n, d] with clip ids [n] (labels and arrival steps [n] when known); the
-        oldest leave once N are held."""
-        self._write(keys, ids, labels, steps)
+    def push(
+        self,
+        keys: Tensor,
+        ids: Tensor,
+        labels: Tensor | None = None,
+        steps: Tensor | None = None,
+        sources: Tensor | None = None,
+    ) -> None:
+        """Add keys [n, d] with clip ids [n] (labels, arrival steps and sources [n] when known);
+        the oldest leave once N are held."""
+        self._write(keys, ids, labels, steps, sources)
         self.num_filled = min(self.size, self.num_filled + keys.shape[0])
 
     def take(self, rows: Tensor) -> None:

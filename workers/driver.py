@@ -11,24 +11,30 @@ probes the final checkpoint; `record` keeps the run record in storage.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import catalog, layout, preflight, storage
+from service import catalog, layout, preflight, reports, storage
 from service.config import Config
 from service.errors import DataError, Failure
 from service.requests import PretrainRequest
-from workers import ray_init
+from workers import ray_init, trackers
 from workers.actor import DictionaryClient
+from workers.data.format import MANIFEST_NAME, read_manifest
+from workers.data.synth import VERSION as SYNTH_VERSION
+from workers.data.synth import write_synthetic
+from workers.distributed.loop import train_loop_per_worker
+from workers.distributed.worker import RunContext
+from workers.evaluate import evaluate_remote, save_evaluation
+from workers.metrics import open_run_trackers, read_metrics
+from workers.supervision import ProgressFactory, StopSignals, fit_in_thread, say_above
 
 
 @dataclass(kw_only=True)
@@ -42,6 +48,7 @@ class Run:
     split: str | None  # the split it trains on ("train", or None: every clip)
     has_test_split: bool = False
     start_step: int = 0  # the step it resumes from (0 for a new run)
+    verbose: bool = False  # Ray Train's own INFO messages on the terminal too
     timings: dict[str, float] = field(default_factory=dict)
     fit_started_at: float = 0.0  # wall-clock time training started (for the throughput)
 
@@ -62,7 +69,7 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
     (`service.preflight`, as `cmacc submit` does), storage writable, data readable and big
     enough. Raises UsageError (RunExistsError) or Failure naming the URI."""
     run_id = preflight.check_run_id(request.run_id)
-    storage.set_retry_budget(cfg.storage.retry_budget_s)  # this process and the workers it starts
+    budget = cfg.storage.retry_budget_s
     root = storage.absolute(request.storage or cfg.storage.root)
     endpoint = cfg.storage.endpoint_url
     existing = preflight.read_run(root, run_id, endpoint_url=endpoint)
@@ -76,12 +83,15 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
     if existing is not None and existing.newest_checkpoint is not None:
         newest = existing.newest_checkpoint
         layout.check_checkpoint_format(newest.meta, newest.uri, to="resume")
+        if newest.meta.get("config"):
+            preflight.check_resume_config(newest.meta["config"], cfg, where=newest.uri)
     probe = storage.join(root, f".write-probe-{run_id}")  # beside the run: a refused run leaves no folder
     try:
-        storage.write_bytes(probe, b"ok", endpoint_url=endpoint)
-        storage.remove(probe, endpoint_url=endpoint)
+        storage.write_bytes(probe, b"ok", endpoint_url=endpoint, retry_budget_s=budget)
+        storage.remove(probe, endpoint_url=endpoint, retry_budget_s=budget)
     except OSError as err:
         raise Failure(f"storage {root} is not writable: {err}") from None
+    trackers.check_available(cfg.train.trackers)  # a tracker whose extra is missing: refused now
     data = storage.absolute(request.data or cfg.data.uri or default_data(cfg, root))
     split, has_test_split = check_data(cfg, data)
     return Run(
@@ -92,6 +102,7 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
         split=split,
         has_test_split=has_test_split,
         start_step=start_step,
+        verbose=request.verbose,
     )
 
 
@@ -99,10 +110,8 @@ def check_data(cfg: Config, data: str, *, need_test_split: bool = False) -> tupl
     """Can a run of `cfg` train on the data set `data`? (the split it trains on, whether it
     has a test split); Failure naming the URI when it cannot, or when `need_test_split` and
     it has none."""
-    from workers.data.format import read_manifest
-
     try:
-        manifest = read_manifest(data, endpoint_url=cfg.storage.endpoint_url)
+        manifest = read_manifest(data, endpoint_url=cfg.storage.endpoint_url, retry_budget_s=cfg.storage.retry_budget_s)
     except (DataError, OSError) as err:
         raise Failure(f"data set {data} cannot be read: {err}") from None
     split = "train" if manifest.splits.get("train") else None
@@ -124,10 +133,6 @@ def check_data(cfg: Config, data: str, *, need_test_split: bool = False) -> tupl
 
 def default_data(cfg: Config, root: str) -> str:
     """The generated data set of `data.*`, made once under `<root>/datasets/` and reused."""
-    from workers.data.format import MANIFEST_NAME
-    from workers.data.synth import VERSION as SYNTH_VERSION
-    from workers.data.synth import write_synthetic
-
     d = cfg.data
     params = dict(
         num_clips=d.num_clips,
@@ -150,7 +155,7 @@ def default_data(cfg: Config, root: str) -> str:
 # --- Ray -------------------------------------------------------------------------------------
 
 
-def start_ray(cfg: Config, address: str | None, *, log_to_driver: bool = True) -> str:
+def start_ray(cfg: Config, address: str | None, *, log_to_driver: bool = True, quiet: bool = False) -> str:
     """Join the Ray at `address` (or RAY_ADDRESS), or start a local one with enough logical
     CPUs for the run's workers and actor; nothing when this process is already connected.
     Says plainly when the cluster cannot hold the run now (an autoscaler may add nodes) and
@@ -158,8 +163,9 @@ def start_ray(cfg: Config, address: str | None, *, log_to_driver: bool = True) -
     import ray
 
     cpus, gpus = preflight.resources_needed(cfg)
-    if not ray.is_initialized():
-        ray_init.init(address, num_cpus=max(os.cpu_count() or 1, cpus), log_to_driver=log_to_driver)
+    if not ray.is_initialized():  # a local Ray offers what the largest group asks for
+        largest = max(cfg.resources.world_sizes) * cfg.resources.cpus_per_worker + 1
+        ray_init.init(address, num_cpus=max(os.cpu_count() or 1, largest), log_to_driver=log_to_driver, quiet=quiet)
     total = ray.cluster_resources()
     if total.get("CPU", 0) >= cpus and total.get("GPU", 0) >= gpus:
         return ""
@@ -183,10 +189,10 @@ def build_trainer(run: Run, client: DictionaryClient) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from workers.distributed.loop import RunContext, train_loop_per_worker
-
     cfg = run.cfg
-    filesystem, path = storage.arrow_filesystem(run.storage_root, endpoint_url=cfg.storage.endpoint_url)
+    filesystem, path = storage.arrow_filesystem(
+        run.storage_root, endpoint_url=cfg.storage.endpoint_url, retry_budget_s=cfg.storage.retry_budget_s
+    )
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if cfg.resources.use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
@@ -197,86 +203,41 @@ def build_trainer(run: Run, client: DictionaryClient) -> Any:
         actor_name=client.name,
         endpoint_url=cfg.storage.endpoint_url,
         split=run.split,
+        verbose=run.verbose,
     )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run": context.to_dict()},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.resources.num_workers,
-            use_gpu=cfg.resources.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=cfg.resources.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg, resources),
         run_config=ray.train.RunConfig(
             name=run.run_id,
             storage_path=path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
+            # Ray Train's INFO messages (each report's metrics, worker start-up) stay in its log
+            # files unless asked for: the terminal shows our progress, checkpoints and warnings.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if run.verbose else "WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             worker_runtime_env={"env_vars": preflight.passed_environment(with_fault_hooks=True)},
         ),
     )
 
 
-ProgressFactory = Callable[[DictionaryClient, int, int], Any]
+def scaling_config(cfg: Config, resources: dict[str, float]) -> Any:
+    """Ray Train's worker group: a fixed `resources.num_workers`, or with
+    `resources.max_workers` an elastic group of min..max workers (Ray Train starts with what
+    the cluster can hold, restarts smaller after losing a node and grows when resources come
+    back, checked every `resources.resize_check_s`; docs/scaling.md, "Elastic runs")."""
+    import ray.train
 
-
-class StoppedBeforeStart(Exception):
-    """A stop (Ctrl-C, SIGTERM, `cmacc stop`) arrived before any worker trained a step: there
-    is nothing to checkpoint, so the driver ends at once instead of waiting for workers
-    (which may never get their resources) to reach a step."""
-
-
-class StopSignals:
-    """Ctrl-C and SIGTERM for the whole job, from Ray's start to the end of training.
-
-    Before rank 0 reported its first step, a signal ends the job at the next `check()`
-    (`StoppedBeforeStart`: nothing to checkpoint). Afterwards the first asks the workers to
-    write a checkpoint and stop; a second one aborts (the previous handlers are back).
-    Installed right after Ray starts, whose own SIGTERM handler would kill the process.
-    """
-
-    def __init__(self) -> None:
-        self.client: DictionaryClient | None = None  # set once the actor exists
-        self.started = False  # rank 0 reported a step
-        self.requested = False  # a stop arrived before that
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for sig, old in self.previous.items():
-            signal.signal(sig, signal.SIG_DFL if old is None else old)  # None: a handler set outside Python
-        self.previous = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if not self.started or self.client is None:
-            self.requested = True
-            print("\ncmacc: stopping: no step was trained yet, so there is nothing to checkpoint", flush=True)
-            return
-        print("\ncmacc: stopping after the next step and a checkpoint (again to abort)", flush=True)
-        self.client.request_stop()
-        self._restore()
-
-    def mark_started(self) -> None:
-        """Rank 0 reported its first step. A stop that arrived while that step was on its way
-        now asks for a checkpoint instead of abandoning the steps trained."""
-        self.started = True
-        if self.requested and self.client is not None:
-            self.requested = False
-            self.client.request_stop()
-            self._restore()
-
-    def check(self) -> None:
-        if self.requested and not self.started:
-            raise StoppedBeforeStart()
+    res = cfg.resources
+    return ray.train.ScalingConfig(
+        num_workers=(res.min_workers, res.max_workers) if res.elastic else res.num_workers,
+        use_gpu=res.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=res.placement_strategy,
+        elastic_resize_monitor_interval_s=res.resize_check_s,
+    )
 
 
 def fit(run: Run, client: DictionaryClient, stop: StopSignals, *, progress: ProgressFactory | None = None) -> Any:
@@ -298,12 +259,21 @@ def fit(run: Run, client: DictionaryClient, stop: StopSignals, *, progress: Prog
             display.close()
 
 
+PROGRESS_RECORD_S = 10.0  # how often the run record's progress is renewed while the run trains
+PROGRESS_RECORD_ENV = "CMACC_PROGRESS_RECORD_S"  # tests that watch a run mid-way renew it more often
+
+
 class Watcher:
-    """Polls rank 0's progress from the actor (never blocks): feeds the display, and at the
-    first step turns the run record from `waiting` to `running` and arms the graceful stop."""
+    """Polls rank 0's progress from the actor (never blocks): feeds the display, at the first
+    step turns the run record from `waiting` to `running` and arms the graceful stop, and
+    every `PROGRESS_RECORD_S` keeps the record's progress (step, loss, rate) current, which
+    is what `cmacc runs`, `cmacc status` and a cluster ablation read."""
 
     def __init__(self, run: Run, client: DictionaryClient, display: Any, stop: StopSignals):
         self.run, self.client, self.display, self.stop = run, client, display, stop
+        self.recorded_at = -math.inf
+        self.record_every_s = float(os.environ.get(PROGRESS_RECORD_ENV, PROGRESS_RECORD_S))
+        self.checkpoint: int | None = None
 
     def poll(self) -> None:
         progress = self.client.poll_progress()
@@ -311,60 +281,21 @@ class Watcher:
             return
         if not self.stop.started:
             self.stop.mark_started()
+        if progress.get("checkpoint") is not None and progress["checkpoint"] != self.checkpoint:
+            self.checkpoint = int(progress["checkpoint"])
+            name = layout.checkpoint_name(self.checkpoint)
+            say_above(
+                self.display, f"cmacc: checkpoint at step {self.checkpoint}: {storage.join(self.run.run_uri, name)}"
+            )
+        if time.monotonic() - self.recorded_at >= self.record_every_s:
+            self.recorded_at = time.monotonic()
+            at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             try:
-                record(self.run, state="running")
+                record(self.run, state="running", progress={**progress, "at": at})
             except Exception as err:  # the record is for people; training goes on without it
                 print(f"cmacc: warning: could not update the run record: {err}", file=sys.stderr, flush=True)
         if self.display is not None:
             self.display.show(progress)
-
-
-def fit_in_thread(trainer: Any, stop: StopSignals, *, poll: Callable[[], None]) -> Any:
-    """`trainer.fit()` in a helper thread, so that Ray Train does not install its own SIGINT
-    handler (which aborts the run without a checkpoint) and this thread keeps the signals;
-    `poll` is called twice a second meanwhile. A stop before the first step raises
-    `StoppedBeforeStart` at once (the helper thread is left to die with the process)."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # re-raised in the calling thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, name="cmacc-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        stop.check()
-        thread.join(timeout=0.5)
-        poll()
-    if "error" in outcome:
-        err = outcome["error"]
-        raise Failure(f"training failed: {type(err).__name__}: {err}") from err
-    return outcome["result"]
-
-
-class ProgressBar:
-    """The driver's progress bar (step, loss, clips/s, ETA) from what rank 0 reports to the
-    dictionary actor."""
-
-    def __init__(self, client: DictionaryClient, total: int, initial: int):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, unit="step", desc="pretrain", file=sys.stderr, dynamic_ncols=True)
-
-    def show(self, progress: dict[str, float]) -> None:
-        step = int(progress["step"])
-        if step < self.bar.n:  # a restarted attempt replays steps since its checkpoint
-            self.bar.reset(total=self.bar.total)
-        self.bar.update(step - self.bar.n)
-        postfix = {"clips_s": f"{progress['clips_per_s']:.0f}"}
-        if math.isfinite(progress["loss"]):  # NaN until the loop first reads its losses (train.log_every)
-            postfix = {"loss": f"{progress['loss']:.3f}", **postfix}
-        self.bar.set_postfix(postfix, refresh=True)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # --- after training --------------------------------------------------------------------------
@@ -401,8 +332,6 @@ def summarise(run: Run, result: Any) -> dict[str, Any]:
 def steady_throughput(run: Run) -> float | None:
     """Clips per second between the first and the last step this job logged (worker
     start-up excluded), from the run's metrics log."""
-    from workers.metrics import read_metrics
-
     try:
         records = read_metrics(run.run_uri, endpoint_url=run.endpoint_url)
     except (OSError, ValueError):
@@ -416,8 +345,6 @@ def steady_throughput(run: Run) -> float | None:
 def evaluate_run(run: Run, outcome: dict[str, Any]) -> dict[str, Any] | None:
     """Evaluate the final checkpoint on the held-out split (a Ray task); a failure here is
     reported in the outcome but does not fail the trained run."""
-    from workers.evaluate import evaluate_remote, save_evaluation
-
     if not run.has_test_split:
         outcome["evaluation_note"] = (
             f"data set {run.data_uri} has no 'test' split: evaluation skipped (`cmacc eval --run {run.run_id}` "
@@ -440,6 +367,38 @@ def evaluate_run(run: Run, outcome: dict[str, Any]) -> dict[str, Any] | None:
     return evaluation
 
 
+def track_evaluation(run: Run, evaluation: dict[str, Any]) -> None:
+    """The evaluation in the run's MLflow and W&B runs (`train.trackers`): each probe's top-1,
+    pretrained and untrained, at the checkpoint's step, and the evaluation's JSON and
+    confusion-matrix PNGs as artefacts. A tracker that fails is a warning: the evaluation is
+    saved in the run folder either way."""
+    if not [name for name in run.cfg.train.trackers if name != "tensorboard"]:
+        return
+    try:
+        tracker = open_run_trackers(run.cfg, run_uri=run.run_uri, run_id=run.run_id, endpoint_url=run.endpoint_url)
+        try:
+            values = {}
+            for modality, probe, untrained, pretrained in reports.summary_rows(evaluation):
+                values[f"eval/{modality}/{probe}/top1"] = pretrained
+                if untrained is not None:
+                    values[f"eval/{modality}/{probe}/top1_untrained"] = untrained
+            tracker.log_metrics(int(evaluation["step"]), values)
+            uri = evaluation.get("uri", "")
+            if uri:
+                folder, name = uri.rsplit("/", 1)
+                for found in storage.list_dir(folder, endpoint_url=run.endpoint_url):
+                    if found == name or (found.startswith(name.removesuffix(".json")) and found.endswith(".png")):
+                        data = storage.read_bytes(storage.join(folder, found), endpoint_url=run.endpoint_url)
+                        tracker.log_artifact(f"eval/{found}", data)
+        finally:
+            tracker.close(status="FINISHED")
+    except Exception as err:  # the trackers are for people; the evaluation is saved already
+        print(
+            f"cmacc: warning: could not log the evaluation to {', '.join(run.cfg.train.trackers)}: {err}",
+            file=sys.stderr,
+        )
+
+
 def record(
     run: Run,
     *,
@@ -448,10 +407,11 @@ def record(
     error: str = "",
     note: str = "",
     evaluation: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
     final: bool = False,
 ) -> None:
-    """Write the run record (`run.json`) with the run's state; the `final` record of a job
-    adds its training time to the run's total."""
+    """Write the run record (`run.json`) with the run's state (and, while it trains, its
+    progress); the `final` record of a job adds its training time to the run's total."""
     catalog.write_run_record(
         run.run_uri,
         run_id=run.run_id,
@@ -465,5 +425,7 @@ def record(
         note=note,
         evaluation=evaluation,
         train_s=run.timings.get("train_s") if final else None,
+        progress=progress,
         endpoint_url=run.endpoint_url,
+        retry_budget_s=run.cfg.storage.retry_budget_s,
     )

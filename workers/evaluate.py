@@ -28,6 +28,7 @@ from service import config as config_module
 from service.config import Config
 from service.errors import CheckpointError, DataError, UsageError
 from service.requests import PROBES, EvaluateRequest
+from workers import ray_init
 from workers.data.reader import ClipReader, first_seen
 from workers.data.transforms import build_transforms
 from workers.models import AudioVisualEncoder, build_encoders
@@ -80,8 +81,6 @@ def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress:
 
 
 def _evaluate_on_cluster(checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
-    from workers import ray_init
-
     checkpoint_config(checkpoint, endpoint_url=settings["endpoint_url"])  # readable and registered, before Ray
     print(f"cmacc eval: evaluating {checkpoint} as a Ray task", file=sys.stderr, flush=True)
     return ray_init.run_task(evaluate_checkpoint, checkpoint, **settings)

@@ -27,13 +27,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from service import storage
+from service import catalog, layout, storage
 from service.config import Config
 from service.errors import UsageError
 from service.requests import FinetuneSettings
+from workers import ray_init
 from workers.data.reader import ClipReader, first_seen
 from workers.data.transforms import build_transforms
-from workers.evaluate import checkpoint_config, load_query_encoders, untrained_encoders
+from workers.evaluate import (
+    checkpoint_config,
+    data_tag,
+    load_query_encoders,
+    resolve,
+    run_folder_of,
+    untrained_encoders,
+)
 from workers.models import AudioVisualEncoder
 from workers.protocols import Fold, read_clip_table
 from workers.protocols import choose as choose_protocol
@@ -214,9 +222,6 @@ def _train_and_test(
 
 def save_finetune(run_uri: str, result: dict[str, Any], *, endpoint_url: str = "") -> str:
     """`<run>/eval/finetune-checkpoint-%08d-<modality>[-<data set>].json`; returns its URI."""
-    from service import layout
-    from workers.evaluate import data_tag
-
     tag = data_tag(run_uri, result, endpoint_url)
     uri = layout.finetune_uri(run_uri, result["step"], result["settings"]["modality"], data=tag)
     storage.write_bytes(uri, json.dumps(result, indent=2).encode(), endpoint_url=endpoint_url)
@@ -250,10 +255,6 @@ def finetune(request: Any) -> dict[str, Any]:
     (`--run` or `--checkpoint`), run `finetune_checkpoint` on Ray (the cluster of RAY_ADDRESS,
     as in a job, or a local Ray), store the result in the run's eval/ folder and note it in
     the run's record."""
-    from service import catalog
-    from workers import ray_init
-    from workers.evaluate import resolve, run_folder_of
-
     checkpoint, data = resolve(request)
     checkpoint_config(checkpoint)  # a readable, registered checkpoint, before Ray starts
     result = ray_init.run_task(

@@ -18,13 +18,17 @@ import tempfile
 import time
 from typing import Any
 
-from service import storage
+from service import catalog, layout, storage
+from service.config import Config
+from workers.trackers import Tracker, flatten, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class NullMetricsLog:
     """Does nothing: what ranks other than 0 log to."""
+
+    logged_until = -1
 
     def log(self, step: int, metrics: dict[str, float], *, at: float | None = None) -> None:
         pass
@@ -37,19 +41,26 @@ class NullMetricsLog:
 
 
 class MetricsLog(NullMetricsLog):
-    """JSONL + TensorBoard metrics under `<run_uri>/metrics/`. Metric names are flat
-    (`train/loss`, `dict/staleness`, `data/wait_s`)."""
+    """JSONL (and, unless `tensorboard` is off, TensorBoard) metrics under
+    `<run_uri>/metrics/`. Metric names are flat (`train/loss`, `dict/staleness`,
+    `data/wait_s`). `logged_until`: the newest step an earlier job of the run logged."""
 
-    def __init__(self, *, run_uri: str, endpoint_url: str = ""):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(
+        self,
+        *,
+        run_uri: str,
+        endpoint_url: str = "",
+        retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S,
+        tensorboard: bool = True,
+    ):
         self.remote = storage.join(run_uri, "metrics")
         self.endpoint_url = endpoint_url
+        self.retry_budget_s = retry_budget_s
         self.local = tempfile.mkdtemp(prefix="cmacc-metrics-")
         self.logged_until = -1
         remote_jsonl = storage.join(self.remote, METRICS_FILE)
-        if storage.exists(remote_jsonl, endpoint_url=endpoint_url):
-            data = storage.read_bytes(remote_jsonl, endpoint_url=endpoint_url)
+        if storage.exists(remote_jsonl, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s):
+            data = storage.read_bytes(remote_jsonl, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
             with open(os.path.join(self.local, METRICS_FILE), "wb") as f:
                 f.write(data)
             for line in data.decode().splitlines():
@@ -57,7 +68,11 @@ class MetricsLog(NullMetricsLog):
                     self.logged_until = max(self.logged_until, int(json.loads(line)["step"]))
         self.jsonl = open(os.path.join(self.local, METRICS_FILE), "a")  # noqa: SIM115 - open for the run
         self.tensorboard_dir = os.path.join(self.local, "tensorboard")
-        self.tensorboard = SummaryWriter(self.tensorboard_dir)
+        self.tensorboard = None
+        if tensorboard:  # train.trackers names it (the default)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(self.tensorboard_dir)
 
     def log(self, step: int, metrics: dict[str, float], *, at: float | None = None) -> None:
         """One step's record; `at`: the wall time the step ended (default: now)."""
@@ -66,25 +81,61 @@ class MetricsLog(NullMetricsLog):
             record["replayed"] = True
         for name, value in metrics.items():
             record[name] = value if math.isfinite(value) else str(value)
-            self.tensorboard.add_scalar(name, value, step)
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar(name, value, step)
         self.jsonl.write(json.dumps(record) + "\n")
 
     def sync(self) -> None:
         """Upload the JSONL file and the TensorBoard event files to the run folder."""
         self.jsonl.flush()
-        self.tensorboard.flush()
-        with open(os.path.join(self.local, METRICS_FILE), "rb") as f:
-            storage.write_bytes(storage.join(self.remote, METRICS_FILE), f.read(), endpoint_url=self.endpoint_url)
-        for name in sorted(os.listdir(self.tensorboard_dir)):
-            with open(os.path.join(self.tensorboard_dir, name), "rb") as f:
-                target = storage.join(self.remote, "tensorboard", name)
-                storage.write_bytes(target, f.read(), endpoint_url=self.endpoint_url)
+        uploads = [(os.path.join(self.local, METRICS_FILE), storage.join(self.remote, METRICS_FILE))]
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+            uploads += [
+                (os.path.join(self.tensorboard_dir, name), storage.join(self.remote, "tensorboard", name))
+                for name in sorted(os.listdir(self.tensorboard_dir))
+            ]
+        for local, remote in uploads:
+            with open(local, "rb") as f:
+                data = f.read()
+            storage.write_bytes(remote, data, endpoint_url=self.endpoint_url, retry_budget_s=self.retry_budget_s)
 
     def close(self) -> None:
         self.sync()
         self.jsonl.close()
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         shutil.rmtree(self.local, ignore_errors=True)
+
+
+def open_run_trackers(cfg: Config, *, run_uri: str, run_id: str, endpoint_url: str = "") -> Tracker:
+    """The MLflow and W&B runs of `train.trackers` for this run (rank 0 of the training loop;
+    the driver, for the evaluation): the same tracker runs an earlier job of the run kept in
+    its record (`run.json`, "trackers"), else new ones, whose ids are noted there; the
+    resolved config logged as parameters. The no-op `Tracker` when none is named."""
+    names = [name for name in cfg.train.trackers if name != "tensorboard"]
+    if not names:
+        return Tracker()
+    budget = cfg.storage.retry_budget_s
+    record_uri = storage.join(run_uri, layout.RUN_FILE)
+    kept = None
+    if storage.exists(record_uri, endpoint_url=endpoint_url, retry_budget_s=budget):
+        kept = json.loads(storage.read_bytes(record_uri, endpoint_url=endpoint_url, retry_budget_s=budget)).get(
+            "trackers"
+        )
+    tracker = open_trackers(
+        names,
+        run_uri=run_uri,
+        run_name=run_id,
+        project=cfg.train.tracker_project,
+        ids=kept,
+        endpoint_url=endpoint_url,
+        retry_budget_s=budget,
+    )
+    if tracker.ids != kept:
+        catalog.note_result(run_uri, "trackers", tracker.ids, endpoint_url=endpoint_url)
+    tracker.log_params(flatten(cfg.to_dict()))
+    return tracker
 
 
 def read_metrics(run_uri: str, *, endpoint_url: str = "") -> list[dict[str, Any]]:

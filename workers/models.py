@@ -16,6 +16,7 @@ Random initialisation only: nothing is downloaded. No distribution logic lives h
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,28 @@ def _init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def resnet18_stages(
+    widths: list[int],
+    *,
+    block: Callable[[int, int, int, nn.Module | None], nn.Module],
+    downsample: Callable[[int, int, int], nn.Module],
+) -> list[nn.Module]:
+    """The four stages of a ResNet-18 at `widths` channels: two blocks each, the first of every
+    stage after the first halving the resolution (stride 2), with a projection shortcut
+    (`downsample(in, out, stride)`) wherever the shape changes. `block(in, out, stride,
+    shortcut)` makes one residual block (2D or 3D)."""
+    stages = []
+    in_planes = widths[0]
+    for index, (planes, num_blocks) in enumerate(zip(widths, RESNET18_BLOCKS, strict=True)):
+        stride = 1 if index == 0 else 2
+        shortcut = downsample(in_planes, planes, stride) if stride != 1 or in_planes != planes else None
+        blocks = [block(in_planes, planes, stride, shortcut)]
+        blocks += [block(planes, planes, 1, None) for _ in range(num_blocks - 1)]
+        stages.append(nn.Sequential(*blocks))
+        in_planes = planes
+    return stages
 
 
 class ProjectionHead(nn.Sequential):
@@ -94,26 +117,17 @@ class VideoBackbone(nn.Module):
             )
         else:
             raise ValueError(f"model.video.arch: unknown video architecture {arch!r}")
-        layers = []
-        in_planes = widths[0]
-        for index, (planes, num_blocks) in enumerate(zip(widths, RESNET18_BLOCKS, strict=True)):
-            stride = 1 if index == 0 else 2
-            downsample = None
-            if stride != 1 or in_planes != planes:
-                downsample = nn.Sequential(
-                    nn.Conv3d(
-                        in_planes,
-                        planes,
-                        kernel_size=1,
-                        stride=conv_builder.get_downsample_stride(stride),
-                        bias=False,
-                    ),
-                    nn.BatchNorm3d(planes),
-                )
-            blocks = [resnet3d.BasicBlock(in_planes, planes, conv_builder, stride, downsample)]
-            blocks += [resnet3d.BasicBlock(planes, planes, conv_builder) for _ in range(num_blocks - 1)]
-            layers.append(nn.Sequential(*blocks))
-            in_planes = planes
+
+        def downsample(in_planes: int, planes: int, stride: int) -> nn.Module:
+            stride_3d = conv_builder.get_downsample_stride(stride)
+            return nn.Sequential(
+                nn.Conv3d(in_planes, planes, kernel_size=1, stride=stride_3d, bias=False), nn.BatchNorm3d(planes)
+            )
+
+        def block(in_planes: int, planes: int, stride: int, down: nn.Module | None) -> nn.Module:
+            return resnet3d.BasicBlock(in_planes, planes, conv_builder, stride, down)
+
+        layers = resnet18_stages(widths, block=block, downsample=downsample)
         self.layers = nn.Sequential(*layers)
         self.out_features = widths[-1]
         _init_weights(self)
@@ -135,20 +149,13 @@ class AudioBackbone(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
         )
-        layers = []
-        in_planes = widths[0]
-        for index, (planes, num_blocks) in enumerate(zip(widths, RESNET18_BLOCKS, strict=True)):
-            stride = 1 if index == 0 else 2
-            downsample = None
-            if stride != 1 or in_planes != planes:
-                downsample = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False),
-                    nn.BatchNorm2d(planes),
-                )
-            blocks = [resnet2d.BasicBlock(in_planes, planes, stride, downsample)]
-            blocks += [resnet2d.BasicBlock(planes, planes) for _ in range(num_blocks - 1)]
-            layers.append(nn.Sequential(*blocks))
-            in_planes = planes
+
+        def downsample(in_planes: int, planes: int, stride: int) -> nn.Module:
+            return nn.Sequential(
+                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+        layers = resnet18_stages(widths, block=resnet2d.BasicBlock, downsample=downsample)
         self.layers = nn.Sequential(*layers)
         self.out_features = widths[-1]
         _init_weights(self)

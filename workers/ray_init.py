@@ -11,6 +11,7 @@ minutes.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -48,11 +49,29 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
-def init(address: str | None, *, num_cpus: int, **kwargs: Any) -> None:
+# Notices Ray logs on every start that call for no action: said once in the docs instead
+# (README, "Token authentication"), kept off a quiet terminal.
+KNOWN_NOTICES = ("Token authentication is enabled",)
+
+
+class _KnownNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in KNOWN_NOTICES)
+
+
+def init(address: str | None, *, num_cpus: int, quiet: bool = False, **kwargs: Any) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray with `num_cpus`
-    logical CPUs. Extra arguments go to `ray.init`."""
+    logical CPUs. `quiet`: Ray's start-up INFO lines and its known notices stay off the
+    terminal (warnings that call for action still show). Extra arguments go to `ray.init`."""
     import ray
 
+    if quiet:
+        kwargs.setdefault("logging_level", logging.WARNING)
+        notices = _KnownNotices()
+        for name in ("ray", ""):
+            logging.getLogger(name).addFilter(notices)
+            for handler in logging.getLogger(name).handlers:
+                handler.addFilter(notices)
     address = resolve_address(address)
     if address is None:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)

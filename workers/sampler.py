@@ -1,9 +1,10 @@
 """What enters a negative dictionary each step (docs/architecture.md, "The method").
 
-One interface, `select(name, ...)`, for the five samplers of `method.sampler`. Each step M
+One interface, `select(name, ...)`, for the eight samplers of `method.sampler`. Each step M
 keys arrive per modality (the global batch); the pool samplers pick P <= M (default M / 4)
 of the candidate pool (the recent arrivals that have not entered), so most arrivals never enter and the
-sampler decides which do:
+sampler decides which do. `dictionary_keys` [K, d] are the keys of the dictionary the picks
+enter, oldest first: its first P rows are the keys the picks replace.
 
 * `active` (CM-ACC): for each pool candidate key u and pseudo-classes Q (queries of the
   other modality), p = softmax(Q u / tau), y = argmax p, a = p - onehot(y). The gradient
@@ -11,9 +12,19 @@ sampler decides which do:
       ||g_i - g_j||^2 = |a_i|^2 |u_i|^2 + |a_j|^2 |u_j|^2 - 2 (a_i . a_j)(u_i . u_j).
   k-means++ seeding over the g's: the first pick is the largest |g|, each next one is drawn
   with probability proportional to its squared distance to the nearest pick (D^2 sampling).
+* `active-dict`: `active` with the C pseudo-classes drawn from the dictionary's K keys, not
+  the queries: a candidate is then uncertain between the negatives it would sit among.
+* `active-aware`: `active` whose seeding counts the K - P keys that stay in the dictionary
+  as picks already made, so every pick (the first too) is D^2-drawn against them: it
+  spreads the dictionary, not only one step's picks. With no key staying it is `active`.
+* `hardness` (the prototype's signal): h_n = sum_i w_in q_i over C queries q_i of the batch,
+  w_in = exp(q_i.n/tau) / (exp(q_i.k_i/tau) + sum_{m in D} exp(q_i.m/tau) + exp(q_i.n/tau)),
+  the softmax weight n would get as a negative of q_i (positive k_i) in the cross-modal
+  InfoNCE; h_n is tau times that loss's gradient in n, so |h| is how hard n pushes the
+  queries. k-means++ seeding over the h's (first the largest |h|) spreads the hard picks.
 * `uncertainty`: the P candidates with the largest |g|.
 * `diversity`: k-means++ seeding over the keys themselves (first pick uniform).
-* `random`: P candidates drawn uniformly from the pool: the fair control for the three above.
+* `random`: P candidates drawn uniformly from the pool: the fair control for the others.
 * `moco`: the current batch's M keys, no pool (plain cross-modal MoCo, the paper's baseline).
 
 Rules shared by the pool samplers: candidates whose clip id is in `exclude_ids` (the current
@@ -68,12 +79,19 @@ def resolve_pseudo_classes(requested: int, num_queries: int) -> int:
     return min(requested, num_queries)
 
 
+def pseudo_class_rows(num_rows: int, num_classes: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Rows of the C = `num_classes` pseudo-classes among B = `num_rows`: drawn without
+    replacement, or all B in order (no random number drawn) when C >= B. Returns [min(C, B)]."""
+    if num_classes >= num_rows:
+        return torch.arange(num_rows, device=device)
+    return torch.randperm(num_rows, generator=generator, device=device)[:num_classes]
+
+
 def draw_pseudo_classes(queries: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
     """C = `num_classes` rows of queries [B, d] drawn without replacement; all rows if C >= B."""
     if num_classes >= queries.shape[0]:
         return queries
-    rows = torch.randperm(queries.shape[0], generator=generator, device=queries.device)[:num_classes]
-    return queries[rows]  # C x d
+    return queries[pseudo_class_rows(queries.shape[0], num_classes, generator, queries.device)]  # C x d
 
 
 def gradient_embedding_factors(candidates: Tensor, pseudo_classes: Tensor, temperature: float) -> Tensor:
@@ -99,6 +117,35 @@ def factorised_sq_distances(a_i: Tensor, u_i: Tensor, a_j: Tensor, u_j: Tensor) 
     return (sq_i[:, None] + sq_j[None, :] - 2 * cross).clamp_min(0)
 
 
+def nearest_sq_to_centres(
+    a: Tensor, candidates: Tensor, centres: Tensor, pseudo_classes: Tensor, temperature: float, chunk: int = 4096
+) -> Tensor:
+    """min over centres c of ||g(u) - g(c)||^2 per candidate u, [N], for a [N, C] of the
+    candidates u [N, d] and centre keys [K', d] (their a from the same pseudo-classes).
+    Chunked over the centres so that memory stays N x `chunk`; +inf when K' = 0."""
+    nearest = torch.full((candidates.shape[0],), float("inf"), dtype=candidates.dtype, device=candidates.device)
+    for start in range(0, centres.shape[0], chunk):
+        block = centres[start : start + chunk]  # chunk x d
+        a_block = gradient_embedding_factors(block, pseudo_classes, temperature)  # chunk x C
+        nearest = torch.minimum(nearest, factorised_sq_distances(a, candidates, a_block, block).amin(dim=1))
+    return nearest
+
+
+def hardness_embeddings(
+    candidates: Tensor, queries: Tensor, positives: Tensor, dictionary_keys: Tensor, temperature: float
+) -> Tensor:
+    """h_n = sum_i w_in q_i for candidates n [N, d], queries q [C, d], their positives k [C, d]
+    (row-aligned) and the dictionary D [K, d]; returns h [N, d]. w_in is the softmax weight of
+    n as one more negative of q_i: exp(l_in) / (exp(l_ik) + sum_m exp(l_im) + exp(l_in)) with
+    l = q.x / tau, computed as sigmoid(l_in - logsumexp_i) (no overflow at any tau).
+    """
+    positive = (queries * positives).sum(dim=1, keepdim=True) / temperature  # C x 1
+    negatives = queries @ dictionary_keys.T / temperature  # C x K
+    log_rest = torch.logsumexp(torch.cat([positive, negatives], dim=1), dim=1)  # C: the denominator without n
+    weights = torch.sigmoid(candidates @ queries.T / temperature - log_rest)  # N x C
+    return weights @ queries  # N x d
+
+
 def _draw(weights: Tensor, available: Tensor, uniform: Tensor, positions: Tensor) -> Tensor:
     """Index drawn with probability proportional to `weights` over `available` rows.
 
@@ -122,8 +169,9 @@ def kmeans_pp_seeding(
     ids: Tensor,
     available: Tensor,
     num_picks: int,
-    first: Literal["largest", "random"],
+    first: Literal["largest", "drawn"],
     generator: torch.Generator,
+    centres_sq: Tensor | None = None,
 ) -> Tensor:
     """k-means++ seeding (D^2 sampling) over embeddings given in factorised form.
 
@@ -131,31 +179,36 @@ def kmeans_pp_seeding(
     ...: so e_i . e_j = prod_f (F_f[i] . F_f[j]) and |e_i|^2 = `sq_norms[i]` [N]. With
     factors (a, u) the embeddings are the gradient embeddings g; with (u,) the keys.
 
-    `first="largest"` starts from the available row of largest norm, `"random"` from a uniform
-    draw. Each next pick is drawn with probability proportional to the squared distance to
-    its nearest pick. Rows not `available` [N] (bool) are never picked; after a pick, every
-    row with the same clip id (`ids` [N]) leaves the available set. Returns the picked rows
-    [P] in pick order, P <= `num_picks` (fewer when the available clips run out).
+    `centres_sq` [N], when given, is each row's squared distance to the nearest of centres
+    chosen before (not rows here): the seeding continues from them. `first="largest"` starts
+    from the available row of largest norm; `"drawn"` draws the first pick like the next ones,
+    with probability proportional to the squared distance to its nearest centre (uniform
+    when there is none). Each next pick is drawn with probability proportional to the squared
+    distance to its nearest pick or centre. Rows not `available` [N] (bool) are never picked;
+    after a pick, every row with the same clip id (`ids` [N]) leaves the available set.
+    Returns the picked rows [P] in pick order, P <= `num_picks` (fewer when the available
+    clips run out).
     """
     n = sq_norms.shape[0]
     device = sq_norms.device
     uniforms = torch.rand(num_picks, generator=generator, device=device, dtype=torch.float64)  # M
     positions = torch.arange(n, device=device)  # N
     available = available.clone()  # N
-    nearest_sq = torch.zeros_like(sq_norms)  # N: squared distance to the nearest pick
+    # N: squared distance to the nearest pick (or centre)
+    nearest_sq = torch.zeros_like(sq_norms) if centres_sq is None else centres_sq.to(sq_norms.dtype)
     picks = torch.full((num_picks,), -1, dtype=torch.long, device=device)  # M
     for t in range(num_picks):
         if t == 0 and first == "largest":
             row = torch.where(available, sq_norms, float("-inf")).argmax()
         else:
-            # Before the first pick every weight is 0, so the draw is uniform over the available rows.
+            # Before the first pick (and with no centres) every weight is 0: the draw is uniform.
             row = _draw(nearest_sq, available, uniforms[t], positions)
         picks[t] = torch.where(available.any(), row, -1)
         inner = factors[0] @ factors[0][row]  # N
         for factor in factors[1:]:
             inner = inner * (factor @ factor[row])
         sq = (sq_norms + sq_norms[row] - 2 * inner).clamp_min(0)  # N: squared distances to the new pick
-        nearest_sq = sq if t == 0 else torch.minimum(nearest_sq, sq)
+        nearest_sq = sq if t == 0 and centres_sq is None else torch.minimum(nearest_sq, sq)
         available &= ids != ids[row]
     return picks[picks >= 0]
 
@@ -171,7 +224,12 @@ def _first_per_clip(order: Tensor, ids: Tensor) -> Tensor:
     return keep
 
 
-def _check_inputs(pool_keys: Tensor, pool_ids: Tensor, queries: Tensor, batch_keys: Tensor, batch_ids: Tensor) -> None:
+DICTIONARY_SAMPLERS = ("active-dict", "active-aware", "hardness")  # the samplers that read `dictionary_keys`
+
+
+def _check_inputs(
+    pool_keys: Tensor, pool_ids: Tensor, queries: Tensor, batch_keys: Tensor, batch_ids: Tensor, dictionary_keys: Tensor
+) -> None:
     if pool_keys.ndim != 2 or pool_ids.shape != pool_keys.shape[:1]:
         raise ValueError(f"pool keys must be [N, d] and ids [N], got {list(pool_keys.shape)}, {list(pool_ids.shape)}")
     if batch_keys.ndim != 2 or batch_ids.shape != batch_keys.shape[:1]:
@@ -183,6 +241,8 @@ def _check_inputs(pool_keys: Tensor, pool_ids: Tensor, queries: Tensor, batch_ke
             f"queries {list(queries.shape)}, pool keys {list(pool_keys.shape)} and batch keys "
             f"{list(batch_keys.shape)} must share d"
         )
+    if dictionary_keys.ndim != 2 or dictionary_keys.shape[1] != pool_keys.shape[1]:
+        raise ValueError(f"dictionary keys must be [K, d] with the pool's d, got {list(dictionary_keys.shape)}")
 
 
 def select(
@@ -198,20 +258,35 @@ def select(
     temperature: float,
     num_pseudo_classes: int,
     generator: torch.Generator,
+    dictionary_keys: Tensor | np.ndarray | None = None,
 ) -> Selection:
     """Choose the keys that enter one modality's dictionary this step.
 
     pool_keys [N, d] and pool_ids [N]: the candidate pool U of this modality. queries [B, d]:
-    the current batch's queries of the OTHER modality (pseudo-classes for `active` and
-    `uncertainty`; C = `num_pseudo_classes` of them are drawn, 0 = min(B, 256)). batch_keys
+    the current batch's queries of the OTHER modality (pseudo-classes for `active`,
+    `active-aware`, `uncertainty` and `hardness`; C = `num_pseudo_classes` of them are drawn,
+    0 = min(B, 256); `active-dict` draws them from the K dictionary keys instead). batch_keys
     [M, d] and batch_ids [M]: this modality's keys of the current batch (what `moco`
-    enqueues, all of them). exclude_ids [E]: clip ids that must not be picked. `num_picks`:
-    P, how many the pool samplers pick. tau = `temperature`. `generator` lives on the
-    tensors' device.
+    enqueues, all of them; for `hardness` row i is the positive of queries row i, B = M).
+    exclude_ids [E]: clip ids that must not be picked. `num_picks`: P, how many the pool
+    samplers pick. tau = `temperature`. `generator` lives on the tensors' device.
+    dictionary_keys [K, d]: the dictionary the picks enter, oldest first (its first P rows
+    are the keys the picks replace); `active-dict`, `active-aware` and `hardness` need it.
     """
     if name not in SAMPLER_NAMES:
         raise ValueError(f"method.sampler: unknown sampler {name!r} (known: {', '.join(SAMPLER_NAMES)})")
-    _check_inputs(pool_keys, pool_ids, queries, batch_keys, batch_ids)
+    if name in DICTIONARY_SAMPLERS and dictionary_keys is None:
+        raise ValueError(f"method.sampler: {name!r} needs dictionary_keys, the dictionary its picks enter")
+    if dictionary_keys is None:
+        dictionary_keys = pool_keys.new_zeros(0, pool_keys.shape[-1])  # unused by the other samplers
+    dictionary_keys = torch.as_tensor(dictionary_keys, device=pool_keys.device).to(pool_keys.dtype)
+    _check_inputs(pool_keys, pool_ids, queries, batch_keys, batch_ids, dictionary_keys)
+    if name == "hardness" and queries.shape[0] != batch_keys.shape[0]:
+        raise ValueError(
+            f"hardness: queries {list(queries.shape)} and batch keys {list(batch_keys.shape)} must be row-aligned"
+        )
+    if name == "active-dict" and dictionary_keys.shape[0] == 0:
+        raise ValueError("active-dict: the dictionary is empty, no pseudo-classes to draw")
     if name == "moco":
         rows = torch.arange(batch_keys.shape[0], device=batch_keys.device)
         return Selection(keys=batch_keys, ids=batch_ids, indices=rows)
@@ -225,36 +300,51 @@ def select(
         keep = _first_per_clip(order, pool_ids) & available[order]
         rows = order[keep][:num_picks]
         return Selection(keys=pool_keys[rows], ids=pool_ids[rows], indices=rows)
-    if name == "diversity":
+    if name in ("diversity", "hardness"):
+        if name == "diversity":
+            embeddings = pool_keys  # N x d
+        else:
+            num_classes = resolve_pseudo_classes(num_pseudo_classes, queries.shape[0])
+            classes = pseudo_class_rows(queries.shape[0], num_classes, generator, pool_keys.device)  # C
+            positives = batch_keys.to(pool_keys.dtype)[classes]  # C x d: row i is the positive of query i
+            embeddings = hardness_embeddings(
+                pool_keys, queries.to(pool_keys.dtype)[classes], positives, dictionary_keys, temperature
+            )  # N x d
         rows = kmeans_pp_seeding(
-            factors=(pool_keys,),
-            sq_norms=(pool_keys * pool_keys).sum(dim=1),
+            factors=(embeddings,),
+            sq_norms=(embeddings * embeddings).sum(dim=1),
             ids=pool_ids,
             available=available,
             num_picks=num_picks,
-            first="random",
+            first="drawn" if name == "diversity" else "largest",
             generator=generator,
         )
         return Selection(keys=pool_keys[rows], ids=pool_ids[rows], indices=rows)
 
-    num_classes = resolve_pseudo_classes(num_pseudo_classes, queries.shape[0])
-    pseudo_classes = draw_pseudo_classes(queries.to(pool_keys.dtype), num_classes, generator)  # C x d
+    classes_from = dictionary_keys if name == "active-dict" else queries.to(pool_keys.dtype)  # B x d or K x d
+    num_classes = resolve_pseudo_classes(num_pseudo_classes, classes_from.shape[0])
+    pseudo_classes = draw_pseudo_classes(classes_from, num_classes, generator)  # C x d
     a = gradient_embedding_factors(pool_keys, pseudo_classes, temperature)  # N x C
     gradient_norms_sq = gradient_embedding_norms(a, pool_keys)  # N
     if name == "uncertainty":
         order = torch.argsort(torch.where(available, gradient_norms_sq, float("-inf")), descending=True, stable=True)
         keep = _first_per_clip(order, pool_ids) & available[order]
         rows = order[keep][:num_picks]
-    else:
-        rows = kmeans_pp_seeding(
-            factors=(a, pool_keys),
-            sq_norms=gradient_norms_sq,
-            ids=pool_ids,
-            available=available,
-            num_picks=num_picks,
-            first="largest",
-            generator=generator,
-        )
+        return Selection(keys=pool_keys[rows], ids=pool_ids[rows], indices=rows)
+    staying = dictionary_keys[num_picks:] if name == "active-aware" else dictionary_keys[:0]  # K - P x d
+    centres_sq = None  # active, active-dict, and active-aware when no key stays
+    if staying.shape[0] > 0:
+        centres_sq = nearest_sq_to_centres(a, pool_keys, staying, pseudo_classes, temperature)  # N
+    rows = kmeans_pp_seeding(
+        factors=(a, pool_keys),
+        sq_norms=gradient_norms_sq,
+        ids=pool_ids,
+        available=available,
+        num_picks=num_picks,
+        first="largest" if centres_sq is None else "drawn",
+        generator=generator,
+        centres_sq=centres_sq,
+    )
     return Selection(keys=pool_keys[rows], ids=pool_ids[rows], indices=rows)
 
 
@@ -290,6 +380,7 @@ class Sampler:
         batch_ids: Tensor | np.ndarray,
         exclude_ids: Tensor | np.ndarray,
         num_picks: int,
+        dictionary_keys: Tensor | np.ndarray | None = None,
     ) -> Selection:
         """`select(self.name, ...)` with this sampler's temperature, classes and generator."""
 
@@ -308,6 +399,7 @@ class Sampler:
             temperature=self.temperature,
             num_pseudo_classes=self.num_pseudo_classes,
             generator=self.generator,
+            dictionary_keys=None if dictionary_keys is None else tensor(dictionary_keys),
         )
 
     def state_dict(self) -> dict[str, Any]:

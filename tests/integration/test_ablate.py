@@ -87,7 +87,7 @@ def test_a_bad_sampler_or_data_set_is_refused_with_nothing_written(tmp_path, dat
 
     def cmacc(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "service.cli", "ablate", "--storage", str(root), *argv],
+            [sys.executable, "-m", "cli", "ablate", "--storage", str(root), *argv],
             cwd=PROJECT,
             capture_output=True,
             text=True,

@@ -26,7 +26,7 @@ TINY = [
 
 
 def cmacc(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "service.cli", *args]
+    command = [sys.executable, "-m", "cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
 
 

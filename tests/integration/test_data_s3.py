@@ -66,7 +66,7 @@ def test_tampered_shard_on_s3_fails_the_reader_and_inspect_verify(s3_bucket, s3_
 
     # The subprocess inherits the endpoint and test credentials from the fixture's environment.
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "data", "inspect", uri, "--verify"],
+        [sys.executable, "-m", "cli", "data", "inspect", uri, "--verify"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -106,22 +106,27 @@ def digests(run_uri: str) -> list[float]:
     return [r["data/batch_digest"] for r in sorted(records, key=lambda r: r["step"])]
 
 
-def test_resumed_run_equals_an_uninterrupted_one(ray_session, bucket, dataset, monkeypatch):
+def test_resumed_run_equals_an_uninterrupted_one(ray_session, bucket, dataset, monkeypatch, tmp_path):
     """Run A stops (as on preemption) after S steps and is rerun with the same id to 2S;
-    run B goes to 2S at once. Same weights, dictionaries, actor state and clip sequence."""
+    run B goes to 2S at once. Both draw the fresh candidate pool's extra clips from their
+    second reader stream and keep two shadow dictionaries. Same weights, dictionaries,
+    shadows, actor state and clip sequence. A also logs to MLflow and W&B (offline): the
+    resumed job continues the same tracker runs."""
     root = f"{bucket}/resume"
     steps = 2 * EVERY + 1  # S: the stop lands between checkpoints, so the stop writes its own
+    method = ("method.pool=fresh", "method.shadow_samplers=active,moco")
+    trackers = ("train.trackers=tensorboard,mlflow,wandb",)
 
-    uninterrupted = pretrain_here(*args("uninterrupted", root, dataset, 2 * steps))
+    uninterrupted = pretrain_here(*args("uninterrupted", root, dataset, 2 * steps, *method))
     assert uninterrupted["state"] == "succeeded" and uninterrupted["step"] == 2 * steps
     assert uninterrupted["metrics"]["dict/replicas_agree"] == 1.0
     assert uninterrupted["metrics"]["dict/replicas_match_actor"] == 1.0
 
     monkeypatch.setenv("CMACC_FAULT_STOP_STEP", str(steps))
-    stopped = pretrain_here(*args("resumed", root, dataset, 2 * steps))
+    stopped = pretrain_here(*args("resumed", root, dataset, 2 * steps, *method, *trackers))
     assert stopped["state"] == "stopped" and stopped["step"] == steps
     monkeypatch.delenv("CMACC_FAULT_STOP_STEP")
-    resumed = pretrain_here(*args("resumed", root, dataset, 2 * steps), "--resume")
+    resumed = pretrain_here(*args("resumed", root, dataset, 2 * steps, *method, *trackers), "--resume")
     assert resumed["state"] == "succeeded" and resumed["step"] == 2 * steps
     assert resumed["metrics"]["dict/replicas_agree"] == 1.0
     assert resumed["metrics"]["dict/replicas_match_actor"] == 1.0
@@ -130,16 +135,39 @@ def test_resumed_run_equals_an_uninterrupted_one(ray_session, bucket, dataset, m
     assert_trees_equal(a.train["query"], b.train["query"], "query encoders")
     assert_trees_equal(a.train["key"], b.train["key"], "key encoders")
     assert_trees_equal(a.train["optimizer"], b.train["optimizer"], "optimiser")
-    assert_trees_equal(a.replicas, b.replicas, "replicas")
-    assert_trees_equal(a.actor["dictionaries"], b.actor["dictionaries"], "actor dictionaries and pools")
+    assert_trees_equal(a.replicas, b.replicas, "replicas (with the shadows')")
+    assert_trees_equal(a.actor["dictionaries"], b.actor["dictionaries"], "actor dictionaries and shadows")
+    assert set(a.actor["dictionaries"]["shadows"]) == {"active", "moco"}
     assert a.actor["version"] == b.actor["version"] == 2 * steps
-    assert a.readers == b.readers
+    assert a.readers == b.readers and a.extra_readers == b.extra_readers and len(a.extra_readers) == 2
 
     sequence = digests(storage.join(root, "uninterrupted"))
     assert len(sequence) == 2 * steps
     assert digests(storage.join(root, "resumed")) == sequence
     run_json = json.loads(storage.read_bytes(storage.join(root, "resumed", "run.json")))
     assert run_json["state"] == "succeeded" and run_json["last_step"] == 2 * steps
+    assert_trackers_continued(storage.join(root, "resumed"), run_json["trackers"], 2 * steps, tmp_path)
+
+
+def assert_trackers_continued(run_uri: str, ids: dict, steps: int, tmp_path: Path) -> None:
+    """One MLflow run (read back from the run's SQLite store with MLflow's client) holding the
+    parameters and every step's loss, both jobs' steps; W&B's offline run files with the
+    metrics, under one run id."""
+    from mlflow.tracking import MlflowClient
+
+    database = tmp_path / "mlflow.db"
+    database.write_bytes(storage.read_bytes(storage.join(run_uri, "mlflow", "mlflow.db")))
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    runs = client.search_runs([ids["mlflow"]["experiment_id"]])
+    assert [r.info.run_id for r in runs] == [ids["mlflow"]["run_id"]]
+    assert runs[0].data.params["method.pool"] == "fresh"
+    history = client.get_metric_history(ids["mlflow"]["run_id"], "train/loss")
+    assert sorted({m.step for m in history}) == list(range(1, steps + 1))
+    wandb_files = [name for name in storage.list_dir(storage.join(run_uri, "wandb")) if name.startswith("offline-run")]
+    assert len(wandb_files) >= 1 and all(ids["wandb"]["id"] in name for name in wandb_files), wandb_files
+    folder = storage.join(run_uri, "wandb", wandb_files[-1])
+    log = next(name for name in storage.list_dir(folder) if name.endswith(".wandb"))
+    assert b"train/loss" in storage.read_bytes(storage.join(folder, log))
 
 
 def test_killed_worker_costs_at_most_the_steps_since_the_last_checkpoint(
@@ -211,7 +239,7 @@ def test_a_clip_that_kills_its_worker_twice_ends_the_run_naming_it_and_can_be_ex
     and the clip. Rerun with the clip excluded, the run continues and finishes."""
     from service import config
     from workers.data.synth import write_synthetic
-    from workers.distributed.loop import RunContext, build_reader
+    from workers.distributed.worker import RunContext, build_reader
 
     root = f"{bucket}/poison-clip"
     dataset = f"{bucket}/data/synth-160"  # 14 batches per epoch on rank 0: the clip comes after checkpoints

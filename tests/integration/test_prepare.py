@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cli.main import main
 from service import storage
-from service.cli import main
 from workers.data.format import decode_pcm, read_manifest
 from workers.data.prepare import SKIPPED_NAME, prepare
 from workers.data.video import ClipOptions, MediaError, NoAudioStreamError, UndecodableMediaError, read_video_clips
@@ -375,7 +375,7 @@ def test_a_stale_current_cluster_file_is_ignored_without_an_address(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "service.cli",
+                "cli",
                 "data",
                 "prepare",
                 str(src),

@@ -35,7 +35,7 @@ def run_root(tmp_path_factory) -> tuple[str, str, str]:
 
     from service import config
     from workers.data.synth import write_synthetic
-    from workers.trainer import build_train_state
+    from workers.training import build_train_state
 
     base = tmp_path_factory.mktemp("exits")
     data = str(base / "data")
@@ -84,7 +84,7 @@ def test_commands_that_read_data_exit_0_every_time(run_root):
         codes = []
         for _ in range(REPEATS):
             result = subprocess.run(
-                [sys.executable, "-m", "service.cli", *argv], cwd=PROJECT, capture_output=True, text=True, timeout=300
+                [sys.executable, "-m", "cli", *argv], cwd=PROJECT, capture_output=True, text=True, timeout=300
             )
             codes.append(result.returncode)
             if result.returncode != 0:

@@ -1,13 +1,21 @@
-"""The service end to end: a Ray head with its dashboard on 127.0.0.1 (token authentication
-on), `cmacc submit|status|logs|runs|checkpoints|list` as a user runs them (subprocesses),
-a resubmission with `--resume` that continues from the checkpoint, and the refusals that
-must leave storage untouched."""
+"""The service end to end, as a user runs it: the README's cluster-job example against the
+local development stack (`infra/local/stack.sh`: an S3 endpoint and a Ray head with its
+dashboard and token authentication), with the checks of what each command promises; the
+refusals that must leave storage untouched; an ablation whose runs are cluster jobs; a run
+the cluster cannot hold; and `cmacc pretrain` on an embedded Ray.
+
+The stack is started once for the module. The README's commands are read from its first
+code block of "Cluster jobs", in order, with two changes only: the stack gets free ports and
+its own state folder (another Ray runs beside it in the test session), and the submissions
+get tiny settings (`--set`) so that the demo trains in seconds.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +28,6 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROJECT = Path(__file__).resolve().parents[2]
-CMACC = [sys.executable, "-m", "service.cli"]
 TINY = [
     "train.batch_size=4",
     "resources.num_workers=1",
@@ -29,123 +36,282 @@ TINY = [
     "model.video.size=32",
     "model.audio.n_mels=16",
     "data.clip_seconds=0.5",
+    "data.num_clips=48",
+    "data.frames=4",
+    "data.size=32",
     "data.shuffle_buffer=16",
     "method.dictionary_size=16",
-    "checkpoint.every_steps=2",
+    "checkpoint.every_steps=50",
     "optim.warmup_steps=0",
     "train.log_every=1",
-    "eval.linear_epochs=20",
+    "eval.linear_epochs=5",
 ]
+SETS = [f"--set={item}" for item in TINY]
 
 
-@pytest.fixture(scope="module")
-def head(free_ports):
-    """A Ray head on loopback with the dashboard and token authentication; stopped after."""
-    token = secrets.token_hex(32)
-    gcs, dashboard, agent_listen, agent_grpc, metrics, client, runtime_env = free_ports(7)
-    temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")  # short: Unix socket paths are limited
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this one
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-    }
-    env.pop("RAY_ADDRESS", None)
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={agent_listen}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--ray-client-server-port={client}",
-        f"--runtime-env-agent-port={runtime_env}",
-        "--num-cpus=3",
-        f"--temp-dir={temp_dir}",
-    ]
-    log = open(os.path.join(temp_dir, "head.log"), "w")  # noqa: SIM115 - open while the head runs
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 180
-    while True:  # up once the Jobs API answers
-        probe = subprocess.run(
-            [*CMACC, "list", "--address", address],
-            env=_client_env(token),
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-        )
-        if probe.returncode == 0:
-            break
-        assert process.poll() is None, Path(temp_dir, "head.log").read_text()[-4000:]
-        assert time.monotonic() < deadline, f"the Ray head did not answer: {probe.stderr}"
-        time.sleep(2)
-    yield {"address": address, "token": token}
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+def readme_commands() -> list[str]:
+    text = (PROJECT / "README.md").read_text()
+    section = text[text.index("## Cluster jobs") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
 
 
-def _client_env(token: str) -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_TOKEN": token, "PYTHONPATH": str(PROJECT)}
-    env.pop("RAY_AUTH_MODE", None)  # cmacc turns token mode on when it finds a token
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def cmacc(head: dict, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**_client_env(head["token"]), "RAY_ADDRESS": head["address"]}
-    result = subprocess.run([*CMACC, *argv], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=600)
-    assert head["token"] not in result.stdout + result.stderr, "the token was printed"
+def run(line: str, env: dict[str, str], *, extra: list[str] = (), check: bool = True) -> subprocess.CompletedProcess:
+    """One command line as the README writes it (`.venv/bin/cmacc` is this interpreter's)."""
+    argv = shlex.split(line)
+    if argv[0] == ".venv/bin/cmacc":
+        argv = [sys.executable, "-m", "cli", *argv[1:]]
+    result = subprocess.run([*argv, *extra], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    token = env.get("CMACC_TEST_TOKEN", "")
+    assert not token or token not in result.stdout + result.stderr, "the token was printed"
     if check:
-        assert result.returncode == 0, (
-            f"cmacc {' '.join(argv)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
-        )
+        assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
-def wait_for(head: dict, run_id: str, timeout_s: float = 600) -> str:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = json.loads(cmacc(head, "status", run_id, "--json").stdout)["status"]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status
-        assert time.monotonic() < deadline, f"run {run_id} still {status} after {timeout_s} s"
-        time.sleep(3)
-
-
-def snapshot(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
+def cmacc(env: dict[str, str], *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(shlex.join([".venv/bin/cmacc", *argv]), env, check=check)
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    from workers.data.synth import write_synthetic
+def stack(free_ports):
+    """The README's local stack on free ports, started as the README says; its environment
+    (`source .../env`) and the path of the S3 bucket's runs; stopped after the module."""
+    commands = readme_commands()
+    assert commands[0].startswith("infra/local/stack.sh start && source /tmp/cmacc-local/env")
+    assert commands[-1] == "infra/local/stack.sh stop"
+    state = tempfile.mkdtemp(prefix="cl-", dir="/tmp")  # short: Unix socket paths are limited
+    s3, dashboard, gcs, listen, grpc, metrics, client, runtime_env = free_ports(8)
+    env = {
+        **os.environ,
+        "CMACC_LOCAL": state,
+        "S3_PORT": str(s3),
+        "DASHBOARD_PORT": str(dashboard),
+        "GCS_PORT": str(gcs),
+        "RAY_START_ARGS": f"--dashboard-agent-listen-port={listen} --dashboard-agent-grpc-port={grpc} "
+        f"--metrics-export-port={metrics} --ray-client-server-port={client} --runtime-env-agent-port={runtime_env}",
+        "CMACC_VENV": str(Path(sys.executable).parent.parent),
+    }
+    for name in ("RAY_ADDRESS", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "RAY_AUTH_MODE"):
+        env.pop(name, None)
+    run("bash infra/local/stack.sh start", env)
+    for line in Path(state, "env").read_text().splitlines():  # `source .../env`
+        name, value = line.removeprefix("export ").split("=", 1)
+        env[name] = value
+    env["PYTHONPATH"] = str(PROJECT)
+    env["CMACC_TEST_TOKEN"] = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    yield {"env": env, "commands": commands, "state": state}
+    subprocess.run(["bash", str(PROJECT / "infra/local/stack.sh"), "stop"], env=env, timeout=120)
+    deadline = time.monotonic() + 30
+    while leftover := subprocess.run(["pgrep", "-f", f"{state}/ray"], capture_output=True, text=True).stdout.split():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    shutil.rmtree(state, ignore_errors=True)
+    assert not leftover, f"stack.sh stop left processes: {leftover}"
 
-    uri = str(tmp_path_factory.mktemp("data") / "synth")
-    write_synthetic(uri, 60, seed=5, num_classes=4, frames=4, size=32, seconds=0.5)
-    return uri
+
+def bucket_objects(env: dict[str, str]) -> list[tuple[str, int]]:
+    """What the stack's bucket holds: (key, size) of every object."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="cmacc")
+    return sorted((o["Key"], o["Size"]) for page in pages for o in page.get("Contents", []))
+
+
+def wait_status(env: dict[str, str], status_line: str, wanted: tuple[str, ...], timeout_s: float = 600) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (shown := run(status_line, env).stdout.split()[0]) not in wanted:
+        assert shown not in ("SUCCEEDED", "FAILED", "STOPPED"), f"the job ended {shown}"
+        assert time.monotonic() < deadline, f"still {shown} after {timeout_s} s"
+        time.sleep(1)
+    return shown
+
+
+def test_the_readme_cluster_example_submits_stops_resumes_and_evaluates_on_the_cluster(stack):
+    env, commands = stack["env"], stack["commands"]
+    submit, status, logs, stop, resubmit, runs = commands[1:7]
+    logs_now = logs.replace(" --follow", "")
+
+    def state() -> dict:
+        return json.loads(run(runs, env, extra=["--json"]).stdout)[0]
+
+    # Submitted, the run goes through WAITING (for its worker) to RUNNING, and `cmacc runs`
+    # shows it training, with the step it has reached.
+    run(submit, env, extra=[*SETS, "--set=train.steps=100000", "--set=checkpoint.every_steps=4"])
+    seen = []
+    deadline = time.monotonic() + 600
+    while "RUNNING" not in seen or state()["last_step"] < 6:
+        shown = run(status, env).stdout.split()[0]
+        if not seen or seen[-1] != shown:
+            seen.append(shown)
+        assert shown in ("PENDING", "STARTING", "WAITING", "RUNNING"), (seen, run(logs_now, env).stdout[-3000:])
+        assert time.monotonic() < deadline, seen
+        time.sleep(1)
+    assert "WAITING" in seen, f"status went {seen}"
+    assert state()["state"] == "running" and "step " in run(status, env).stdout
+
+    # The same id while its job runs: refused, naming the job.
+    busy = run(submit, env, extra=[*SETS, "--set=train.steps=8"], check=False)
+    assert busy.returncode == 1 and "still running as job cl1" in busy.stderr, busy.stderr
+
+    # Stopped: the run writes a checkpoint and stops within a minute; nothing trained is lost.
+    asked = time.monotonic()
+    run(stop, env)
+    assert wait_status(env, status, ("STOPPED",), timeout_s=60) == "STOPPED"
+    took = time.monotonic() - asked
+    info = state()
+    stopped_at = info["last_step"]
+    assert info["state"] == "stopped" and stopped_at > 4, (
+        f"{json.dumps(info, indent=1)}\n{run(logs_now, env).stdout[-3000:]}"
+    )
+    assert info["newest_checkpoint"].endswith(f"checkpoint-{stopped_at:08d}")
+    checkpoints = json.loads(cmacc(env, "checkpoints", "cl1", "--storage", "s3://cmacc/runs", "--json").stdout)
+    assert checkpoints[-1]["step"] == stopped_at and checkpoints[-1]["registered"]
+    print(f"stop took {took:.1f} s, at step {stopped_at}")
+
+    # The same id again without --resume: refused before anything reaches the cluster or storage.
+    before = bucket_objects(env)
+    refused = run(submit, env, extra=[*SETS, "--set=train.steps=8"], check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    assert bucket_objects(env) == before
+
+    # Resubmitted as the README writes it: it continues from the stop's checkpoint and finishes.
+    run(resubmit, env, extra=[*SETS, f"--set=train.steps={stopped_at + 3}"])
+    assert wait_status(env, status, ("SUCCEEDED", "FAILED", "STOPPED")) == "SUCCEEDED"
+    output = run(logs_now, env).stdout
+    assert f"succeeded at step {stopped_at + 3} (this job: steps {stopped_at} ->" in output, output[-3000:]
+    assert "top-1 on" in output and "untrained" in output and "pretrained" in output
+    assert "Reporting training result" not in output, "Ray Train's report dump reached the job's log"
+    final = state()
+    assert (final["state"], final["last_step"]) == ("succeeded", stopped_at + 3)
+    assert set(final["eval"]["top1"]) == {"video/linear", "video/knn", "audio/linear", "audio/knn"}
+    jobs = json.loads(cmacc(env, "list", "--json").stdout)
+    assert [(j["submission_id"], j["status"]) for j in jobs if j["run_id"] == "cl1"] == [
+        ("cl1", "STOPPED"),
+        ("cl1.2", "SUCCEEDED"),
+    ]
+    from workers.metrics import read_metrics
+
+    records = read_metrics("s3://cmacc/runs/cl1", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
+    starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
+    assert starts == [0, stopped_at], f"attempts started at {starts}, not at their checkpoints"
+    assert sorted({r["step"] for r in records}) == list(range(1, stopped_at + 4))
+
+    # Evaluation and fine-tuning of the run where it ran: Ray jobs whose work is a Ray task.
+    on_cluster = ["--run", "cl1", "--storage", "s3://cmacc/runs", "--address", env["RAY_ADDRESS"]]
+    evaluated = cmacc(env, "eval", *on_cluster, "--probe", "knn")
+    assert "submitted as job eval-cl1-" in evaluated.stderr and "as a Ray task" in evaluated.stdout
+    assert "protocol: official split" in evaluated.stdout
+    assert f"checkpoint-{stopped_at + 3:08d}.json" in evaluated.stdout
+    tuned = cmacc(env, "finetune", *on_cluster, "--epochs", "1", "--batch-size", "8")
+    assert "pretrained (CM-ACC)" in tuned.stdout and "from scratch" in tuned.stdout
+    record = state()
+    assert set(record["finetune"]["top1"]) == {"pretrained", "scratch"}
+    assert json.loads(cmacc(env, "status", "cl1", "--json").stdout)["status"] == "SUCCEEDED"  # still the run's job
+
+
+def test_submission_errors_are_one_line_with_the_right_exit_code(stack, tmp_path):
+    env = stack["env"]
+    root = tmp_path / "runs"
+    common = ["--run-id", "bad", "--storage", str(root), "--data", str(tmp_path / "none")]
+    unknown = cmacc(env, "submit", "--recipe", "no-such-recipe", *common, check=False)
+    assert unknown.returncode == 2 and "no-such-recipe" in unknown.stderr
+    invalid = cmacc(env, "submit", *common, "--set", "optim.lr=abc", check=False)
+    assert invalid.returncode == 2 and "optim.lr" in invalid.stderr
+    unreachable = cmacc(env, "submit", *common, "--address", "http://127.0.0.1:9", check=False)
+    assert unreachable.returncode == 1 and "127.0.0.1:9" in unreachable.stderr
+    missing = cmacc(env, "status", "no-such-run", check=False)
+    assert missing.returncode == 1 and "no-such-run" in missing.stderr
+    resized = cmacc(
+        env, "submit", *common, "--set", "resources.min_workers=2", "--set", "resources.max_workers=3", check=False
+    )
+    assert resized.returncode == 2 and "train.global_batch_size" in resized.stderr
+    assert not root.exists(), "a rejected submission wrote to storage"
+    for result in (unknown, invalid, unreachable, missing, resized):
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_ablate_with_an_address_runs_side_by_side_as_jobs_and_reports(stack, tmp_path):
+    """`cmacc ablate --address`: every run is a job on the cluster; the report comes from storage."""
+    env = stack["env"]
+    root = tmp_path / "runs"
+    data = ["data.num_clips=48", "train.steps=2", "eval.linear_epochs=5"]
+    sets = [f"--set={item}" for item in [*TINY, *data]]
+    argv = ["ablate", "--samplers", "active,random", "--seeds", "1", "--storage", str(root), "--id", "cl"]
+    dataset = str(tmp_path / "data")
+    cmacc(
+        env,
+        "data",
+        "synth",
+        dataset,
+        "--clips",
+        "48",
+        "--classes",
+        "4",
+        "--frames",
+        "4",
+        "--size",
+        "32",
+        "--seconds",
+        "0.5",
+    )
+    result = cmacc(env, *argv, "--data", dataset, *sets, "--address", env["RAY_ADDRESS"])
+    assert "cl-active-s0: submitted as job cl-active-s0" in result.stderr
+    assert "cl-random-s0: SUCCEEDED" in result.stderr
+    jobs = {j["run_id"]: j["status"] for j in json.loads(cmacc(env, "list", "--json").stdout)}
+    assert jobs["cl-active-s0"] == jobs["cl-random-s0"] == "SUCCEEDED"
+    report = json.loads((root / "ablations" / "cl" / "report.json").read_text())
+    assert [r["run_id"] for r in report["runs"]] == ["cl-active-s0", "cl-random-s0"]
+    assert all(r["state"] == "succeeded" and r["figures"]["video/linear"] is not None for r in report["runs"])
+    again = cmacc(env, *argv, "--data", dataset, *sets, "--address", env["RAY_ADDRESS"])
+    assert "cl-active-s0: finished before, skipped" in again.stderr
+
+
+def test_a_run_the_cluster_cannot_hold_is_shown_waiting_and_stops_within_seconds(stack, tmp_path):
+    """The head offers 4 CPUs; a run asking for 9 (8 for its worker, 1 for the actor) waits
+    for resources: `cmacc status` says so and what it lacks, `cmacc stop` ends it within
+    seconds (there is no step to checkpoint), and the run record says `stopped` at step 0."""
+    env = stack["env"]
+    root = str(tmp_path / "runs")
+    sets = [f"--set={item}" for item in [*TINY, "resources.cpus_per_worker=8", "train.steps=4"]]
+    cmacc(env, "submit", "--recipe", "demo", "--run-id", "big", "--storage", root, *sets)
+    deadline = time.monotonic() + 300
+    while True:
+        status = json.loads(cmacc(env, "status", "big", "--json").stdout)
+        if status["shown"] == "WAITING":
+            break
+        assert status["status"] in ("PENDING", "RUNNING"), status
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert "waiting for resources" in status["run_note"] and "9 CPUs" in status["run_note"], status
+    text = cmacc(env, "status", "big").stdout
+    assert text.startswith("WAITING") and "waiting for resources" in text
+    assert json.loads(cmacc(env, "runs", "--storage", root, "--json").stdout)[0]["state"] == "waiting"
+
+    asked = time.monotonic()
+    cmacc(env, "stop", "big")
+    deadline = time.monotonic() + 60
+    while json.loads(cmacc(env, "status", "big", "--json").stdout)["status"] != "STOPPED":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    took = time.monotonic() - asked
+    assert took < 30, f"the stop took {took:.0f} s"
+    info = json.loads(cmacc(env, "runs", "--storage", root, "--json").stdout)[0]
+    assert (info["state"], info["last_step"]) == ("stopped", 0), info
 
 
 def test_cmacc_pretrain_generates_data_trains_evaluates_and_prints_the_summary(tmp_path):
-    """The local door: embedded Ray, the default generated data set, training, evaluation."""
+    """The local door: embedded Ray, the default generated data set, training, evaluation,
+    and a terminal without Ray's report dumps."""
     root = tmp_path / "runs"
-    data = ["data.num_clips=60", "data.num_classes=4", "data.frames=4", "data.size=32"]
-    sets = [f"--set={item}" for item in [*TINY, *data, "train.steps=4"]]
-    env = _client_env("")
-    env.pop("RAY_AUTH_TOKEN")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+        env.pop(name, None)
+    sets = [f"--set={item}" for item in [*TINY, "data.num_clips=60", "train.steps=4", "checkpoint.every_steps=2"]]
     result = subprocess.run(
-        [*CMACC, "pretrain", "--run-id", "local", "--storage", str(root), *sets],
+        [sys.executable, "-m", "cli", "pretrain", "--run-id", "local", "--storage", str(root), *sets],
         env=env,
         cwd=PROJECT,
         capture_output=True,
@@ -153,8 +319,12 @@ def test_cmacc_pretrain_generates_data_trains_evaluates_and_prints_the_summary(t
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    terminal = result.stdout + result.stderr
     assert "generating 60 synthetic clips" in result.stdout
     assert "run local: succeeded at step 4 (this job: steps 0 -> 4" in result.stdout
+    assert f"cmacc: checkpoint at step 2: {root / 'local' / 'checkpoint-00000002'}" in terminal
+    for noise in ("Reporting training result", "not writable", "Token authentication is enabled", "Started a local Ray"):
+        assert noise not in terminal, f"{noise!r} reached the terminal:\n{terminal[-3000:]}"
     table = result.stdout[result.stdout.index("top-1 on") :]
     rows = [line.split() for line in table.splitlines()[2:6]]
     assert [row[:2] for row in rows] == [["video", "linear"], ["video", "k-NN"], ["audio", "linear"], ["audio", "k-NN"]]
@@ -168,144 +338,3 @@ def test_cmacc_pretrain_generates_data_trains_evaluates_and_prints_the_summary(t
                 top1 = evaluation["results"][model][modality][probe]["top1"]
                 assert 0.0 <= top1 <= 1.0
                 assert run_json["eval"]["top1"][f"{modality}/{probe}"][model] == top1
-
-
-def test_submit_status_logs_runs_and_resume_continue_from_the_checkpoint(head, dataset, tmp_path):
-    root = tmp_path / "runs"
-    sets = [f"--set={item}" for item in TINY]
-    common = ["--recipe", "demo", "--run-id", "e2e", "--storage", str(root), "--data", dataset]
-
-    cmacc(head, "submit", *common, *sets, "--set=train.steps=4")
-    assert wait_for(head, "e2e") == "SUCCEEDED", cmacc(head, "logs", "e2e").stdout[-4000:]
-    logs = cmacc(head, "logs", "e2e").stdout
-    assert "run e2e: succeeded at step 4" in logs
-    assert "top-1 on" in logs and "untrained" in logs and "pretrained" in logs
-    listed = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)
-    assert [(r["run_id"], r["state"], r["last_step"]) for r in listed] == [("e2e", "succeeded", 4)]
-    assert listed[0]["newest_checkpoint"].endswith("checkpoint-00000004")
-    assert set(listed[0]["eval"]["top1"]) == {"video/linear", "video/knn", "audio/linear", "audio/knn"}
-
-    # The same id again without --resume: refused before anything reaches the cluster or storage.
-    before = snapshot(root)
-    refused = cmacc(head, "submit", *common, *sets, "--set=train.steps=8", check=False)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    assert snapshot(root) == before
-
-    # Resubmitted with --resume and many more steps; `cmacc stop` once it is past step 4: the job
-    # writes a checkpoint and stops, and nothing trained is lost.
-    cmacc(head, "submit", *common, *sets, "--set=train.steps=400", "--resume")
-    deadline = time.monotonic() + 600
-    while not any(c["step"] > 4 for c in checkpoints_of(head, root)):
-        assert time.monotonic() < deadline, cmacc(head, "logs", "e2e").stdout[-4000:]
-        time.sleep(2)
-    cmacc(head, "stop", "e2e")
-    assert wait_for(head, "e2e") == "STOPPED"
-    info = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]
-    stopped_at = info["last_step"]
-    assert info["state"] == "stopped" and 4 < stopped_at < 400, info
-    assert info["newest_checkpoint"].endswith(f"checkpoint-{stopped_at:08d}")
-
-    # Resubmitted again: it continues from the stop's checkpoint and finishes.
-    cmacc(head, "submit", *common, *sets, f"--set=train.steps={stopped_at + 2}", "--resume")
-    assert wait_for(head, "e2e") == "SUCCEEDED", cmacc(head, "logs", "e2e").stdout[-4000:]
-    logs = cmacc(head, "logs", "e2e").stdout
-    assert f"run e2e: succeeded at step {stopped_at + 2} (this job: steps {stopped_at} -> {stopped_at + 2}" in logs, (
-        "\n".join(line for line in logs.splitlines() if "Reporting" not in line and "Checkpoint succ" not in line)[
-            -6000:
-        ]
-    )
-    assert json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]["last_step"] == stopped_at + 2
-    assert checkpoints_of(head, root)[-1]["step"] == stopped_at + 2
-
-    from workers.metrics import read_metrics
-
-    records = read_metrics(str(root / "e2e"))
-    starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
-    assert starts == [0, 4, stopped_at], f"attempts started at {starts}, not at their checkpoints"
-    assert sorted({r["step"] for r in records}) == list(range(1, stopped_at + 3))
-
-    jobs = json.loads(cmacc(head, "list", "--json").stdout)
-    assert [(j["submission_id"], j["run_id"], j["status"]) for j in jobs if j["run_id"] == "e2e"] == [
-        ("e2e", "e2e", "SUCCEEDED"),
-        ("e2e.2", "e2e", "STOPPED"),
-        ("e2e.3", "e2e", "SUCCEEDED"),
-    ]
-
-    # Evaluation and fine-tuning of the run where it ran: Ray jobs whose work is a Ray task.
-    on_cluster = ["--run", "e2e", "--storage", str(root), "--address", head["address"]]
-    evaluated = cmacc(head, "eval", *on_cluster, "--probe", "knn")
-    assert "submitted as job eval-e2e-" in evaluated.stderr and "as a Ray task" in evaluated.stdout
-    assert "protocol: official split" in evaluated.stdout
-    assert f"saved: {root / 'e2e' / 'eval' / f'checkpoint-{stopped_at + 2:08d}.json'}" in evaluated.stdout
-    tuned = cmacc(head, "finetune", *on_cluster, "--epochs", "1", "--batch-size", "8")
-    assert "pretrained (CM-ACC)" in tuned.stdout and "from scratch" in tuned.stdout
-    record = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]
-    assert set(record["finetune"]["top1"]) == {"pretrained", "scratch"}
-    assert record["finetune"]["uri"].endswith(f"finetune-checkpoint-{stopped_at + 2:08d}-video.json")
-    assert json.loads(cmacc(head, "status", "e2e", "--json").stdout)["status"] == "SUCCEEDED"  # still the run's job
-
-
-def checkpoints_of(head: dict, root: Path) -> list[dict]:
-    return json.loads(cmacc(head, "checkpoints", "e2e", "--storage", str(root), "--json").stdout)
-
-
-def test_submission_errors_are_one_line_with_the_right_exit_code(head, dataset, tmp_path):
-    root = tmp_path / "runs"
-    common = ["--run-id", "bad", "--storage", str(root), "--data", dataset]
-    unknown = cmacc(head, "submit", "--recipe", "no-such-recipe", *common, check=False)
-    assert unknown.returncode == 2 and "no-such-recipe" in unknown.stderr
-    invalid = cmacc(head, "submit", *common, "--set", "optim.lr=abc", check=False)
-    assert invalid.returncode == 2 and "optim.lr" in invalid.stderr
-    unreachable = cmacc(head, "submit", *common, "--address", "http://127.0.0.1:9", check=False)
-    assert unreachable.returncode == 1 and "127.0.0.1:9" in unreachable.stderr
-    missing = cmacc(head, "status", "no-such-run", check=False)
-    assert missing.returncode == 1 and "no-such-run" in missing.stderr
-    assert not root.exists(), "a rejected submission wrote to storage"
-    for result in (unknown, invalid, unreachable, missing):
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
-def test_ablate_with_an_address_runs_side_by_side_as_jobs_and_reports(head, dataset, tmp_path):
-    """`cmacc ablate --address`: every run is a job on the cluster; the report comes from storage."""
-    root = tmp_path / "runs"
-    sets = [f"--set={item}" for item in [*TINY, "train.steps=2", "eval.linear_epochs=5"]]
-    argv = ["ablate", "--data", dataset, "--samplers", "active,random", "--seeds", "1", "--storage", str(root)]
-    result = cmacc(head, *argv, "--id", "cl", *sets, "--address", head["address"])
-    assert "cl-active-s0: submitted as job cl-active-s0" in result.stderr
-    assert "cl-random-s0: SUCCEEDED" in result.stderr
-    jobs = {j["run_id"]: j["status"] for j in json.loads(cmacc(head, "list", "--json").stdout)}
-    assert jobs["cl-active-s0"] == jobs["cl-random-s0"] == "SUCCEEDED"
-    report = json.loads((root / "ablations" / "cl" / "report.json").read_text())
-    assert [r["run_id"] for r in report["runs"]] == ["cl-active-s0", "cl-random-s0"]
-    assert all(r["state"] == "succeeded" and r["figures"]["video/linear"] is not None for r in report["runs"])
-    again = cmacc(head, *argv, "--id", "cl", *sets, "--address", head["address"])
-    assert "cl-active-s0: finished before, skipped" in again.stderr
-
-
-def test_a_run_the_cluster_cannot_hold_is_shown_waiting_and_stops_within_seconds(head, dataset, tmp_path):
-    """The head offers 3 CPUs; a run asking for 9 (8 for its worker, 1 for the actor) waits
-    for resources: `cmacc status` says so and what it lacks, `cmacc stop` ends it within
-    seconds (there is no step to checkpoint), and the run record says `stopped` at step 0."""
-    root = tmp_path / "runs"
-    sets = [f"--set={item}" for item in [*TINY, "resources.cpus_per_worker=8", "train.steps=4"]]
-    cmacc(head, "submit", "--recipe", "demo", "--run-id", "big", "--storage", str(root), "--data", dataset, *sets)
-    deadline = time.monotonic() + 300
-    while True:
-        status = json.loads(cmacc(head, "status", "big", "--json").stdout)
-        if status["shown"] == "WAITING":
-            break
-        assert status["status"] in ("PENDING", "RUNNING"), status
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-    assert "waiting for resources" in status["run_note"] and "9 CPUs" in status["run_note"], status
-    text = cmacc(head, "status", "big").stdout
-    assert text.startswith("WAITING") and "waiting for resources" in text
-    assert json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]["state"] == "waiting"
-
-    asked = time.monotonic()
-    cmacc(head, "stop", "big")
-    assert wait_for(head, "big", timeout_s=60) == "STOPPED"
-    took = time.monotonic() - asked
-    assert took < 30, f"the stop took {took:.0f} s"
-    info = json.loads(cmacc(head, "runs", "--storage", str(root), "--json").stdout)[0]
-    assert (info["state"], info["last_step"]) == ("stopped", 0), (info, cmacc(head, "logs", "big").stdout[-3000:])

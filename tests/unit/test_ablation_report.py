@@ -1,6 +1,6 @@
 """The ablation's statistics and its progress on a cluster, without running anything:
 figures aggregated over seeds, differences to `random` paired by seed with a Student-t
-interval, and the progress lines a cluster ablation reads from its jobs' logs."""
+interval, and the progress a cluster ablation reads from its runs' records."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import math
 
 import pytest
 
-from service.commands.cluster import PROGRESS_LINE
-from workers.ablation import report, runner
-from workers.ablation.plan import AblationSpec
-from workers.ablation.report import RunResult
-from workers.distributed.loop import progress_line
+from jobs.ablation import report, runner
+from jobs.ablation.plan import AblationSpec
+from jobs.ablation.report import RunResult
 
 
 def spec(tmp_path, samplers=("active", "random"), seeds=(0, 1, 2)) -> AblationSpec:
@@ -76,23 +74,20 @@ def test_the_verdict_uses_the_student_t_interval_of_the_paired_differences():
     assert "one seed" in report.verdict("active", "video/linear", {"mean": 0.1, "std": None, "n": 1})
 
 
-def test_the_progress_line_of_the_training_loop_is_found_in_a_jobs_logs():
-    metrics = {
-        "train/loss": 9.1,
-        "train/clips_per_s": 50.0,
-        "dict/select_ms": 3.0,
-        "dict/staleness": 0.0,
-        "embed/cos_qv": 0.01,
-        "embed/cos_qa": 0.02,
-        "embed/pos_cos_va": 0.5,
-        "embed/neg_cos_va": 0.0,
-    }
-    first = progress_line(25, 1000, metrics, steps_per_s=2.0)
-    newest = progress_line(50, 1000, metrics, steps_per_s=2.0)
-    logs = f"(RayTrainWorker pid=1) {first}\nsome other line\n\x1b[36m(RayTrainWorker pid=1)\x1b[0m {newest}\n"
-    found = PROGRESS_LINE.findall(logs)
-    assert found == [first, newest]
-    assert found[-1].startswith("step 50/1000") and found[-1].endswith("eta 475 s")
+def record_progress(the_spec: AblationSpec, run_id: str, step: int, total: int) -> None:
+    """What a training job keeps in its run record while it trains (workers.driver)."""
+    from service import catalog, layout
+
+    catalog.write_run_record(
+        layout.run_uri(the_spec.storage, run_id),
+        run_id=run_id,
+        recipe="demo",
+        sampler="active",
+        data=the_spec.data,
+        config={},
+        state="running",
+        progress={"step": step, "total": total, "loss": 9.0, "clips_per_s": 50.0, "at": "2026-12-04T00:00:00+00:00"},
+    )
 
 
 def test_a_cluster_ablation_shows_each_running_jobs_progress_and_names_runs_left_unfinished(tmp_path, capsys):
@@ -100,6 +95,7 @@ def test_a_cluster_ablation_shows_each_running_jobs_progress_and_names_runs_left
     states = {"t-active-s0": iter(["PENDING", "RUNNING", "RUNNING", "FAILED"])}
     states["t-random-s0"] = iter(["RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"])
     submitted = []
+    record_progress(the_spec, "t-random-s0", 5, 10)  # the other has not trained a step yet
 
     def status(run_id: str) -> str:
         return next(states[run_id], "FAILED") if run_id in submitted else ""  # no job before its submission
@@ -111,12 +107,31 @@ def test_a_cluster_ablation_shows_each_running_jobs_progress_and_names_runs_left
             steps=10,
             submit=lambda request: submitted.append(request.run_id) or request.run_id,
             job_status=status,
-            job_progress=lambda run_id: f"step 5/10  loss 9.0  eta 12 s ({run_id})",
             poll_s=0.0,
             progress_every_s=0.0,
         )
     err = capsys.readouterr().err
     assert submitted == ["t-active-s0", "t-random-s0"]
     assert "t-active-s0: submitted as job t-active-s0" in err
-    assert "t-random-s0: step 5/10  loss 9.0  eta 12 s (t-random-s0)" in err  # a running job's progress
+    assert "t-random-s0: step 5/10  loss 9.000  clips/s 50.0" in err  # a running job's progress, from its record
+    assert "t-active-s0: step" not in err
     assert "t-active-s0: PENDING" in err and "t-active-s0: FAILED" in err
+
+
+def test_runs_with_shadow_dictionaries_get_the_shadow_tables_and_curves(tmp_path):
+    """A `random` run whose shadows (active, moco) logged their instruments: the report
+    tabulates each shadow's over the second half of training and draws shadows.png."""
+    run = result("random", 0, 0.3)
+    for record in run.records:
+        record.update({"dict/fn_mass_v": 0.2, "shadow/active/fn_mass_v": 0.1, "shadow/moco/fn_mass_v": 0.4})
+        record.update({"shadow/active/hardness_a": 0.5, "shadow/moco/hardness_a": 0.6})
+    the_spec = spec(tmp_path, samplers=("random",), seeds=(0,))
+    written = report.write_report(the_spec, [run], command="test")
+    assert run.shadows() == ["active", "moco"]
+    figures = written["samplers"]["random"]
+    assert figures["shadow/active/fn_mass_v"]["mean"] == pytest.approx(0.1)
+    assert figures["dict/fn_mass_v"]["mean"] == pytest.approx(0.2)
+    text = (tmp_path / "ablations" / "t" / "report.md").read_text()
+    assert "## Shadow dictionaries of the `random` runs" in text
+    assert "| active | 0.100 (n=1) |" in text and "| moco | 0.400 (n=1) |" in text
+    assert "![shadows](shadows.png)" in text and (tmp_path / "ablations" / "t" / "shadows.png").stat().st_size > 0

@@ -49,7 +49,7 @@ def test_replicas_that_apply_every_delta_equal_the_actor(sampler):
         assert delta.version == step + 1 and delta.step == step
         replicas.apply(delta)
     for modality in "va":
-        actor = getattr(service.dictionaries, f"dictionary_{modality}")
+        actor = getattr(service.dictionaries.main, f"dictionary_{modality}")
         replica = getattr(replicas, f"dictionary_{modality}")
         assert torch.equal(actor.keys, replica.keys)
         assert torch.equal(actor.ids, replica.ids)
@@ -93,7 +93,7 @@ def test_deltas_after_serves_a_replica_that_resumes_behind():
     assert [d.version for d in behind] == [4, 5, 6]
     for delta in behind:
         replicas.apply(delta)
-    assert torch.equal(replicas.dictionary_a.keys, service.dictionaries.dictionary_a.keys)
+    assert torch.equal(replicas.dictionary_a.keys, service.dictionaries.main.dictionary_a.keys)
 
 
 def test_reseed_takes_the_replica_and_keeps_counting_versions():
@@ -103,16 +103,12 @@ def test_reseed_takes_the_replica_and_keeps_counting_versions():
     for step in range(3):
         replicas.apply(service.submit(step=step, **global_batch(step)))
     restarted = DictionaryService(config=cfg.to_dict())  # what Ray builds after a crash
-    restarted.reseed(
-        dictionary_v={k: v.numpy() if torch.is_tensor(v) else v for k, v in replicas.dictionary_v.state_dict().items()},
-        dictionary_a={k: v.numpy() if torch.is_tensor(v) else v for k, v in replicas.dictionary_a.state_dict().items()},
-        version=replicas.version,
-    )
+    restarted.reseed(members=replicas.members(), version=replicas.version)
     assert restarted.version == 3
-    assert torch.equal(restarted.dictionaries.dictionary_v.keys, replicas.dictionary_v.keys)
+    assert torch.equal(restarted.dictionaries.main.dictionary_v.keys, replicas.dictionary_v.keys)
     replicas.apply(restarted.submit(step=3, **global_batch(3)))
     assert replicas.version == 4
-    assert torch.equal(restarted.dictionaries.dictionary_v.keys, replicas.dictionary_v.keys)
+    assert torch.equal(restarted.dictionaries.main.dictionary_v.keys, replicas.dictionary_v.keys)
 
 
 def test_stop_request_rides_on_the_next_delta():
@@ -183,7 +179,7 @@ def test_in_steady_state_the_fraction_of_arrivals_that_enter_is_p_over_m(sampler
         entered.append((len(delta.entered_v.slots), len(delta.entered_a.slots)))
     assert entered[0] == (0, 0)  # nothing has reached the pool before the first batch
     assert all(pair == (enqueue, enqueue) for pair in entered[1:])  # P of the M arrivals enter each step
-    ages = service.dictionaries.dictionary_v.steps
+    ages = service.dictionaries.main.dictionary_v.steps
     assert (ages >= 0).all() and (ages <= 10).all()  # each entered key came from an earlier step
 
 
@@ -204,6 +200,6 @@ def test_random_from_the_pool_meets_same_label_negatives_at_chance():
         arrays = labelled_stream(step, batch=batch, num_classes=num_classes)
         service.submit(step=step, **arrays)
         if step >= 20:  # the dictionary is full of real keys (64 / 8 = 8 steps after the first)
-            labels = service.dictionaries.dictionary_a.labels.numpy()
+            labels = service.dictionaries.main.dictionary_a.labels.numpy()
             fractions.append(same_label_fraction(arrays["labels"], labels))
     assert abs(np.mean(fractions) - 1 / num_classes) < 0.03

@@ -2,18 +2,21 @@
 AV-digits set from the real FSDD and UCI digits, and the CLI's answers to bad usage."""
 
 import hashlib
+import io
 import re
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
-from service.cli import main
+from cli.main import main
 from workers.data.audio_folders import csv_labels, decode_audio, folder_labels, read_audio_clips
-from workers.data.avdigits import write_av_digits
-from workers.data.format import DataError, decode_pcm
+from workers.data.avdigits import parse_redundancy, write_av_digits
+from workers.data.format import DataError, decode_pcm, read_manifest
 from workers.data.splits import read_hmdb51, read_splits, read_ucf101
 from workers.data.video import ClipOptions, MediaError
 
@@ -299,3 +302,136 @@ def test_spectral_frames_stretch_the_digit_with_each_band():
     widths = ink.any(axis=1).sum(axis=1)
     heights = ink.any(axis=2).sum(axis=1)
     assert widths[0] > 1.5 * heights[0] and heights[1] > 1.5 * widths[1], (widths, heights)
+
+
+def _av_inputs(shared_data: Path) -> dict[str, str]:
+    return {"fsdd_dir": str(shared_data / "fsdd"), "digits_csv": str(shared_data / "digits" / "digits.csv.gz")}
+
+
+def _counts(rows: list[dict]) -> Counter:
+    return Counter((row["split"], row["label"]) for row in rows)
+
+
+def _first_frame(row: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(row["frames"][0])), dtype=np.float64)
+
+
+def test_redundancy_specs_parse_to_what_the_manifest_records():
+    assert parse_redundancy(None) is None and parse_redundancy("none") is None and parse_redundancy("") is None
+    assert parse_redundancy("head=0:8") == {"head": {"digit": 0, "copies": 8}, "clips": 1}
+    assert parse_redundancy("clips=3") == {"head": None, "clips": 3}
+    both = {"head": {"digit": 7, "copies": 4}, "clips": 2}
+    assert parse_redundancy(" clips=2 , head=7:4 ") == both
+    assert parse_redundancy(both) == both  # the manifest's own form is accepted back
+    for bad in ["head=10:2", "head=0:1", "clips=1", "head=0", "copies=2", "head=0:8,head=1:2", "head=0:40,clips=2"]:
+        with pytest.raises(ValueError):
+            parse_redundancy(bad)
+
+
+def test_a_head_class_repeats_its_train_recordings_as_near_duplicates_and_keeps_the_test_split(shared_data, tmp_path):
+    small = {**_av_inputs(shared_data), "max_takes": 1, "frames": 4, "size": 32}
+    plain = write_av_digits(str(tmp_path / "plain"), **small)
+    head = write_av_digits(str(tmp_path / "head"), **small, redundancy="head=3:4")
+    assert plain.made_by["params"]["redundancy"] is None
+    assert head.made_by["params"]["redundancy"] == {"head": {"digit": 3, "copies": 4}, "clips": 1}
+    plain_rows, head_rows = _shard_rows(tmp_path / "plain"), _shard_rows(tmp_path / "head")
+
+    # 4 times the train clips of digit 3, everything else as many as without redundancy
+    assert head.splits == {"train": 50 + 3 * 5, "test": 10}
+    assert _counts(head_rows) == {key: n * (4 if key == ("train", 3) else 1) for key, n in _counts(plain_rows).items()}
+    # the test split is the very same: clip ids, rows (sources included) and their order
+    assert [r for r in head_rows if r["split"] == "test"] == [r for r in plain_rows if r["split"] == "test"]
+    # copy 0 of every recording is the clip made without redundancy, apart from its source
+    plain_by_id = {r["clip_id"]: r for r in plain_rows}
+    assert {r["clip_id"] for r in head_rows if "-c" not in r["clip_id"]} == set(plain_by_id)
+    for row in head_rows:
+        if "-c" not in row["clip_id"]:
+            assert {**row, "source": ""} == {**plain_by_id[row["clip_id"]], "source": ""}
+
+    groups = defaultdict(list)  # the train clips of each recording, by their shared source
+    for row in head_rows:
+        if row["split"] == "train":
+            groups[row["source"]].append(row)
+    assert len(groups) == 50 and all(source.startswith("fsdd:") and "+" not in source for source in groups)
+    assert {len(rows) for source, rows in groups.items() if source.startswith("fsdd:3_")} == {4}
+    assert {len(rows) for source, rows in groups.items() if not source.startswith("fsdd:3_")} == {1}
+    ids = sorted(r["clip_id"] for r in groups["fsdd:3_george_0.wav"])
+    assert ids == ["avdigits-3_george_0", "avdigits-3_george_0-c1", "avdigits-3_george_0-c2", "avdigits-3_george_0-c3"]
+    firsts = {source: _first_frame(min(rows, key=lambda r: r["clip_id"])) for source, rows in groups.items()}
+    for source, rows in groups.items():
+        if len(rows) == 1:
+            continue
+        assert len({r["audio"] for r in rows}) == 4 and len({tuple(r["frames"]) for r in rows}) == 4  # distinct bytes
+        assert {r["label"] for r in rows} == {3}
+        # The same image over the same background, moved and noised anew: the first frames of
+        # the copies differ from copy 0's by little more than the noise, other recordings' by far more.
+        nearest_other = min(np.median(np.abs(f - firsts[source]).sum(axis=2)) for s, f in firsts.items() if s != source)
+        for copy in sorted(rows, key=lambda r: r["clip_id"])[1:]:
+            assert np.median(np.abs(_first_frame(copy) - firsts[source]).sum(axis=2)) < 40 < nearest_other, source
+
+
+def test_clips_k_repeats_every_train_recording_and_combines_with_a_head_deterministically(shared_data, tmp_path):
+    small = {**_av_inputs(shared_data), "max_takes": 1, "frames": 2, "size": 16, "seconds": 0.5, "sync": "scale"}
+    plain = write_av_digits(str(tmp_path / "plain"), **small)
+    clips = write_av_digits(str(tmp_path / "clips"), **small, redundancy="clips=2")
+    assert clips.made_by["params"]["redundancy"] == {"head": None, "clips": 2}
+    assert clips.splits == {"train": 2 * plain.splits["train"], "test": plain.splits["test"]}
+    plain_counts = _counts(_shard_rows(tmp_path / "plain"))
+    assert _counts(_shard_rows(tmp_path / "clips")) == {
+        key: n * (2 if key[0] == "train" else 1) for key, n in plain_counts.items()
+    }
+    both = write_av_digits(str(tmp_path / "both"), **small, redundancy="head=0:3,clips=2")
+    assert both.made_by["params"]["redundancy"] == {"head": {"digit": 0, "copies": 3}, "clips": 2}
+    rows = _shard_rows(tmp_path / "both")
+    assert _counts(rows) == {
+        key: n * {"test": 1, "train": 6 if key[1] == 0 else 2}[key[0]] for key, n in plain_counts.items()
+    }
+    test_rows = [r for r in _shard_rows(tmp_path / "plain") if r["split"] == "test"]
+    assert [r for r in rows if r["split"] == "test"] == test_rows
+    assert len({r["clip_id"] for r in rows}) == len(rows) == both.num_clips
+    again = write_av_digits(
+        str(tmp_path / "again"), **small, redundancy={"head": {"digit": 0, "copies": 3}, "clips": 2}
+    )
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in both.shards]  # deterministic per seed
+
+
+def test_cli_passes_the_redundancy_to_the_generator(shared_data, tmp_path, monkeypatch, capsys):
+    import workers.data.avdigits as avdigits
+
+    real, seen = avdigits.write_av_digits, {}
+
+    def small(out: str, **kwargs):  # the CLI's call, made on a few recordings
+        seen.update(kwargs)
+        return real(out, **{**kwargs, "frames": 2, "size": 16, "max_takes": 1})
+
+    monkeypatch.setattr(avdigits, "write_av_digits", small)
+    inputs = _av_inputs(shared_data)
+    argv = ["data", "av-digits", str(tmp_path / "out"), "--fsdd", inputs["fsdd_dir"], "--digits", inputs["digits_csv"]]
+    assert main([*argv, "--redundancy", "head=0:3,clips=2"]) == 0
+    assert seen["redundancy"] == {"head": {"digit": 0, "copies": 3}, "clips": 2}
+    assert "redundant train split: 2 clip(s) per recording, digit 0 x3" in capsys.readouterr().out
+    assert read_manifest(str(tmp_path / "out")).made_by["params"]["redundancy"] == seen["redundancy"]
+
+
+def test_a_bad_redundancy_spec_is_refused_naming_the_flag_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "fsdd").mkdir()
+    (tmp_path / "digits.csv").write_text("")
+    out = tmp_path / "out"
+    argv = ["data", "av-digits", str(out), "--fsdd", str(tmp_path / "fsdd"), "--digits", str(tmp_path / "digits.csv")]
+    for spec in [
+        "head=11:2",
+        "head=0",
+        "head=0:1",
+        "clips=0",
+        "clips=two",
+        "copies=3",
+        "head=0:8,head=1:2",
+        "head=0:9,clips=8",
+    ]:
+        assert main([*argv, "--redundancy", spec]) == 2, spec
+        err = capsys.readouterr().err
+        assert f"--redundancy {spec!r}" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=re.escape("redundancy 'clips=1': clips K must be a whole number >= 2")):
+        write_av_digits(str(out), fsdd_dir=str(tmp_path / "fsdd"), digits_csv="x", redundancy="clips=1")
+    assert not out.exists()

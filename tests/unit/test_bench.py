@@ -16,7 +16,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_bench_sampler_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     sizes = "64x8,128x16x8"
-    result = run("-m", "service.cli", "bench", "sampler", "--sizes", sizes, "--repeats", "2", "--out", str(out))
+    result = run("-m", "cli", "bench", "sampler", "--sizes", sizes, "--repeats", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[1].split()[:4] == ["N", "M", "P", "C"]
@@ -66,7 +66,7 @@ def test_service_figures_time_steps_checkpoints_and_waits_from_the_metrics_log()
 
 
 def test_bench_train_and_reader_refuse_bad_arguments_with_exit_2():
-    result = run("-m", "service.cli", "bench", "train", "--steps", "1")
+    result = run("-m", "cli", "bench", "train", "--steps", "1")
     assert result.returncode == 2 and "--steps must be >= 3" in result.stderr
     result = run("-m", "jobs.bench", "reader", "--data", "/nowhere", "--threads", "0,x")
     assert result.returncode == 2 and "--threads expects positive integers" in result.stderr

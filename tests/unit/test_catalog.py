@@ -75,7 +75,7 @@ def test_commands_that_read_a_run_refuse_an_id_that_leaves_the_storage_root(tmp_
 
 def _cmacc(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *argv], cwd=PROJECT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cli", *argv], cwd=PROJECT, capture_output=True, text=True, timeout=120
     )
 
 
@@ -141,7 +141,7 @@ def test_a_run_whose_checkpoint_predates_the_pool_rule_is_refused_a_resume_with_
     assert {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("door", [["-m", "service.cli", "eval"], ["-m", "jobs.evaluate"]])
+@pytest.mark.parametrize("door", [["-m", "cli", "eval"], ["-m", "jobs.evaluate"]])
 def test_every_door_gives_a_bad_evaluation_request_the_same_exit_code(door, tmp_path):
     """`cmacc eval` and `python -m jobs.evaluate` map errors to exit codes the same way."""
     no_data = subprocess.run(

@@ -21,7 +21,7 @@ from workers.distributed.checkpoint import load_checkpoint
 from workers.distributed.replicas import build_replicas
 from workers.evaluate import load_query_encoders
 from workers.tensors import load_tensors, to_numpy_deep, to_plain
-from workers.trainer import build_train_state
+from workers.training import build_train_state
 
 pytestmark = pytest.mark.unit
 

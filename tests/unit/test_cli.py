@@ -10,9 +10,7 @@ pytestmark = pytest.mark.unit
 
 
 def cmacc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=60, check=False
-    )
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_config_show_json_applies_the_override():
@@ -89,7 +87,7 @@ def test_bench_cli_reports_the_startup_time_of_help(tmp_path):
 
 def test_importing_the_cli_loads_neither_torch_nor_ray():
     code = (
-        "import sys, service.cli, service.config, service.storage\n"
+        "import sys, cli.main, cli.cluster, cli.runs, cli.bench, cli.data, service.config, service.storage\n"
         "heavy = sorted(m for m in ('torch', 'ray', 'pyarrow', 's3fs') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
@@ -101,7 +99,7 @@ def test_a_job_package_leaves_secrets_and_environments_behind(tmp_path):
     """What `cmacc submit` uploads as the job's working_dir, matched as Ray matches it."""
     from ray._private.runtime_env.packaging import _get_excludes
 
-    from service.commands.cluster import WORKING_DIR_EXCLUDES
+    from service.ray_jobs import WORKING_DIR_EXCLUDES
 
     excluded = _get_excludes(tmp_path, WORKING_DIR_EXCLUDES)
     for path in (
@@ -115,5 +113,5 @@ def test_a_job_package_leaves_secrets_and_environments_behind(tmp_path):
         "runs/r1/run.json",
     ):
         assert excluded(tmp_path / path), f"{path} would travel with the job"
-    for path in ("service/cli.py", "jobs/recipes/demo.toml", "pyproject.toml"):
+    for path in ("cli/main.py", "jobs/recipes/demo.toml", "pyproject.toml"):
         assert not excluded(tmp_path / path), f"{path} would be missing from the job"

@@ -109,7 +109,7 @@ def test_enqueue_and_pool_default_to_a_quarter_and_four_times_the_global_batch()
     [
         ({"enqueue": 9}, r"^method.enqueue: must be <= the global batch M .* got 9"),
         ({"enqueue": -1}, r"^method.enqueue: must be >= 0"),
-        ({"pool_size": 7}, r"^method.pool_size: must be 0 \(= 4M\) or >= the global batch M"),
+        ({"pool_size": 7}, r"^method.pool_size: must be 0 \(the default\) or >= the global batch M"),
         ({"sampler": "greedy"}, r"^method.sampler: 'greedy' is not one of"),
         ({"enqueue": 6, "dictionary_size": 4}, r"^method.enqueue: must be <= method.dictionary_size \(4\).* P = 6"),
     ],

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 def cmacc(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120, check=False
     )
 
 

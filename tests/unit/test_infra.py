@@ -23,9 +23,10 @@ import torch
 import yaml
 from ray.scripts.scripts import start as ray_start
 
+from cli.cluster import submission
+from cli.main import build_parser
 from jobs import pretrain
-from service.cli import build_parser
-from service.commands.cluster import RUN_ID_KEY, job_entrypoint, submission
+from service.ray_jobs import RUN_ID_KEY, job_entrypoint
 
 pytestmark = pytest.mark.unit
 

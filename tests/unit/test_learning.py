@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+import workers.step as step_module
 import workers.trainer as trainer
 from service.config import load_recipe
 from workers.data.synth import render
@@ -128,14 +129,14 @@ def test_pretraining_beats_random_encoders_by_the_margins(cfg, data, untrained):
 
 
 def test_a_broken_loss_does_not_reach_the_margins(cfg, data, untrained, monkeypatch):
-    real_loss = trainer.cross_modal_nce
+    real_loss = step_module.cross_modal_nce
 
     def mismatched(**parts):  # every clip's video meets another clip's sound as its positive
         parts["keys_a"] = parts["keys_a"].roll(1, dims=0)
         parts["keys_v"] = parts["keys_v"].roll(1, dims=0)
         return real_loss(**parts)
 
-    monkeypatch.setattr(trainer, "cross_modal_nce", mismatched)
+    monkeypatch.setattr(step_module, "cross_modal_nce", mismatched)
     broken = pretrain(cfg, data)
     print(f"untrained {untrained}  broken loss {broken}")
     for modality, margin in MARGINS.items():

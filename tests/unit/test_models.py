@@ -9,18 +9,11 @@ import torch
 from torch import nn
 
 from service.config import from_dict
+from workers.enqueue import LocalExchange, build_dictionary_set
 from workers.models import build_encoders, make_key_encoder, momentum_update
-from workers.trainer import (
-    NonFiniteLossError,
-    build_dictionaries,
-    build_train_state,
-    check_finite,
-    host_values,
-    is_fused,
-    lr_factor,
-    train,
-    train_step,
-)
+from workers.step import NonFiniteLossError, check_finite, host_values, train_step
+from workers.trainer import train
+from workers.training import build_train_state, is_fused, lr_factor
 
 pytestmark = pytest.mark.unit
 
@@ -133,18 +126,13 @@ def test_lr_warms_up_then_follows_a_half_cosine():
 def test_step_trains_the_query_encoder_and_moves_the_key_encoder_by_ema():
     cfg = tiny_config()
     state = build_train_state(cfg, device=torch.device("cpu"))
-    dictionaries = build_dictionaries(cfg, device=torch.device("cpu"))
+    exchange = LocalExchange(build_dictionary_set(cfg, device=torch.device("cpu")))
     query_before = [p.clone() for p in state.query.parameters()]
     key_before = [p.clone() for p in state.key.parameters()]
-    out = train_step(
-        state,
-        make_batch(0),
-        dictionary_v=dictionaries.dictionary_v,
-        dictionary_a=dictionaries.dictionary_a,
-        method=cfg.method,
-    )
+    out = train_step(state, make_batch(0), exchange=exchange, method=cfg.method)
     assert set(out.losses) == {"loss_va", "loss_av", "loss"}
-    assert out.keys_v.shape == (BATCH, 8) and not out.keys_v.requires_grad
+    keys_v = out.exchanged.batch.keys_v
+    assert keys_v.shape == (BATCH, 8) and not keys_v.requires_grad
     assert state.step == 1
     assert any(not torch.equal(a, b) for a, b in zip(query_before, state.query.parameters(), strict=True))
     for k_new, k_old, q in zip(state.key.parameters(), key_before, state.query.parameters(), strict=True):
@@ -154,19 +142,13 @@ def test_step_trains_the_query_encoder_and_moves_the_key_encoder_by_ema():
 def test_non_finite_loss_stops_before_the_optimiser_step_with_weights_unchanged():
     cfg = tiny_config()
     state = build_train_state(cfg, device=torch.device("cpu"))
-    dictionaries = build_dictionaries(cfg, device=torch.device("cpu"))
+    exchange = LocalExchange(build_dictionary_set(cfg, device=torch.device("cpu")))
     batch = make_batch(0)
     batch["audio"][1] = float("nan")
     query_before = [p.clone() for p in state.query.parameters()]
     key_before = [p.clone() for p in state.key.parameters()]
     with pytest.raises(NonFiniteLossError, match=r"step 0: the loss is not finite .* before the optimiser step"):
-        train_step(
-            state,
-            batch,
-            dictionary_v=dictionaries.dictionary_v,
-            dictionary_a=dictionaries.dictionary_a,
-            method=cfg.method,
-        )
+        train_step(state, batch, exchange=exchange, method=cfg.method)
     assert state.step == 0
     assert state.optimizer.state_dict()["state"] == {}  # the optimiser never stepped
     for a, b in zip(query_before, state.query.parameters(), strict=True):
@@ -181,8 +163,8 @@ def test_a_deferred_non_finite_step_changes_nothing_on_the_device_and_is_raised_
     cfg.optim.name = optimiser
     state = build_train_state(cfg, device=torch.device("cpu"))
     assert is_fused(state.optimizer)  # optim.fused defaults to on, and CPU has the kernels
-    dictionaries = build_dictionaries(cfg, device=torch.device("cpu"))
-    step = dict(dictionary_v=dictionaries.dictionary_v, dictionary_a=dictionaries.dictionary_a, method=cfg.method)
+    exchange = LocalExchange(build_dictionary_set(cfg, device=torch.device("cpu")))
+    step = dict(exchange=exchange, method=cfg.method)
     train_step(state, make_batch(0), defer_check=True, **step)  # one good step: optimiser state exists
     query_before = [p.clone() for p in state.query.parameters()]
     key_before = [p.clone() for p in state.key.parameters()]  # buffers: the forward passes update them
@@ -220,13 +202,13 @@ def test_train_fills_the_dictionary_with_keys_of_past_clips(sampler):
         math.isfinite(m["train/loss"]) and m["dict/select_ms"] >= 0 and m["train/clips_per_s"] > 0
         for m in result.metrics
     )
-    ids = result.dictionaries.dictionary_a.ids
+    ids = result.dictionaries.main.dictionary_a.ids
     real = set(ids[ids >= 0].tolist())
     if sampler == "moco":  # the current batch's M keys every step
         assert (ids >= 0).sum() == 3 * BATCH and real == set(range(12))
     else:  # an empty pool at step 1, then P = 2 a step from earlier batches (the current one excluded)
         assert (ids >= 0).sum() == 2 * 2 and real <= set(range(8))
-    labels = result.dictionaries.dictionary_a.labels
+    labels = result.dictionaries.main.dictionary_a.labels
     assert torch.equal(labels[ids >= 0], ids[ids >= 0] % 3)  # each key keeps its clip's label
     assert result.metrics[-1]["dict/entered_frac_a"] == (1.0 if sampler == "moco" else 2 / BATCH)  # P of the M arrivals
 
@@ -238,7 +220,7 @@ def test_resumed_training_equals_uninterrupted_training():
     first = train(cfg, batches(), num_steps=2)
     saved = {"train": first.state.state_dict(), "dictionaries": first.dictionaries.state_dict()}
     fresh = build_train_state(tiny_config(), device=torch.device("cpu"))
-    fresh_dictionaries = build_dictionaries(tiny_config(), device=torch.device("cpu"))
+    fresh_dictionaries = build_dictionary_set(tiny_config(), device=torch.device("cpu"))
     torch.manual_seed(1234)  # a resumed run must not depend on the global generator
     fresh.load_state_dict(saved["train"])
     fresh_dictionaries.load_state_dict(saved["dictionaries"])
@@ -247,7 +229,7 @@ def test_resumed_training_equals_uninterrupted_training():
     assert [m["train/loss"] for m in resumed.metrics] == [m["train/loss"] for m in whole.metrics[2:]]
     for a, b in zip(whole.state.query.parameters(), resumed.state.query.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(whole.dictionaries.dictionary_v.keys, resumed.dictionaries.dictionary_v.keys)
+    assert torch.equal(whole.dictionaries.main.dictionary_v.keys, resumed.dictionaries.main.dictionary_v.keys)
 
 
 def test_batchnorm_heads_give_unit_embeddings_that_stay_spread_across_the_batch():

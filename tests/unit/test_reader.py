@@ -14,7 +14,8 @@ import torch
 from service import storage
 from workers.data.decode import CorruptClipError, decode_audio, decode_frames
 from workers.data.format import DataError, DatasetWriter, iter_clips
-from workers.data.reader import ClipReader, bounded_shuffle
+from workers.data.plan import bounded_shuffle
+from workers.data.reader import ClipReader
 from workers.data.synth import synth_clips, write_synthetic
 
 pytestmark = pytest.mark.unit

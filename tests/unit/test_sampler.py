@@ -10,6 +10,7 @@ from workers.sampler import (
     factorised_sq_distances,
     gradient_embedding_factors,
     gradient_embedding_norms,
+    hardness_embeddings,
     resolve_pseudo_classes,
     select,
 )
@@ -17,6 +18,7 @@ from workers.sampler import (
 pytestmark = pytest.mark.unit
 
 TAU = 0.07
+NEW_SAMPLERS = ("active-dict", "active-aware", "hardness")  # the samplers that read the dictionary
 
 
 def unit_rows(n, d, seed, dtype=torch.float64):
@@ -37,7 +39,12 @@ def make_inputs(*, n=40, d=8, batch=12, seed=0, dtype=torch.float64):
     }
 
 
-def run(name, inputs, *, num_picks, seed, num_pseudo_classes=0):
+def make_dictionary(*, k=20, d=8, seed=0, dtype=torch.float64):
+    """The dictionary's keys [K, d], oldest first."""
+    return unit_rows(k, d, seed + 3, dtype)
+
+
+def run(name, inputs, *, num_picks, seed, num_pseudo_classes=0, dictionary_keys=None):
     return select(
         name,
         **inputs,
@@ -45,6 +52,7 @@ def run(name, inputs, *, num_picks, seed, num_pseudo_classes=0):
         temperature=TAU,
         num_pseudo_classes=num_pseudo_classes,
         generator=torch.Generator().manual_seed(seed),
+        dictionary_keys=dictionary_keys,
     )
 
 
@@ -62,11 +70,12 @@ def materialised_gradient_embeddings(candidates, pseudo_classes, tau):
     return torch.stack(rows)
 
 
-def reference_kmeans_pp(embeddings, ids, excluded, num_picks, uniforms, *, first_largest):
+def reference_kmeans_pp(embeddings, ids, excluded, num_picks, uniforms, *, first_largest, centres=()):
     """k-means++ seeding by the book on materialised embeddings, with Python loops.
 
-    Draw t takes the first row whose running sum of weights exceeds uniforms[t] x total
-    (the inverse-CDF draw the sampler uses), so both consume the same random numbers.
+    `centres`: embeddings of centres chosen before, counted like picks. Draw t takes the
+    first row whose running sum of weights exceeds uniforms[t] x total (the inverse-CDF
+    draw the sampler uses), so both consume the same random numbers.
     """
     n = embeddings.shape[0]
     available = [int(ids[i]) not in excluded for i in range(n)]
@@ -78,12 +87,13 @@ def reference_kmeans_pp(embeddings, ids, excluded, num_picks, uniforms, *, first
             norms = [float(embeddings[i] @ embeddings[i]) if available[i] else -1.0 for i in range(n)]
             row = max(range(n), key=lambda i: norms[i])
         else:
+            chosen = [embeddings[j] for j in picks] + list(centres)
             weights = []
             for i in range(n):
-                if not available[i] or not picks:
+                if not available[i] or not chosen:
                     weights.append(0.0)
                 else:
-                    weights.append(min(float(((embeddings[i] - embeddings[j]) ** 2).sum()) for j in picks))
+                    weights.append(min(float(((embeddings[i] - c) ** 2).sum()) for c in chosen))
             if sum(weights) == 0:
                 weights = [1.0 if available[i] else 0.0 for i in range(n)]
             target = float(uniforms[t]) * sum(weights)
@@ -98,16 +108,46 @@ def reference_kmeans_pp(embeddings, ids, excluded, num_picks, uniforms, *, first
     return picks
 
 
-def reference_active(inputs, *, num_picks, seed, num_pseudo_classes):
+def reference_active(inputs, *, num_picks, seed, num_pseudo_classes, classes_from=None, staying=None):
+    """`active`; with `classes_from` the pseudo-classes come from those rows (`active-dict`),
+    with `staying` keys their gradient embeddings are centres already chosen (`active-aware`)."""
     generator = torch.Generator().manual_seed(seed)
-    queries = inputs["queries"]
-    num_classes = resolve_pseudo_classes(num_pseudo_classes, queries.shape[0])
-    if num_classes < queries.shape[0]:  # the sampler draws its pseudo-classes first
-        queries = queries[torch.randperm(queries.shape[0], generator=generator)[:num_classes]]
+    classes = inputs["queries"] if classes_from is None else classes_from
+    num_classes = resolve_pseudo_classes(num_pseudo_classes, classes.shape[0])
+    if num_classes < classes.shape[0]:  # the sampler draws its pseudo-classes first
+        classes = classes[torch.randperm(classes.shape[0], generator=generator)[:num_classes]]
     uniforms = torch.rand(num_picks, generator=generator, dtype=torch.float64)
-    g = materialised_gradient_embeddings(inputs["pool_keys"], queries, TAU)
+    g = materialised_gradient_embeddings(inputs["pool_keys"], classes, TAU)
+    centres = () if staying is None else materialised_gradient_embeddings(staying, classes, TAU)
     excluded = set(inputs["exclude_ids"].tolist())
-    return reference_kmeans_pp(g, inputs["pool_ids"], excluded, num_picks, uniforms, first_largest=True)
+    return reference_kmeans_pp(
+        g, inputs["pool_ids"], excluded, num_picks, uniforms, first_largest=len(centres) == 0, centres=centres
+    )
+
+
+def reference_hardness_embeddings(candidates, queries, positives, dictionary, tau):
+    """h_n = sum_i w_in q_i with the softmax weights written out, one candidate and query at a time."""
+    rows = []
+    for n in candidates:
+        h = torch.zeros_like(n)
+        for q, k in zip(queries, positives, strict=True):
+            denominator = torch.exp(q @ k / tau) + torch.exp(dictionary @ q / tau).sum() + torch.exp(q @ n / tau)
+            h += torch.exp(q @ n / tau) / denominator * q
+        rows.append(h)
+    return torch.stack(rows)
+
+
+def reference_hardness(inputs, dictionary, *, num_picks, seed, num_pseudo_classes):
+    generator = torch.Generator().manual_seed(seed)
+    queries, positives = inputs["queries"], inputs["batch_keys"]
+    num_classes = resolve_pseudo_classes(num_pseudo_classes, queries.shape[0])
+    if num_classes < queries.shape[0]:  # the same rows of queries and of their positives
+        rows = torch.randperm(queries.shape[0], generator=generator)[:num_classes]
+        queries, positives = queries[rows], positives[rows]
+    uniforms = torch.rand(num_picks, generator=generator, dtype=torch.float64)
+    h = reference_hardness_embeddings(inputs["pool_keys"], queries, positives, dictionary, TAU)
+    excluded = set(inputs["exclude_ids"].tolist())
+    return reference_kmeans_pp(h, inputs["pool_ids"], excluded, num_picks, uniforms, first_largest=True)
 
 
 # --- the gradient embedding -----------------------------------------------------------------
@@ -168,8 +208,8 @@ def test_active_picks_distinct_clips_never_excluded_ones():
 def test_when_clips_run_out_every_available_clip_is_picked_once():
     inputs = make_inputs(seed=8)
     available = set(inputs["pool_ids"].tolist()) - set(inputs["exclude_ids"].tolist())
-    for name in ("active", "diversity", "uncertainty", "random"):
-        got = run(name, inputs, num_picks=100, seed=8)
+    for name in (*NEW_SAMPLERS, "active", "diversity", "uncertainty", "random"):
+        got = run(name, inputs, num_picks=100, seed=8, dictionary_keys=make_dictionary(k=120, seed=8))  # 20 stay
         assert sorted(got.ids.tolist()) == sorted(available), name
 
 
@@ -185,8 +225,8 @@ def test_selection_is_deterministic_given_the_generator_and_varies_with_it():
 def test_an_empty_pool_selects_nothing():
     inputs = make_inputs()
     inputs["pool_keys"], inputs["pool_ids"] = inputs["pool_keys"][:0], inputs["pool_ids"][:0]
-    for name in ("active", "diversity", "uncertainty", "random"):
-        got = run(name, inputs, num_picks=5, seed=0)
+    for name in (*NEW_SAMPLERS, "active", "diversity", "uncertainty", "random"):
+        got = run(name, inputs, num_picks=5, seed=0, dictionary_keys=make_dictionary())
         assert got.keys.shape == (0, 8) and got.ids.shape == (0,)
 
 
@@ -253,6 +293,127 @@ def test_unknown_sampler_is_rejected_by_name():
         run("greedy", make_inputs(), num_picks=3, seed=0)
 
 
+# --- the dictionary-aware samplers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("num_pseudo_classes", [0, 5])
+def test_active_dict_picks_equal_the_brute_force_reference(seed, num_pseudo_classes):
+    inputs, dictionary = make_inputs(seed=seed), make_dictionary(seed=seed)
+    got = run(
+        "active-dict",
+        inputs,
+        num_picks=12,
+        seed=seed,
+        num_pseudo_classes=num_pseudo_classes,
+        dictionary_keys=dictionary,
+    )
+    want = reference_active(
+        inputs, num_picks=12, seed=seed, num_pseudo_classes=num_pseudo_classes, classes_from=dictionary
+    )
+    assert got.indices.tolist() == want
+    torch.testing.assert_close(got.keys, inputs["pool_keys"][want])
+
+
+def test_active_dict_does_not_read_the_queries():
+    inputs, dictionary = make_inputs(seed=3), make_dictionary(seed=3)
+    got = run("active-dict", inputs, num_picks=10, seed=3, dictionary_keys=dictionary)
+    inputs["queries"] = unit_rows(12, 8, 99)
+    again = run("active-dict", inputs, num_picks=10, seed=3, dictionary_keys=dictionary)
+    assert got.indices.tolist() == again.indices.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("num_pseudo_classes", [0, 5])
+def test_active_aware_picks_equal_the_brute_force_reference(seed, num_pseudo_classes):
+    inputs, dictionary = make_inputs(seed=seed), make_dictionary(seed=seed)
+    got = run(
+        "active-aware",
+        inputs,
+        num_picks=8,
+        seed=seed,
+        num_pseudo_classes=num_pseudo_classes,
+        dictionary_keys=dictionary,
+    )
+    want = reference_active(  # the 12 keys that stay (all but the 8 oldest) are centres already chosen
+        inputs, num_picks=8, seed=seed, num_pseudo_classes=num_pseudo_classes, staying=dictionary[8:]
+    )
+    assert got.indices.tolist() == want
+    torch.testing.assert_close(got.keys, inputs["pool_keys"][want])
+
+
+@pytest.mark.parametrize("num_picks", [5, 9])
+def test_active_aware_is_active_when_no_key_stays(num_picks):
+    inputs, dictionary = make_inputs(seed=6), make_dictionary(k=5, seed=6)
+    got = run("active-aware", inputs, num_picks=num_picks, seed=6, num_pseudo_classes=5, dictionary_keys=dictionary)
+    want = run("active", inputs, num_picks=num_picks, seed=6, num_pseudo_classes=5)
+    assert got.indices.tolist() == want.indices.tolist()
+
+
+def test_active_aware_never_picks_a_copy_of_a_key_that_stays():
+    inputs, dictionary = make_inputs(seed=4), make_dictionary(seed=4)
+    inputs["pool_ids"] = torch.arange(40) + 1000  # distinct clips, none excluded
+    inputs["pool_keys"][:10] = dictionary[10:]  # rows 0-9: copies of keys that stay (P = 10 of K = 20 leave)
+    for seed in range(5):
+        got = run("active-aware", inputs, num_picks=10, seed=seed, dictionary_keys=dictionary)
+        assert len(got.indices) == 10 and min(got.indices.tolist()) >= 10, seed
+
+
+def test_hardness_embedding_is_tau_times_the_infonce_gradient_in_the_candidate():
+    candidates, queries, positives, dictionary = (unit_rows(n, 6, seed) for n, seed in ((5, 0), (4, 1), (4, 2), (7, 3)))
+    h = hardness_embeddings(candidates, queries, positives, dictionary, TAU)
+    torch.testing.assert_close(h, reference_hardness_embeddings(candidates, queries, positives, dictionary, TAU))
+    for i in range(5):
+        n = candidates[i].clone().requires_grad_(True)
+        logits = torch.cat(
+            [(queries * positives).sum(1, keepdim=True), queries @ dictionary.T, (queries @ n)[:, None]], 1
+        )
+        F.cross_entropy(logits / TAU, torch.zeros(4, dtype=torch.long), reduction="sum").backward()
+        torch.testing.assert_close(n.grad * TAU, h[i])
+
+
+def test_hardness_embedding_is_finite_at_a_tiny_temperature():
+    candidates, queries, positives, dictionary = (
+        unit_rows(n, 6, s, torch.float32) for n, s in ((9, 0), (4, 1), (4, 2), (7, 3))
+    )
+    h = hardness_embeddings(candidates, queries, positives, dictionary, 1e-4)  # exp(1 / tau) overflows float32
+    assert torch.isfinite(h).all()
+    assert (h.norm(dim=1) <= queries.norm(dim=1).sum() + 1e-5).all()  # weights in [0, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("num_pseudo_classes", [0, 5])
+def test_hardness_picks_equal_the_brute_force_reference(seed, num_pseudo_classes):
+    inputs, dictionary = make_inputs(seed=seed), make_dictionary(seed=seed)
+    got = run(
+        "hardness", inputs, num_picks=12, seed=seed, num_pseudo_classes=num_pseudo_classes, dictionary_keys=dictionary
+    )
+    want = reference_hardness(inputs, dictionary, num_picks=12, seed=seed, num_pseudo_classes=num_pseudo_classes)
+    assert got.indices.tolist() == want
+    torch.testing.assert_close(got.keys, inputs["pool_keys"][want])
+
+
+@pytest.mark.parametrize("name", NEW_SAMPLERS)
+def test_new_samplers_pick_distinct_clips_never_excluded_ones(name):
+    inputs = make_inputs(n=64, d=16, seed=7, dtype=torch.float32)
+    dictionary = make_dictionary(k=64, d=16, seed=7, dtype=torch.float32)  # 34 stay
+    got = run(name, inputs, num_picks=30, seed=7, dictionary_keys=dictionary)
+    assert len(got.ids) == 30
+    assert len(set(got.indices.tolist())) == 30
+    assert len(set(got.ids.tolist())) == 30
+    assert not set(got.ids.tolist()) & set(inputs["exclude_ids"].tolist())
+    torch.testing.assert_close(got.keys, inputs["pool_keys"][got.indices])
+
+
+@pytest.mark.parametrize("name", NEW_SAMPLERS)
+def test_new_samplers_without_the_dictionary_are_rejected_by_name(name):
+    with pytest.raises(ValueError, match=f"'{name}' needs dictionary_keys"):
+        run(name, make_inputs(), num_picks=3, seed=0)
+    arrays = {key: value.numpy() for key, value in make_inputs().items()}
+    with pytest.raises(ValueError, match=f"'{name}' needs dictionary_keys"):
+        Sampler(name=name, temperature=TAU).select(**arrays, num_picks=3)
+
+
 # --- the Sampler object ---------------------------------------------------------------------
 
 
@@ -269,3 +430,13 @@ def test_sampler_accepts_numpy_and_its_state_dict_continues_the_random_stream():
     got = [resumed.select(**inputs, num_picks=8).numpy()["indices"] for _ in range(2)]
     for want, have in zip(expected, got, strict=True):
         np.testing.assert_array_equal(want, have)
+
+
+@pytest.mark.parametrize("name", NEW_SAMPLERS)
+def test_sampler_passes_a_numpy_dictionary_on(name):
+    inputs, dictionary = make_inputs(seed=12), make_dictionary(seed=12)
+    arrays = {key: value.numpy() for key, value in inputs.items()}
+    sampler = Sampler(name=name, temperature=TAU, num_pseudo_classes=5, seed=4)
+    got = sampler.select(**arrays, num_picks=6, dictionary_keys=dictionary.numpy())
+    want = run(name, inputs, num_picks=6, seed=4, num_pseudo_classes=5, dictionary_keys=dictionary)
+    assert got.indices.tolist() == want.indices.tolist()

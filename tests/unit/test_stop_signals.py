@@ -1,4 +1,4 @@
-"""The job's stop handling (`workers.driver.StopSignals`), with real signals sent to this
+"""The job's stop handling (`workers.supervision.StopSignals`), with real signals sent to this
 process: before the first step a stop ends the job at the next check; afterwards the first
 stop asks the workers for a checkpoint and the previous handlers come back for a second."""
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from workers.driver import StoppedBeforeStart, StopSignals, fit_in_thread
+from workers.supervision import StoppedBeforeStart, StopSignals, fit_in_thread
 
 pytestmark = pytest.mark.unit
 

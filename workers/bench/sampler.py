@@ -3,7 +3,7 @@
 `sampler`: one dictionary selection (step 4 of the method) of P keys from a pool of N for a
 global batch of M, on random unit keys: `--warmup` untimed runs, then the median of `--repeats` timed ones, with
 CUDA synchronised around each. `cmacc bench sampler` and `python -m jobs.bench sampler` run
-`service.commands.bench.run_sampler`.
+`jobs.bench.run_sampler`.
 """
 
 from __future__ import annotations

@@ -28,16 +28,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from service.config import Config
 from workers.bench import device_name
 from workers.data.transforms import build_transforms
+from workers.enqueue import build_dictionaries
 from workers.loss import cross_modal_nce
 from workers.models import momentum_update
 from workers.tensors import synchronize
-from workers.trainer import (
-    autocast_dtype,
-    build_dictionaries,
-    build_train_state,
-    prepare_video,
-    use_channels_last,
-)
+from workers.training import autocast_dtype, build_train_state, prepare_video, use_channels_last
 
 # Dense bf16 matrix peaks measured on the device (TFLOP/s), by a substring of its name.
 PEAK_TFLOPS = {"H200": 790.0}

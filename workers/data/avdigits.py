@@ -25,6 +25,28 @@ Two variants (`sync`, recorded in the manifest's parameters):
   (fricatives such as the s of six and seven, the f of four and five), frame by frame, both
   in dB below the clip's loudest band-frame. What the picture shares with the sound then
   depends on the word said, not only on when it is said.
+
+Redundancy (`redundancy`, off by default, recorded in the manifest's parameters as
+`{"head": {"digit": D, "copies": R} or null, "clips": K}` or null): the regime where the
+CM-ACC paper finds that MoCo "can suffer when there is high redundancy in the data" and
+that active sampling of the dictionary helps. Only the train split is repeated; the test
+split keeps exactly the clips (ids, rows, bytes) of the set made without redundancy, so
+results on it stay comparable.
+
+* `head=D:R`: a head class. Every train recording of digit D gives R clips, so the train
+  split holds R times as many clips of D as before and the other digits are unchanged.
+* `clips=K`: every train recording gives K clips. Combined (`head=D:R,clips=K`), D's
+  recordings give R x K clips each and the others K, so D stays R times as common.
+
+The copies of a recording are near-duplicates: the same recording and the same
+handwritten image over the same background and ink; only the digit's path across the
+frame, the frame noise, the audio's peak level and its placement in the clip (or, for a
+recording longer than the clip, another window holding at least `JITTER_ENERGY` of the
+loudest one's energy) are drawn anew per copy. Copy 0 is the clip made without redundancy;
+copy c > 0 has the id `avdigits-{digit}_{speaker}_{take}-c{c}`. All clips of a train
+recording share the `source` `fsdd:{file name}` (without redundancy, and in the test split,
+it stays `fsdd:{file name}+digits:{image index}`). The extra copies are spread over the file
+at seeded random places, so that a bounded shuffle buffer does not see them side by side.
 """
 
 from __future__ import annotations
@@ -33,8 +55,9 @@ import gzip
 import itertools
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +74,8 @@ SPECTRAL_BANDS_HZ = ((50.0, 700.0), (1500.0, 4000.0))  # voicing and low formant
 FLOOR_DB = 30.0  # a frame this far below the clip's loudest one counts as silent
 SYNC_SCALE = (0.25, 0.6)  # digit side (fraction of the frame side) when silent and at the loudest frame
 SYNC_INK = (0.15, 1.0)  # digit opacity when silent and at the loudest frame
+JITTER_ENERGY = 0.9  # a copy's window of a long recording holds this share of the loudest window's energy
+MAX_COPIES = 64  # clips per recording at most: guards against a typo making a huge set
 _FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[a-z]+)_(?P<take>\d+)\.wav$")
 
 
@@ -155,9 +180,17 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return background, ink
 
 
-def render_frames(image: np.ndarray, rng: np.random.Generator, *, frames: int, size: int) -> np.ndarray:
-    """T x size x size x 3 uint8: the digit moving in a straight line over a textured background."""
-    background, ink = _background(rng, size)
+def render_frames(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    frames: int,
+    size: int,
+    scene: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """T x size x size x 3 uint8: the digit moving in a straight line over a textured background
+    (`scene`, a `_background` (background, ink), or drawn from `rng` first)."""
+    background, ink = _background(rng, size) if scene is None else scene
     side = max(8, round(DIGIT_SCALE * size))
     alpha = _upscale(image, side)[:, :, None]
     start, end = rng.uniform(0, size - side, size=(2, 2))
@@ -210,7 +243,13 @@ def band_envelopes(audio: np.ndarray, frames: int, *, sample_rate: int, floor_db
 
 
 def render_synced_frames(
-    image: np.ndarray, envelope: np.ndarray, rng: np.random.Generator, *, size: int, mode: str
+    image: np.ndarray,
+    envelope: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    mode: str,
+    scene: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """T x size x size x 3 uint8 (T = len(envelope)): the digit moving in a straight line over
     a textured background (as `render_frames`), following `envelope` frame by frame: its size
@@ -219,7 +258,7 @@ def render_synced_frames(
     if mode not in SYNC_MODES[1:]:
         raise ValueError(f"sync must be one of {', '.join(SYNC_MODES[1:])} here, got {mode!r}")
     levels = envelope.reshape(len(envelope), -1)  # T x 1 (loudness) or T x 2 (low band, high band)
-    background, ink = _background(rng, size)
+    background, ink = _background(rng, size) if scene is None else scene
     low, high = SYNC_SCALE if mode in ("scale", "both", "spectral") else (DIGIT_SCALE, DIGIT_SCALE)
     largest = max(8, round(high * size))
     start, end = rng.uniform(largest / 2, size - largest / 2, size=(2, 2))  # the path of the digit's centre
@@ -241,10 +280,11 @@ def render_synced_frames(
     return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def fit_audio(wave: np.ndarray, rng: np.random.Generator, *, num_samples: int) -> np.ndarray:
+def fit_audio(wave: np.ndarray, rng: np.random.Generator, *, num_samples: int, jitter: bool = False) -> np.ndarray:
     """A recording scaled to a random peak level, then placed at a random offset in
     `num_samples` of silence or, when longer, cut to its loudest `num_samples` (where the
-    spoken digit is)."""
+    spoken digit is) or, with `jitter`, to a random window holding at least `JITTER_ENERGY`
+    of the loudest one's energy."""
     # FSDD speakers recorded at very different levels (theo's median peak is 0.03, jackson's
     # 0.43): a random level per clip keeps loudness from telling speakers, and so splits, apart.
     peak = float(np.abs(wave).max()) if wave.size else 0.0
@@ -256,8 +296,59 @@ def fit_audio(wave: np.ndarray, rng: np.random.Generator, *, num_samples: int) -
         return out
     energy = np.concatenate([[0.0], np.cumsum(wave.astype(np.float64) ** 2)])
     window = energy[num_samples:] - energy[:-num_samples]
-    first = int(np.argmax(window))
+    if jitter:
+        first = int(rng.choice(np.flatnonzero(window >= JITTER_ENERGY * window.max())))
+    else:
+        first = int(np.argmax(window))
     return wave[first : first + num_samples].astype(np.float32)
+
+
+def parse_redundancy(spec: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The redundancy as the manifest records it, {"head": {"digit": D, "copies": R} or None,
+    "clips": K}, or None when off, from a spec (`head=D:R`, `clips=K` or both, comma-separated,
+    e.g. `head=0:8,clips=2`; `none` or empty: off) or from such a dict. ValueError saying what
+    is wrong otherwise: R and K are whole numbers >= 2, D a digit 0..9, each kind at most once,
+    and at most `MAX_COPIES` clips per recording."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+        return None
+    if isinstance(spec, Mapping):
+        head, clips = spec.get("head"), spec.get("clips", 1)
+        if set(spec) - {"head", "clips"} or not (head is None or isinstance(head, Mapping)):
+            raise ValueError(f"expected {{'head': {{'digit': D, 'copies': R}} or None, 'clips': K}}, got {spec!r}")
+        text = [] if head is None else [f"head={head.get('digit')}:{head.get('copies')}"]
+        spec = ",".join([*text, *([] if clips == 1 else [f"clips={clips}"])]) or "clips=1"
+    given: dict[str, str] = {}
+    for part in spec.split(","):
+        kind, sep, value = part.strip().partition("=")
+        if not sep or kind not in ("head", "clips") or not value:
+            raise ValueError(f"expected head=D:R and/or clips=K, comma-separated (e.g. head=0:8,clips=2); got {part!r}")
+        if kind in given:
+            raise ValueError(f"{kind} given twice")
+        given[kind] = value
+
+    def count(text: str, what: str) -> int:
+        if not text.strip().isdecimal() or int(text) < 2:
+            raise ValueError(f"{what} must be a whole number >= 2, got {text!r}")
+        return int(text)
+
+    head = None
+    if "head" in given:
+        digit, sep, copies = given["head"].partition(":")
+        if not sep or digit.strip() not in LABEL_NAMES:
+            raise ValueError(f"head must be D:R with a digit D in 0..9, got {given['head']!r}")
+        head = {"digit": int(digit), "copies": count(copies, "head's copies R")}
+    clips = count(given["clips"], "clips K") if "clips" in given else 1
+    if (most := clips * (head["copies"] if head else 1)) > MAX_COPIES:
+        raise ValueError(f"at most {MAX_COPIES} clips per recording, got {most}")
+    return {"head": head, "clips": clips}
+
+
+def copies_of(rec: Recording, split: str, redundancy: dict[str, Any] | None) -> int:
+    """How many clips `rec` gives in `split` under `redundancy` (from `parse_redundancy`)."""
+    if redundancy is None or split != "train":
+        return 1
+    head = redundancy["head"]
+    return redundancy["clips"] * (head["copies"] if head is not None and head["digit"] == rec.digit else 1)
 
 
 def write_av_digits(
@@ -273,15 +364,22 @@ def write_av_digits(
     sample_rate: int = 16000,
     max_takes: int | None = None,
     sync: str = "none",
+    redundancy: str | Mapping[str, Any] | None = None,
     target_shard_bytes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Write the AV-digits set to `out` (any URI): one clip per FSDD recording (or per
     recording with take < `max_takes`), `frames` frames of `size` x `size` pixels over
-    `seconds`, mono audio at `sample_rate` Hz; `sync` picks the variant (see the module
-    docstring). `progress(done, total)` after each clip."""
+    `seconds`, mono audio at `sample_rate` Hz; `sync` picks the variant and `redundancy` (a
+    `parse_redundancy` spec or dict) repeats train recordings (see the module docstring).
+    `progress(done, total)` after each clip."""
     if sync not in SYNC_MODES:
         raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+    given = redundancy
+    try:
+        redundancy = parse_redundancy(given)
+    except ValueError as err:
+        raise ValueError(f"redundancy {given!r}: {err}") from None
     if frames < 1 or size < 16 or seconds <= 0 or sample_rate < 1000:
         raise ValueError(
             f"need frames >= 1, size >= 16, seconds > 0, sample_rate >= 1000; "
@@ -298,6 +396,18 @@ def write_av_digits(
     images, image_labels = read_digit_images(digits_csv)
     pools = _image_pools(image_labels, seed=seed)
     num_samples = round(seconds * sample_rate)
+    split_of = {rec: "test" if rec.speaker == test_speaker else "train" for rec in recordings}
+    # (place, recording, copy): copy 0 of every recording in the order above, the extra copies
+    # at seeded random places among them.
+    plan = [(float(i), rec, 0) for i, rec in enumerate(recordings)]
+    place_rng = np.random.default_rng([seed, 9])
+    for rec in recordings:
+        plan += [
+            (place_rng.uniform(0, len(recordings)), rec, c) for c in range(1, copies_of(rec, split_of[rec], redundancy))
+        ]
+    plan.sort(key=lambda item: item[0])
+    uses_left = {rec: copies_of(rec, split_of[rec], redundancy) for rec in recordings}
+    waves: dict[Recording, np.ndarray] = {}  # decoded recordings that still have copies to make
 
     params = {
         "test_speaker": test_speaker,
@@ -308,6 +418,7 @@ def write_av_digits(
         "sample_rate": sample_rate,
         "max_takes": max_takes,
         "sync": sync,
+        "redundancy": redundancy,
     }
     extra = {} if target_shard_bytes is None else {"target_shard_bytes": target_shard_bytes}
     writer = DatasetWriter(
@@ -320,25 +431,39 @@ def write_av_digits(
         },
         **extra,
     )
-    for done, rec in enumerate(recordings, start=1):
-        split = "test" if rec.speaker == test_speaker else "train"
-        rng = np.random.default_rng([seed, rec.digit, speakers.index(rec.speaker), rec.take])
+    for done, (_, rec, copy) in enumerate(plan, start=1):
+        split = split_of[rec]
+        key = [seed, rec.digit, speakers.index(rec.speaker), rec.take]
+        rng = np.random.default_rng(key)
         image_index = int(rng.choice(pools[split, rec.digit]))
-        wave, _ = decode_audio(rec.path, rate=sample_rate)
+        wave = waves[rec] if rec in waves else decode_audio(rec.path, rate=sample_rate)[0]
+        uses_left[rec] -= 1
+        if uses_left[rec]:
+            waves[rec] = wave
+        else:
+            waves.pop(rec, None)
+        scene = None
+        if copy:  # copy 0's image, background and ink; its own path, noise, level and placement
+            if sync != "none":
+                fit_audio(wave, rng, num_samples=num_samples)  # copy 0 draws its audio before its scene
+            scene = _background(rng, size)
+            rng = np.random.default_rng([*key, copy])
         if sync == "none":
-            video = render_frames(images[image_index], rng, frames=frames, size=size)
-            audio = fit_audio(wave, rng, num_samples=num_samples)
+            video = render_frames(images[image_index], rng, frames=frames, size=size, scene=scene)
+            audio = fit_audio(wave, rng, num_samples=num_samples, jitter=copy > 0)
         else:  # the audio first: the picture follows what is stored
-            audio = fit_audio(wave, rng, num_samples=num_samples)
+            audio = fit_audio(wave, rng, num_samples=num_samples, jitter=copy > 0)
             if sync == "spectral":
                 envelope = band_envelopes(audio, frames, sample_rate=sample_rate)
             else:
                 envelope = loudness_envelope(audio, frames)
-            video = render_synced_frames(images[image_index], envelope, rng, size=size, mode=sync)
+            video = render_synced_frames(images[image_index], envelope, rng, size=size, mode=sync, scene=scene)
+        name = os.path.basename(rec.path)
         writer.add(
             Clip(
-                clip_id=f"avdigits-{rec.digit}_{rec.speaker}_{rec.take}",
-                source=f"fsdd:{os.path.basename(rec.path)}+digits:{image_index}",
+                clip_id=f"avdigits-{rec.digit}_{rec.speaker}_{rec.take}" + (f"-c{copy}" if copy else ""),
+                # With redundancy, a train recording's clips share its source; otherwise as ever.
+                source=f"fsdd:{name}" if redundancy and split == "train" else f"fsdd:{name}+digits:{image_index}",
                 start_s=0.0,
                 fps=frames / seconds,
                 frames=[encode_jpeg(f) for f in video],
@@ -351,5 +476,5 @@ def write_av_digits(
             )
         )
         if progress is not None:
-            progress(done, len(recordings))
+            progress(done, len(plan))
     return writer.close()

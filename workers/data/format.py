@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from service import storage
 from service.errors import DataError
+from service.storage import DEFAULT_RETRY_BUDGET_S
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -149,11 +150,13 @@ class Manifest:
             raise DataError(f"{uri}: not a valid manifest ({type(err).__name__}: {err})") from None
 
 
-def read_manifest(dataset_uri: str, *, endpoint_url: str = "") -> Manifest:
+def read_manifest(
+    dataset_uri: str, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> Manifest:
     """The manifest of a data set; a clear error naming the URI when there is none."""
     uri = storage.join(dataset_uri, MANIFEST_NAME)
     try:
-        text = storage.read_bytes(uri, endpoint_url=endpoint_url).decode()
+        text = storage.read_bytes(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s).decode()
     except FileNotFoundError:
         raise DataError(f"no data set at {dataset_uri}: {MANIFEST_NAME} is missing") from None
     except UnicodeDecodeError:
@@ -178,23 +181,27 @@ def check_shard_bytes(uri: str, shard: ShardInfo, data: bytes) -> None:
         raise DataError(f"shard {uri} fails its checksum: sha256 {digest} differs from the manifest's {shard.sha256}")
 
 
-def read_shard_bytes(dataset_uri: str, shard: ShardInfo, *, endpoint_url: str = "") -> bytes:
+def read_shard_bytes(
+    dataset_uri: str, shard: ShardInfo, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> bytes:
     """A shard's bytes, checked against the manifest; `DataError` naming its URI when it is
     missing or differs."""
     uri = shard_uri(dataset_uri, shard)
     try:
-        data = storage.read_bytes(uri, endpoint_url=endpoint_url)
+        data = storage.read_bytes(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
     except FileNotFoundError:
         raise DataError(f"shard {uri} is missing (listed in {MANIFEST_NAME})") from None
     check_shard_bytes(uri, shard, data)
     return data
 
 
-def read_shard(dataset_uri: str, shard: ShardInfo, *, endpoint_url: str = "") -> pa.Table:
+def read_shard(
+    dataset_uri: str, shard: ShardInfo, *, endpoint_url: str = "", retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+) -> pa.Table:
     """A whole shard as an Arrow table, fetched in one read and checked against the manifest
     (size, sha256, row count)."""
     uri = shard_uri(dataset_uri, shard)
-    data = read_shard_bytes(dataset_uri, shard, endpoint_url=endpoint_url)
+    data = read_shard_bytes(dataset_uri, shard, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as err:
@@ -204,7 +211,14 @@ def read_shard(dataset_uri: str, shard: ShardInfo, *, endpoint_url: str = "") ->
     return table
 
 
-def read_shard_columns(dataset_uri: str, shard: ShardInfo, columns: list[str], *, endpoint_url: str = "") -> pa.Table:
+def read_shard_columns(
+    dataset_uri: str,
+    shard: ShardInfo,
+    columns: list[str],
+    *,
+    endpoint_url: str = "",
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
+) -> pa.Table:
     """Some columns of a shard, read by range (only those column chunks travel); not hashed."""
     uri = shard_uri(dataset_uri, shard)
     fs, path = storage.filesystem(uri, endpoint_url=endpoint_url)
@@ -218,7 +232,7 @@ def read_shard_columns(dataset_uri: str, shard: ShardInfo, columns: list[str], *
             return pq.read_table(f, columns=columns, use_threads=False, pre_buffer=False)
 
     try:
-        table = storage.retry("read columns of", uri, read)
+        table = storage.retry("read columns of", uri, read, budget_s=retry_budget_s)
     except FileNotFoundError:
         raise DataError(f"shard {uri} is missing (listed in {MANIFEST_NAME})") from None
     except storage.StorageError as err:

@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from service.config import DataConfig
 from workers.data.format import Clip, DatasetWriter, Manifest, encode_jpeg, encode_pcm
 
-VERSION = 2  # bumped whenever the same parameters render different clips (cached data sets key on it)
+VERSION = 3  # bumped whenever the same parameters make different rows (cached data sets key on it)
+DEFAULTS = DataConfig()  # the generated set's parameters by default: the run config's, in one place
 SHAPES = ("circle", "square", "diamond", "triangle", "cross", "ring", "hbar", "vbar")
 TEST_FRACTION = 0.2
 ORBIT = 0.2  # radius of the shape's orbit, in frame widths
@@ -122,11 +124,11 @@ def synth_clips(
     num_clips: int,
     *,
     seed: int = 0,
-    num_classes: int = 8,
-    frames: int = 8,
-    size: int = 64,
-    seconds: float = 1.0,
-    sample_rate: int = 16000,
+    num_classes: int = DEFAULTS.num_classes,
+    frames: int = DEFAULTS.frames,
+    size: int = DEFAULTS.size,
+    seconds: float = DEFAULTS.clip_seconds,
+    sample_rate: int = DEFAULTS.sample_rate,
 ) -> Iterator[Clip]:
     """The clips of a generated data set, in order, as rows of the shard format."""
     for index in range(num_clips):
@@ -141,7 +143,7 @@ def synth_clips(
         )
         yield Clip(
             clip_id=f"synth-{seed}-{index:07d}",
-            source=f"synth://seed-{seed}",
+            source=f"synth://seed-{seed}/{index:07d}",  # each clip its own recording
             start_s=0.0,
             fps=float(arrays["fps"]),
             frames=[encode_jpeg(frame) for frame in arrays["frames"]],
@@ -159,11 +161,11 @@ def write_synthetic(
     num_clips: int,
     *,
     seed: int = 0,
-    num_classes: int = 8,
-    frames: int = 8,
-    size: int = 64,
-    seconds: float = 1.0,
-    sample_rate: int = 16000,
+    num_classes: int = DEFAULTS.num_classes,
+    frames: int = DEFAULTS.frames,
+    size: int = DEFAULTS.size,
+    seconds: float = DEFAULTS.clip_seconds,
+    sample_rate: int = DEFAULTS.sample_rate,
     target_shard_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
     endpoint_url: str = "",

@@ -281,13 +281,17 @@ class Transforms:
     def __call__(
         self, raw: dict[str, Any], *, device: torch.device, generator: torch.Generator | None = None
     ) -> dict[str, Any]:
-        """Raw reader batch (`frames`, `audio`, `index`, `label`) -> model inputs on `device`."""
-        return {
+        """Raw reader batch (`frames`, `audio`, `index`, `label`, optionally `source`) -> model
+        inputs on `device`."""
+        inputs = {
             "video": self.video(raw["frames"].to(device, non_blocking=True), generator=generator),
             "audio": self.audio(raw["audio"].to(device, non_blocking=True), generator=generator),
             "index": raw["index"].to(device),
             "label": raw["label"].to(device),
         }
+        if "source" in raw:
+            inputs["source"] = raw["source"].to(device)
+        return inputs
 
 
 def build_transforms(cfg: Config, *, device: torch.device, train: bool = True) -> Transforms:

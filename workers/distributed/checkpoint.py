@@ -1,8 +1,10 @@
-"""What a checkpoint folder holds (docs/architecture.md, "Checkpoints"), written and read.
+"""The training loop's checkpointer (docs/architecture.md, "Checkpoints"): when a checkpoint
+is due, what its folder holds, written and read.
 
-Every rank writes its reader cursor; rank 0 also writes the encoders, optimiser, schedule,
-step, replicas and the pending delta schedule (`train.pt`), the actor's
-state (`actor.pt`) and `meta.json` (step, run id, world size, sampler, time, config and the
+Every rank writes its reader cursors (the training stream's and, with the fresh candidate
+pool, the extra clips' stream); rank 0 also writes the encoders, optimiser, schedule, step,
+replicas (with the shadows') and the pending delta schedule (`train.pt`), the actor's state
+(`actor.pt`) and `meta.json` (step, run id, world size, sampler, time, config and the
 checkpoint format). The `.pt` files hold tensors and plain values only and load without
 unpickling objects (`workers.tensors.load_tensors`). Randomness needs no saved state: the
 transforms are seeded per (seed, rank, step), the actor's sampler state is part of its
@@ -26,12 +28,28 @@ from service.config import Config
 from workers.data.reader import ClipReader
 from workers.distributed.replicas import DeltaSchedule, Replicas
 from workers.tensors import load_tensors, to_numpy_deep, to_plain
-from workers.trainer import TrainState
+from workers.training import TrainState
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP wrapper (state dicts without the `module.` prefix)."""
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+class Checkpointer:
+    """When a checkpoint is due (every `checkpoint.every_steps`, at the end and on a stop), and
+    writing one."""
+
+    def __init__(self, cfg: Config, *, run_id: str):
+        self.cfg, self.run_id = cfg, run_id
+
+    def due(self, step: int, *, at_end: bool) -> bool:
+        """After `step` steps: write a checkpoint now?"""
+        return at_end or step % self.cfg.checkpoint.every_steps == 0
+
+    def save(self, **parts: Any) -> None:
+        """`save_checkpoint` with this run's config and id."""
+        save_checkpoint(cfg=self.cfg, run_id=self.run_id, **parts)
 
 
 def save_checkpoint(
@@ -44,6 +62,8 @@ def save_checkpoint(
     schedule: DeltaSchedule | None,
     actor_state: dict[str, Any] | None,
     metrics: dict[str, float],
+    extra_reader: ClipReader | None = None,
+    nodes: list[str] | None = None,
 ) -> None:
     """Write this rank's part of a checkpoint to a fresh folder and report it to Ray Train,
     which uploads it in the background. `schedule` and the actor's state (fetched before,
@@ -51,9 +71,13 @@ def save_checkpoint(
     import ray.train
 
     context = ray.train.get_context()
+    rank = context.get_world_rank()
     folder = tempfile.mkdtemp(prefix="cmacc-ckpt-")
-    with open(os.path.join(folder, layout.reader_file(context.get_world_rank())), "w") as f:
+    with open(os.path.join(folder, layout.reader_file(rank)), "w") as f:
         json.dump(reader.state_dict(), f)
+    if extra_reader is not None:
+        with open(os.path.join(folder, layout.extra_reader_file(rank)), "w") as f:
+            json.dump(extra_reader.state_dict(), f)
     if schedule is not None and actor_state is not None:  # rank 0 writes the shared state
         torch.save(to_plain(actor_state), os.path.join(folder, layout.ACTOR_FILE))
         train_state = {**state.state_dict(), "query": unwrap(state.query).state_dict()}  # no DDP prefix
@@ -69,6 +93,7 @@ def save_checkpoint(
             "step": state.step,
             "run_id": run_id,
             "world_size": context.get_world_size(),
+            "nodes": nodes or [],  # each rank's node ("id (ip)"): what a resize lost or gained
             "sampler": cfg.method.sampler,
             "time": time.time(),
             "format": layout.CHECKPOINT_FORMAT,
@@ -94,6 +119,7 @@ class Restored:
     pending_steps: list[int]
     actor: dict[str, Any]
     readers: list[dict[str, Any]]
+    extra_readers: list[dict[str, Any]]  # the fresh pool's stream; [] without one
 
 
 def load_checkpoint(checkpoint: Any) -> Restored:
@@ -111,11 +137,11 @@ def load_checkpoint(checkpoint: Any) -> Restored:
         where = str(checkpoint.path).rstrip("/")
         saved = load_tensors(os.path.join(folder, layout.TRAIN_FILE), where=f"{where}/{layout.TRAIN_FILE}")
         actor = load_tensors(os.path.join(folder, layout.ACTOR_FILE), where=f"{where}/{layout.ACTOR_FILE}")
-        names = sorted(name for name in os.listdir(folder) if name.startswith("reader-"))
-        readers = []
-        for name in names:
-            with open(os.path.join(folder, name)) as f:
-                readers.append(json.load(f))
+        readers, extra_readers = [], []
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(("reader-", "extra-reader-")):
+                with open(os.path.join(folder, name)) as f:
+                    (readers if name.startswith("reader-") else extra_readers).append(json.load(f))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return Restored(
@@ -125,4 +151,5 @@ def load_checkpoint(checkpoint: Any) -> Restored:
         pending_steps=saved["pending_steps"],
         actor=to_numpy_deep(actor),  # the actor's state travels as numpy (zero-copy through Ray)
         readers=readers,
+        extra_readers=extra_readers,
     )

@@ -168,17 +168,32 @@ def collect_notes(run_uri: str) -> list[dict[str, Any]]:
     return found
 
 
-def record_crash(run_uri: str, notes: list[dict[str, Any]], *, endpoint_url: str = "") -> list[dict[str, Any]]:
+def record_crash(
+    run_uri: str,
+    notes: list[dict[str, Any]],
+    *,
+    endpoint_url: str = "",
+    retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S,
+) -> list[dict[str, Any]]:
     """Add one dead attempt's notes (every rank's, gathered on rank 0) to the run's crash
     history and return the history, oldest first."""
     uri = storage.join(run_uri, layout.CRASHES_FILE)
     history: list[dict[str, Any]] = []
     with contextlib.suppress(FileNotFoundError, ValueError):
-        history = list(json.loads(storage.read_bytes(uri, endpoint_url=endpoint_url)).get("crashes", []))
+        history = list(
+            json.loads(storage.read_bytes(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)).get(
+                "crashes", []
+            )
+        )
     kept = [{key: value for key, value in note.items() if key != "fatal_report"} for note in notes]
     found_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     history = [*history, {"found_at": found_at, "notes": sorted(kept, key=lambda note: note["rank"])}][-HISTORY_KEPT:]
-    storage.write_bytes(uri, json.dumps({"crashes": history}, indent=2).encode(), endpoint_url=endpoint_url)
+    storage.write_bytes(
+        uri,
+        json.dumps({"crashes": history}, indent=2).encode(),
+        endpoint_url=endpoint_url,
+        retry_budget_s=retry_budget_s,
+    )
     return history
 
 

@@ -12,6 +12,9 @@ production; `service.preflight` passes `CMACC_FAULT_*` to the workers).
   as an actor that dies whenever it works (out of memory, say) would.
 * `CMACC_FAULT_CRASH_CLIP=id`: a worker aborts (SIGABRT) whenever its reader starts decoding
   clip `id`, as a decoder that crashes on one row would; every attempt meets it again.
+* `CMACC_FAULT_CLIP_LOG=dir`: not a fault: every rank appends the clips of each step it
+  trains to a file in `dir` (which clips a run's final lineage trained, for the tests).
+* `CMACC_FAULT_STEP_S=t`: every step takes at least t seconds, so a test can act mid-run.
 
 Kill hooks fire once per run: a marker file in `CMACC_FAULT_MARKER_DIR` remembers them.
 """
@@ -19,6 +22,7 @@ Kill hooks fire once per run: a marker file in `CMACC_FAULT_MARKER_DIR` remember
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import tempfile
@@ -40,6 +44,8 @@ class Faults:
     hang_actor_step: int = -1
     crash_loop_actor_step: int = -1
     crash_clip: str = ""
+    clip_log: str = ""  # a folder: every rank logs the clips of every step it trains (`log_clips`)
+    step_s: float = 0.0  # every step takes at least this long (a slow GPU, for tests that act mid-run)
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -52,25 +58,38 @@ class Faults:
             hang_actor_step=int(os.environ.get("CMACC_FAULT_HANG_ACTOR", "-1")),
             crash_loop_actor_step=int(os.environ.get("CMACC_FAULT_CRASH_LOOP_ACTOR", "-1")),
             crash_clip=os.environ.get("CMACC_FAULT_CRASH_CLIP", ""),
+            clip_log=os.environ.get("CMACC_FAULT_CLIP_LOG", ""),
+            step_s=float(os.environ.get("CMACC_FAULT_STEP_S", "0")),
         )
 
     def reader_note(self, note: ReadingNote) -> Any:
         """What the reader reports its rows to: `note`, or with `crash_clip` set, `note` in a
         wrapper that aborts the process once the note holds that clip."""
         return _CrashOnClip(note, self.crash_clip) if self.crash_clip else note
-        crash_clip = self.crash_clip
 
-        class Crashing(type(note)):  # type: ignore[misc]
-            def started(self, index: int, shard: str, row: int, clip_id: str) -> None:
-                super().started(index, shard, row, clip_id)
-                if clip_id == crash_clip:
-                    os.abort()
-
-        note.__class__ = Crashing
-        return note
+    def log_clips(self, *, step: int, rank: int, world_size: int, start_step: int, batch: dict[str, Any]) -> None:
+        """With `clip_log` set: this rank's clips of `step` (their indices and the epoch) as a
+        JSON line in its attempt's file, so a test can count which clips the final lineage
+        of a run trained."""
+        if not self.clip_log:
+            return
+        record = {
+            "attempt": start_step,
+            "step": step,
+            "rank": rank,
+            "world_size": world_size,
+            "epochs": [int(e) for e in batch["epochs"]],
+            "clips": [int(i) for i in batch["index"].tolist()],
+            "time": time.time(),
+        }
+        path = os.path.join(self.clip_log, f"clips-{os.getpid()}-rank{rank}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def before_step(self, step: int, rank: int, client: DictionaryClient | None) -> None:
-        """Kill this worker or the actor when a hook says so for this step."""
+        """Kill this worker or the actor when a hook says so for this step; slow the step down."""
+        if self.step_s > 0:
+            time.sleep(self.step_s)
         if self.kill_worker == (rank, step) and _fire_once(f"worker-{rank}-{step}"):
             # Ray Train registers a reported checkpoint when it next polls the workers (every
             # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a crash before that loses it, so wait that long.

@@ -27,10 +27,10 @@ import torch
 
 from service.config import Config
 from service.errors import ActorError, ActorRestarted
-from workers.actor import RESTART_WAIT_S, ActorStatus, Delta, DictionaryClient, Entered, PendingDelta
+from workers.actor import ENTERED_PARTS, RESTART_WAIT_S, ActorStatus, Delta, DictionaryClient, Entered, PendingDelta
 from workers.dictionary import NegativeDictionary
+from workers.enqueue import build_dictionaries
 from workers.tensors import to_numpy, to_torch
-from workers.trainer import build_dictionaries
 
 logger = logging.getLogger("cmacc")
 MAX_RECOVERIES_PER_CALL = 3
@@ -43,52 +43,91 @@ def apply_entered(dictionary: NegativeDictionary, entered: Entered) -> None:
     device = dictionary.keys.device
     index = to_torch(entered.slots, device, torch.long)
     dictionary.keys[index] = to_torch(entered.keys, device, dictionary.keys.dtype)
-    dictionary.ids[index] = to_torch(entered.ids, device, torch.long)
-    dictionary.labels[index] = to_torch(entered.labels, device, torch.long)
-    dictionary.steps[index] = to_torch(entered.steps, device, torch.long)
+    for name in ENTERED_PARTS[2:]:
+        getattr(dictionary, name)[index] = to_torch(getattr(entered, name), device, torch.long)
     dictionary.pointer = (int(entered.slots[-1]) + 1) % dictionary.size
 
 
 @dataclass(kw_only=True)
 class Replicas:
-    """This rank's copies of D_v and D_a and the version they are at."""
+    """This rank's copies of D_v and D_a and the version they are at; on rank 0 also the
+    shadows' (by sampler name), which only rank 0 measures."""
 
     dictionary_v: NegativeDictionary
     dictionary_a: NegativeDictionary
     version: int = 0
+    shadows: dict[str, Replicas] = field(default_factory=dict)
+
+    def dictionary(self, modality: str) -> NegativeDictionary:
+        return self.dictionary_v if modality == "v" else self.dictionary_a
 
     def apply(self, delta: Delta) -> None:
         apply_entered(self.dictionary_v, delta.entered_v)
         apply_entered(self.dictionary_a, delta.entered_a)
+        for name, (entered_v, entered_a) in delta.shadows.items():
+            if name in self.shadows:
+                apply_entered(self.shadows[name].dictionary_v, entered_v)
+                apply_entered(self.shadows[name].dictionary_a, entered_a)
         self.version = delta.version
+
+    def views(self) -> dict[str, tuple[NegativeDictionary, NegativeDictionary]]:
+        """(D_v, D_a) by metric prefix: "dict" for the run's, "shadow/<sampler>" for each shadow."""
+        out = {"dict": (self.dictionary_v, self.dictionary_a)}
+        out.update({f"shadow/{name}": (r.dictionary_v, r.dictionary_a) for name, r in self.shadows.items()})
+        return out
 
     def clone(self) -> Replicas:
         return Replicas(
             dictionary_v=_clone_dictionary(self.dictionary_v),
             dictionary_a=_clone_dictionary(self.dictionary_a),
             version=self.version,
+            shadows={name: r.clone() for name, r in self.shadows.items()},
         )
 
-    def state_dict(self) -> dict[str, Any]:
+    def members(self) -> dict[str, dict[str, Any]]:
+        """The dictionaries as the actor re-seeds from them ("main" and each shadow)."""
+        members = {"main": self}
+        members.update(self.shadows)
         return {
+            name: {f"dictionary_{m}": to_numpy(r.dictionary(m).state_dict()) for m in "va"}
+            for name, r in members.items()
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
             "dictionary_v": self.dictionary_v.state_dict(),
             "dictionary_a": self.dictionary_a.state_dict(),
             "version": self.version,
         }
+        if self.shadows:
+            state["shadows"] = {name: r.state_dict() for name, r in self.shadows.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dictionary_v.load_state_dict(state["dictionary_v"])
         self.dictionary_a.load_state_dict(state["dictionary_a"])
         self.version = int(state["version"])
+        for name, shadow in self.shadows.items():
+            saved = (state.get("shadows") or {}).get(name)
+            if saved is not None:  # a run that gains a shadow on resume starts it from the initial keys
+                shadow.load_state_dict(saved)
 
     def checksum(self) -> float:
         return float(self.dictionary_v.keys.double().sum() + 3 * self.dictionary_a.keys.double().sum())
 
 
-def build_replicas(cfg: Config, *, device: torch.device) -> Replicas:
-    """Replicas initialised exactly as the actor initialises its dictionaries."""
-    dictionaries = build_dictionaries(cfg, device=device)
-    return Replicas(dictionary_v=dictionaries.dictionary_v, dictionary_a=dictionaries.dictionary_a)
+def build_replicas(cfg: Config, *, device: torch.device, with_shadows: bool = False) -> Replicas:
+    """Replicas initialised exactly as the actor initialises its dictionaries; with
+    `with_shadows` (rank 0) also one per shadow sampler."""
+
+    def build(sampler: str | None) -> Replicas:
+        dictionaries = build_dictionaries(cfg, device=device, sampler=sampler)
+        return Replicas(dictionary_v=dictionaries.dictionary_v, dictionary_a=dictionaries.dictionary_a)
+
+    replicas = build(None)
+    if with_shadows:
+        replicas.shadows = {name: build(name) for name in cfg.shadow_samplers}
+    return replicas
 
 
 def _clone_dictionary(dictionary: NegativeDictionary) -> NegativeDictionary:
@@ -172,11 +211,7 @@ class DeltaSchedule:
         try:
             status = self._status_after_restart()
             # Submits queued before this call run first on the new actor; their deltas are dropped.
-            self.client.reseed(
-                dictionary_v=to_numpy(seed.dictionary_v.state_dict()),
-                dictionary_a=to_numpy(seed.dictionary_a.state_dict()),
-                version=seed.version,
-            )
+            self.client.reseed(members=seed.members(), version=seed.version)
         except ActorError as err:  # dead for good (Ray's restarts used up) or failing again at once
             raise ActorError(f"the dictionary actor did not come back after it failed ({reason}): {err}") from None
         self.incarnation = status.incarnation

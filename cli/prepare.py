@@ -82,7 +82,12 @@ def _av_digits(args: argparse.Namespace) -> int:
     _require(args.seconds > 0, "av-digits", f"--seconds must be > 0, got {args.seconds:g}")
     _require(args.seed >= 0, "av-digits", f"--seed must be >= 0, got {args.seed}")
 
-    from workers.data.avdigits import find_recordings, write_av_digits
+    from workers.data.avdigits import find_recordings, parse_redundancy, write_av_digits
+
+    try:
+        redundancy = parse_redundancy(args.redundancy)
+    except ValueError as err:
+        raise UsageError(f"cmacc data av-digits: --redundancy {args.redundancy!r}: {err}") from None
 
     speakers = sorted({r.speaker for r in find_recordings(args.fsdd)})
     _require(
@@ -102,11 +107,17 @@ def _av_digits(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             seed=args.seed,
             sync=args.sync,
+            redundancy=redundancy,
             progress=progress,
         )
     splits = ", ".join(f"{name or 'none'} {n}" for name, n in sorted(manifest.splits.items()))
     num_bytes = sum(s.bytes for s in manifest.shards)
     variant = "class only" if args.sync == "none" else f"picture synchronised with the sound: {args.sync}"
+    if redundancy is not None:
+        head = redundancy["head"]
+        variant += f"; redundant train split: {redundancy['clips']} clip(s) per recording" + (
+            f", digit {head['digit']} x{head['copies']}" if head else ""
+        )
     print(
         f"wrote {manifest.num_clips} clips (10 digits, {variant}; test speaker {args.test_speaker}; splits {splits}; "
         f"{args.frames} frames of {args.size}x{args.size}) in {len(manifest.shards)} shard(s), "
@@ -152,7 +163,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     av_digits = commands.add_parser(
         "av-digits",
         help="pair real spoken digits (FSDD) with real handwritten digits (UCI) moving over a background",
-        description="One clip per FSDD recording; label = digit; one speaker held out as the test split.",
+        description=(
+            "One clip per FSDD recording (more per train recording with --redundancy); label = digit; one "
+            "speaker held out as the test split."
+        ),
     )
     av_digits.add_argument("out", metavar="OUT", help="data set folder URI (local path or s3://bucket/prefix)")
     av_digits.add_argument("--fsdd", required=True, metavar="DIR", help="FSDD folder (holding recordings/)")
@@ -169,5 +183,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="none: the digit is all picture and sound share (default); scale, ink, both: the digit's size "
         "and/or ink also follow the recording's loudness, as lips move with speech; spectral: its width and "
         "height follow the low and the high band of the sound",
+    )
+    av_digits.add_argument(
+        "--redundancy",
+        metavar="SPEC",
+        help="repeat train recordings as near-duplicate clips (other motion, noise, level and placement; same "
+        "recording, image and background), the regime where active sampling should help; the test split is "
+        "unchanged. head=D:R: each train recording of digit D gives R clips (a head class); clips=K: every "
+        "train recording gives K clips; both: head=0:8,clips=2 (D gets R x K). R, K >= 2. Default: none",
     )
     av_digits.set_defaults(handler=_av_digits)

@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from jobs.ablation import plan, report
+from jobs.pretrain import pretrain
+from service import catalog, reports
 from service.errors import Failure
 from service.requests import PretrainRequest
-from workers.ablation import plan, report
+from workers.evaluate import evaluate_checkpoint, save_evaluation
 
 
 def _say(message: str) -> None:
@@ -38,7 +41,6 @@ def run_request(
 
 def run_locally(spec: plan.AblationSpec, *, steps: int, progress: Any = None, endpoint_url: str = "") -> None:
     """Every run of the ablation that is not finished, one after another on this machine."""
-    from jobs.pretrain import pretrain
 
     status = plan.statuses(spec, steps=steps, endpoint_url=endpoint_url)
     todo = spec.runs()
@@ -75,9 +77,6 @@ def run_locally(spec: plan.AblationSpec, *, steps: int, progress: Any = None, en
 
 def evaluate_finished(spec: plan.AblationSpec, sampler: str, seed: int, *, endpoint_url: str = "") -> None:
     """Evaluate a trained run's final checkpoint here and record it with the run."""
-    from service import catalog
-    from workers.evaluate import evaluate_checkpoint, save_evaluation
-
     run_id = spec.run_id(sampler, seed)
     entry = catalog.require_run(spec.storage, run_id, endpoint_url=endpoint_url)
     newest = entry.newest_checkpoint
@@ -109,18 +108,17 @@ def run_on_cluster(
     steps: int,
     submit: Callable[[PretrainRequest], str],
     job_status: Callable[[str], str],
-    job_progress: Callable[[str], str] | None = None,
     poll_s: float = 10.0,
     progress_every_s: float = 60.0,
     endpoint_url: str = "",
 ) -> None:
     """Every unfinished run as a job on the cluster, side by side; then wait for all of them,
-    printing each change of state and, about every `progress_every_s`, each running job's
-    newest progress line. `submit(request)` submits a run's job and returns its submission
-    id; `job_status(run_id)` is the status of the run's newest job ("" when it has none);
-    `job_progress(run_id)` its newest progress line ("" when none yet). A run whose job is
-    still running (an earlier invocation's) is waited for, not submitted again. The cluster
-    must write to the same storage this machine reads."""
+    printing each change of state and, about every `progress_every_s`, how far each running
+    job has come (the progress its job writes into the run record, `service.catalog`).
+    `submit(request)` submits a run's job and returns its submission id; `job_status(run_id)`
+    is the status of the run's newest job ("" when it has none). A run whose job is still
+    running (an earlier invocation's) is waited for, not submitted again. The cluster must
+    write to the same storage this machine reads."""
     status = plan.statuses(spec, steps=steps, endpoint_url=endpoint_url)
     waiting = []
     for sampler, seed in spec.runs():
@@ -140,7 +138,7 @@ def run_on_cluster(
     states = dict.fromkeys(waiting, "")
     started = last_progress = time.perf_counter()
     while waiting:
-        show_progress = job_progress is not None and time.perf_counter() - last_progress >= progress_every_s
+        show_progress = time.perf_counter() - last_progress >= progress_every_s
         for run_id in list(waiting):
             state = job_status(run_id)
             if state != states[run_id]:
@@ -148,7 +146,7 @@ def run_on_cluster(
                 _say(f"{run_id}: {state} (step {step}; {time.perf_counter() - started:.0f} s since submission)")
                 states[run_id] = state
             elif show_progress and state == "RUNNING":
-                line = job_progress(run_id)
+                line = progress_of(spec, run_id, endpoint_url=endpoint_url)
                 if line:
                     _say(f"{run_id}: {line}")
             if state in TERMINAL:
@@ -167,14 +165,23 @@ def run_on_cluster(
 
 
 def _last_step(spec: plan.AblationSpec, run_id: str, *, endpoint_url: str = "") -> int:
-    from service import catalog
-
     try:
         entry = catalog.read_run(spec.storage, run_id, endpoint_url=endpoint_url)
     except OSError:
         return 0
     newest = entry.newest_checkpoint if entry else None
     return newest.step if newest else 0
+
+
+def progress_of(spec: plan.AblationSpec, run_id: str, *, endpoint_url: str = "") -> str:
+    """How far a running run has come, from the progress its job keeps in the run record
+    ("" before the first record)."""
+    try:
+        entry = catalog.read_run(spec.storage, run_id, endpoint_url=endpoint_url)
+    except OSError:
+        return ""
+    progress = (entry.info.get("progress") if entry else None) or {}
+    return reports.progress_text(progress) if progress else ""
 
 
 def build_report(

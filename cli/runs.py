@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 from service import catalog, layout, storage
-from service.commands.cluster import run_as_job
 from service.config import Config
+from service.ray_jobs import run_as_job
 from service.requests import EvaluateRequest, FinetuneRequest, add_evaluate_arguments, add_finetune_arguments
 
 DEFAULT_ROOT = Config().storage.root

@@ -20,7 +20,7 @@ def _ablate(args: argparse.Namespace) -> int:
     request = AblateRequest.from_args(args)  # bad samplers and seeds fail here, at once
     config.load_recipe(request.recipe, list(request.overrides))
     from jobs import ablate  # torch and ray load only now
-    from workers.driver import ProgressBar
+    from workers.supervision import ProgressBar
 
     command = shlex.join(["cmacc", *sys.argv[1:]])
     result = ablate.ablate(request, command=command, progress=ProgressBar if sys.stderr.isatty() else None)

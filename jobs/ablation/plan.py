@@ -16,6 +16,7 @@ from typing import Any
 from service import catalog, layout, storage
 from service.config import Config
 from service.errors import UsageError
+from workers.driver import check_data
 
 ABLATIONS_FOLDER = "ablations"
 SPEC_FILE = "ablation.json"
@@ -67,8 +68,6 @@ def check(spec: AblationSpec, cfg: Config, *, endpoint_url: str = "") -> None:
         except ValueError as err:
             raise UsageError(f"--id {spec.ablation_id!r} makes an invalid {err}") from None
     check_spec(spec, endpoint_url=endpoint_url)
-    from workers.driver import check_data
-
     check_data(cfg, spec.data, need_test_split=True)
 
 

@@ -1,11 +1,11 @@
-"""`cmacc`: the user's door to everything.
+"""`cmacc`: the user's door to everything (the parser and the error-to-exit-code mapping).
 
 Exit codes: 0 success, 1 failure (the work was attempted and failed), 2 bad usage or an
 invalid config (`service.errors`, shared with every `python -m jobs.*`). Errors are one line
 on stderr that names the field, file or URI.
 
-This module must import neither torch nor ray: the CLI answers at once, and commands that
-need the heavy stack import it inside their handlers.
+No module of the command line imports torch or ray at load time: the CLI answers at once,
+and commands that need the heavy stack import it inside their handlers.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from service.commands import ablate as ablate_commands
-from service.commands import bench as bench_commands
-from service.commands import cluster as cluster_commands
-from service.commands import config as config_commands
-from service.commands import data as dataset_commands
-from service.commands import prepare as prepare_commands
-from service.commands import pretrain as pretrain_commands
-from service.commands import runs as runs_commands
+from cli import ablate as ablate_commands
+from cli import bench as bench_commands
+from cli import cluster as cluster_commands
+from cli import config as config_commands
+from cli import data as dataset_commands
+from cli import export as export_commands
+from cli import prepare as prepare_commands
+from cli import pretrain as pretrain_commands
+from cli import runs as runs_commands
 from service.errors import UsageError, report, run_main
 
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate_commands.register(commands)
     cluster_commands.register(commands)
     runs_commands.register(commands)
+    export_commands.register(commands)
     config_commands.register(commands)
     bench_commands.register(commands)
     data_group = commands.add_parser("data", help="make, prepare and inspect clip-shard data sets")

@@ -10,6 +10,7 @@ import json
 import sys
 import time
 
+from service.config import DataConfig
 from service.errors import Failure, UsageError
 
 
@@ -99,11 +100,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("out", metavar="OUT", help="data set folder URI (local path or s3://bucket/prefix)")
     synth.add_argument("--clips", type=int, required=True, help="number of clips")
-    synth.add_argument("--classes", type=int, default=8, help="number of classes (default: 8)")
-    synth.add_argument("--frames", type=int, default=8, help="frames per clip (default: 8)")
-    synth.add_argument("--size", type=int, default=64, help="frame height and width, pixels (default: 64)")
-    synth.add_argument("--seconds", type=float, default=1.0, help="clip length, seconds (default: 1.0)")
-    synth.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate, Hz (default: 16000)")
+    defaults = DataConfig()  # the generated set of a run that names no data: data.* of the config
+    synth.add_argument(
+        "--classes", type=int, default=defaults.num_classes, help="number of classes (default: %(default)s)"
+    )
+    synth.add_argument("--frames", type=int, default=defaults.frames, help="frames per clip (default: %(default)s)")
+    synth.add_argument(
+        "--size", type=int, default=defaults.size, help="frame height and width, pixels (default: %(default)s)"
+    )
+    synth.add_argument(
+        "--seconds", type=float, default=defaults.clip_seconds, help="clip length, seconds (default: %(default)s)"
+    )
+    synth.add_argument(
+        "--sample-rate", type=int, default=defaults.sample_rate, help="audio sample rate, Hz (default: %(default)s)"
+    )
     synth.add_argument("--shard-mb", type=float, default=256.0, help="target shard size, MiB (default: 256)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     synth.set_defaults(handler=_synth)

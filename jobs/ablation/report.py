@@ -1,15 +1,13 @@
 """The ablation report: per-run figures read from storage, aggregated over seeds.
 
 Written into the ablation folder: `report.json` (every figure), `report.md` (tables, the
-plots, and what the numbers say about each sampler against `random`), `probes.png` (probe
-top-1 per sampler, mean and standard deviation over seeds, the untrained encoders as a
-line), `dictionary.png` (dictionary metrics against step, one line per sampler, mean over
-seeds with a +-1 standard deviation band) and `training.png` (loss and selection time).
+plots, and what the numbers say about each sampler against `random`) and the PNGs of
+`jobs.ablation.plots`. When the runs carry shadow dictionaries (`method.shadow_samplers`),
+the report adds their tables and `shadows.png`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,20 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from service import catalog, storage
-from workers.ablation.plan import AblationSpec
-from workers.metrics import read_metrics
-
-PROBE_FIGURES = ("video/linear", "video/knn", "audio/linear", "audio/knn")
-DICT_SERIES = (
-    ("dict/entered_frac", "fraction of arrivals that entered"),
-    ("dict/label_entropy", "label entropy of the keys (nats)"),
-    ("dict/same_label_frac", "same-label fraction (false negatives)"),
-    ("dict/key_cos", "mean pairwise cosine of the keys"),
-    ("dict/effective_rank", "effective rank of the keys"),
-    ("dict/key_age", "mean key age (steps)"),
+from jobs.ablation import plots
+from jobs.ablation.plan import AblationSpec
+from jobs.ablation.series import (
+    DICT_SERIES,
+    HOLDING_SERIES,
+    INSTRUMENT_SERIES,
+    PROBE_FIGURES,
+    SHADOW_SERIES,
 )
-TRAINING_SERIES = (("train/loss", "loss (nats)"), ("dict/select_ms", "selection (ms)"))
+from service import catalog, storage
+from workers.metrics import read_metrics
 
 
 @dataclass(kw_only=True)
@@ -59,6 +54,11 @@ class RunResult:
             return None
         return float(values[-max(1, round(fraction * values.size)) :].mean())
 
+    def shadows(self) -> list[str]:
+        """The shadow samplers whose instruments the run logged (`shadow/<sampler>/...`)."""
+        names = {key.split("/")[1] for record in self.records for key in record if key.startswith("shadow/")}
+        return sorted(names)
+
     def figures(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {name: self.top1.get(name, {}).get("pretrained") for name in PROBE_FIGURES}
         out["final_loss"] = self.final("train/loss")
@@ -67,6 +67,10 @@ class RunResult:
         for name, _ in DICT_SERIES:
             for m in "va":
                 out[f"{name}_{m}"] = self.final(f"{name}_{m}", fraction=0.5)
+        for shadow in self.shadows():
+            for name, _ in SHADOW_SERIES:
+                for m in "va":
+                    out[f"shadow/{shadow}/{name}_{m}"] = self.final(f"shadow/{shadow}/{name}_{m}", fraction=0.5)
         return out
 
 
@@ -261,16 +265,8 @@ def markdown(report: dict[str, Any], *, command: str, wall_s: float | None) -> s
             if sampler != "random":
                 for name in ("video/linear", "audio/linear"):
                     lines.append(f"* {verdict(sampler, name, figures[name].get('minus_random'))}")
-    lines += [
-        "",
-        "## Dictionary metrics (mean over the second half of training; mean ± standard deviation over seeds)",
-        "",
-        "| sampler | " + " | ".join(f"{name.split('/')[1]} {m}" for name, _ in DICT_SERIES for m in "va") + " |",
-        "| --- | " + " | ".join("---" for _ in DICT_SERIES for _ in "va") + " |",
-    ]
-    for sampler, figures in report["samplers"].items():
-        cells = [_fmt(figures[f"{name}_{m}"]) for name, _ in DICT_SERIES for m in "va"]
-        lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    lines += dictionary_tables(report)
+    lines += shadow_tables(report)
     lines += [
         "",
         "## Every run",
@@ -282,104 +278,67 @@ def markdown(report: dict[str, Any], *, command: str, wall_s: float | None) -> s
         f = run["figures"]
         cells = [f"{f[name]:.3f}" if f[name] is not None else "-" for name in (*PROBE_FIGURES, "final_loss")]
         lines.append(f"| {run['run_id']} | {run['state']} | {run['steps']} | " + " | ".join(cells) + " |")
-    lines += ["", "![probes](probes.png)", "", "![dictionary](dictionary.png)", "", "![training](training.png)", ""]
-    return "\n".join(lines)
+    pictures = ["probes", "dictionary", "training"] + (["shadows"] if any_shadows(report) else [])
+    for name in pictures:
+        lines += ["", f"![{name}]({name}.png)"]
+    return "\n".join([*lines, ""])
+
+
+def dictionary_tables(report: dict[str, Any]) -> list[str]:
+    """Per sampler, what its queries met and what its dictionaries held (second half of
+    training; mean ± standard deviation over seeds), the video (v) and audio (a) dictionary."""
+    lines = []
+    for title, series in (
+        ("What the queries met in the dictionaries", INSTRUMENT_SERIES),
+        ("What the dictionaries held", HOLDING_SERIES),
+    ):
+        lines += [
+            "",
+            f"## {title} (mean over the second half of training; mean ± standard deviation over seeds)",
+            "",
+            "| sampler | " + " | ".join(f"{name} {m}" for name, _ in series for m in "va") + " |",
+            "| --- | " + " | ".join("---" for _ in series for _ in "va") + " |",
+        ]
+        for sampler, figures in report["samplers"].items():
+            cells = [_fmt(figures.get(f"dict/{name}_{m}")) for name, _ in series for m in "va"]
+            lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def any_shadows(report: dict[str, Any]) -> bool:
+    return any(key.startswith("shadow/") for run in report["runs"] for key in run["figures"])
+
+
+def shadow_tables(report: dict[str, Any]) -> list[str]:
+    """The shadow dictionaries of each sampler's runs: every shadow fed the same candidates
+    on the same model, so their differences are the samplers' own, free of seed noise."""
+    if not any_shadows(report):
+        return []
+    lines = []
+    for sampler, figures in report["samplers"].items():
+        shadows = sorted({key.split("/")[1] for key in figures if key.startswith("shadow/")})
+        if not shadows:
+            continue
+        lines += [
+            "",
+            f"## Shadow dictionaries of the `{sampler}` runs (same model, same candidates; second half of training)",
+            "",
+            "| shadow | " + " | ".join(f"{name} {m}" for name, _ in SHADOW_SERIES for m in "va") + " |",
+            "| --- | " + " | ".join("---" for _ in SHADOW_SERIES for _ in "va") + " |",
+        ]
+        for shadow in shadows:
+            cells = [_fmt(figures.get(f"shadow/{shadow}/{name}_{m}")) for name, _ in SHADOW_SERIES for m in "va"]
+            lines.append(f"| {shadow} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def summary_table(report: dict[str, Any]) -> str:
     """What the terminal shows at the end: the probe tables, the verdicts, where the report is."""
     spec = report["spec"]
     text = markdown(report, command=report.get("command", ""), wall_s=report.get("wall_s"))
-    body = text[text.index("## Probe top-1") : text.index("## Dictionary metrics")].rstrip()
+    body = text[text.index("## Probe top-1") : text.index("## What the queries met")].rstrip()
     folder = storage.join(spec["storage"], "ablations", spec["ablation_id"])
     return f"{body}\n\nreport: {storage.join(folder, 'report.md')} (with report.json and the plots)"
-
-
-def _colours(samplers: list[str]) -> dict[str, Any]:
-    import matplotlib
-
-    palette = matplotlib.colormaps["tab10"]
-    return {sampler: palette(i % 10) for i, sampler in enumerate(samplers)}
-
-
-def _band(ax: Any, runs: list[RunResult], name: str, label: str, colour: Any) -> None:
-    """Mean over seeds of a metric against step, with a +-1 standard deviation band."""
-    curves = [r.series(name) for r in runs]
-    curves = [(s, v) for s, v in curves if s.size]
-    if not curves:
-        return
-    common = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves)))
-    if not common:
-        return
-    stacked = np.stack([np.interp(common, s, v) for s, v in curves])
-    mean = stacked.mean(axis=0)
-    std = stacked.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)  # as in the tables
-    ax.plot(common, mean, label=label, color=colour, linewidth=1.4)
-    if len(curves) > 1:
-        ax.fill_between(common, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
-
-
-def plots(report: dict[str, Any], runs: list[RunResult]) -> dict[str, bytes]:
-    """The PNGs of the report, by file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samplers = list(report["samplers"])
-    colours = _colours(samplers)
-    by_sampler = {s: [r for r in runs if r.sampler == s] for s in samplers}
-    out = {}
-
-    fig, axes = plt.subplots(1, len(PROBE_FIGURES), figsize=(4 * len(PROBE_FIGURES), 3.6))
-    for ax, name in zip(axes, PROBE_FIGURES):
-        for i, sampler in enumerate(samplers):
-            stats = report["samplers"][sampler][name]
-            if stats["mean"] is None:
-                continue
-            ax.bar(i, stats["mean"], yerr=stats["std"] or 0.0, color=colours[sampler], capsize=4, alpha=0.8)
-            ax.scatter([i] * stats["n"], stats["values"], color="black", s=10, zorder=3)
-        base = report["untrained"][name]
-        if base["mean"] is not None:
-            ax.axhline(base["mean"], color="grey", linestyle="--", label="untrained")
-        ax.set_xticks(range(len(samplers)), samplers, rotation=30)
-        ax.set_title(name.replace("/", " "))
-        ax.set_ylabel("top-1")
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    out["probes.png"] = _png(fig)
-
-    fig, axes = plt.subplots(len(DICT_SERIES), 2, figsize=(10, 2.6 * len(DICT_SERIES)), squeeze=False)
-    for row, (name, title) in enumerate(DICT_SERIES):
-        for col, (m, modality) in enumerate((("v", "video"), ("a", "audio"))):
-            ax = axes[row][col]
-            for sampler in samplers:
-                _band(ax, by_sampler[sampler], f"{name}_{m}", sampler, colours[sampler])
-            ax.set_title(f"{modality} dictionary: {title}", fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    out["dictionary.png"] = _png(fig)
-
-    fig, axes = plt.subplots(1, len(TRAINING_SERIES), figsize=(10, 3.4))
-    for ax, (name, title) in zip(axes, TRAINING_SERIES):
-        for sampler in samplers:
-            _band(ax, by_sampler[sampler], name, sampler, colours[sampler])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    out["training.png"] = _png(fig)
-    return out
-
-
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def write_report(
@@ -392,7 +351,7 @@ def write_report(
     files = {
         "report.json": json.dumps(report, indent=2).encode(),
         "report.md": markdown(report, command=command, wall_s=wall_s).encode(),
-        **plots(report, runs),
+        **plots.plots(report, runs),
     }
     for name, data in files.items():
         storage.write_bytes(storage.join(spec.folder, name), data, endpoint_url=endpoint_url)

@@ -26,7 +26,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     # Always an embedded Ray: `cmacc submit` is for clusters.
     request = PretrainRequest.from_args(args, run_id=run_id, address="local")
     from jobs import pretrain  # torch and ray load only now
-    from workers.driver import ProgressBar
+    from workers.supervision import ProgressBar
 
     outcome = pretrain.pretrain(request, progress=ProgressBar if sys.stderr.isatty() else None)
     return pretrain.report(outcome, as_json=args.json)

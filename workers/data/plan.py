@@ -1,0 +1,117 @@
+"""How a reader plans an epoch, on clip indices only, before any byte is read: small named
+algorithms, each a pure function of its arguments (docs/architecture.md, "Data").
+
+1. `deal_units`: the data set's clips (per shard, those the reader reads) are grouped into
+   units: one unit per shard or, when there are fewer shards than ranks, each shard cut into
+   contiguous row ranges so that every rank gets at least one unit.
+2. `rank_share`: the unit order of epoch e is a permutation drawn from (seed, e); units go to
+   ranks round-robin (rank r takes positions r, r + W, r + 2W, ...).
+3. `bounded_shuffle`: a rank's rows, unit after unit, pass through a bounded shuffle buffer
+   driven by an RNG from (seed, e, rank). The result is the rank's plan for the epoch.
+
+A plan depends only on (seed, stream, epoch, rank, world size), so a reader's cursor is just
+(epoch, planned positions consumed). `stream` keeps independent streams over the same data
+apart (the training batches are stream 0; the fresh candidate pool's extra clips stream 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import DataError
+
+# Tags that keep the RNG streams of the unit order and of the shuffle buffer apart.
+UNIT_ORDER = 0
+ROW_BUFFER = 1
+
+
+def bounded_shuffle(stream: np.ndarray, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """`stream` passed through a shuffle buffer of `buffer_size` entries: each incoming element
+    replaces a uniformly drawn buffered one, which is emitted; the rest drain in random order.
+
+    An element moves at most a few buffer lengths from its place, which keeps each rank's
+    reads within one or two shards at a time.
+    """
+    if len(stream) <= buffer_size:
+        return stream[rng.permutation(len(stream))]
+    values = stream.tolist()
+    buffer = values[:buffer_size]
+    out = np.empty_like(stream)
+    picks = rng.integers(0, buffer_size, size=len(values) - buffer_size).tolist()
+    for n, (incoming, j) in enumerate(zip(values[buffer_size:], picks)):
+        out[n] = buffer[j]
+        buffer[j] = incoming
+    out[len(values) - buffer_size :] = np.asarray(buffer, dtype=stream.dtype)[rng.permutation(buffer_size)]
+    return out
+
+
+def deal_units(shard_indices: list[np.ndarray], world_size: int, *, where: str) -> list[np.ndarray]:
+    """The units dealt to ranks: whole shards (their clip indices), or shards cut into
+    contiguous row ranges when there are too few shards for `world_size` ranks to get one each.
+    DataError naming `where` when there are fewer clips than ranks."""
+    shards = [indices for indices in shard_indices if len(indices)]
+    if sum(len(indices) for indices in shards) < world_size:
+        raise DataError(f"{where} has fewer clips than the {world_size} ranks reading it")
+    pieces = -(-world_size // len(shards))
+    while True:
+        units = [part for indices in shards for part in np.array_split(indices, min(pieces, len(indices)))]
+        if len(units) >= world_size:
+            return units
+        pieces += 1
+
+
+def _rng(seed: int, epoch: int, tag: int, *more: int, stream: int = 0) -> np.random.Generator:
+    # Stream 0 keeps the keys it always had, so the training order of existing runs is unchanged.
+    keys = [seed, epoch, tag, *more] if stream == 0 else [seed, epoch, tag, *more, 1_000 + stream]
+    return np.random.default_rng(keys)
+
+
+def rank_share(
+    units: list[np.ndarray], *, seed: int, epoch: int, rank: int, world_size: int, stream: int = 0
+) -> np.ndarray:
+    """Rank `rank`'s clips of `epoch` in unit order, before the shuffle buffer."""
+    order = _rng(seed, epoch, UNIT_ORDER, stream=stream).permutation(len(units))
+    return np.concatenate([units[u] for u in order[rank::world_size]])
+
+
+def shuffle_share(
+    share: np.ndarray, *, seed: int, epoch: int, rank: int, buffer_size: int, stream: int = 0
+) -> np.ndarray:
+    """A rank's share of an epoch in the order it reads it."""
+    return bounded_shuffle(share, buffer_size, _rng(seed, epoch, ROW_BUFFER, rank, stream=stream))
+
+
+@dataclass(kw_only=True)
+class EpochPlanner:
+    """The plans of one data set's clips (`shard_indices`: per shard, the global indices of the
+    clips read) for any epoch, rank and world size. Units are computed once per world size."""
+
+    shard_indices: list[np.ndarray]
+    seed: int
+    shuffle_buffer: int
+    stream: int = 0
+    where: str = "the data set"  # names the data in errors
+    _units: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def units(self, world_size: int) -> list[np.ndarray]:
+        if world_size not in self._units:
+            self._units[world_size] = deal_units(self.shard_indices, world_size, where=self.where)
+        return self._units[world_size]
+
+    def share(self, epoch: int, rank: int, world_size: int) -> np.ndarray:
+        """Rank `rank`'s clips of `epoch` (unit order)."""
+        return rank_share(
+            self.units(world_size), seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, stream=self.stream
+        )
+
+    def plan(self, epoch: int, rank: int, world_size: int, excluded: np.ndarray | None = None) -> np.ndarray:
+        """Rank `rank`'s clip indices of `epoch` in the order it reads them, without the clips
+        `excluded` (a bool per clip index) marks."""
+        share = self.share(epoch, rank, world_size)
+        if excluded is not None:
+            share = share[~excluded[share]]
+        return shuffle_share(
+            share, seed=self.seed, epoch=epoch, rank=rank, buffer_size=self.shuffle_buffer, stream=self.stream
+        )
