@@ -52,8 +52,8 @@ def build_model(
     Seed torch's global generator first for a reproducible initialisation.
     """
     query = build_encoders(cfg).to(device)
-    if device.type == "cuda" if channels_last is None else channels_last:
-        query = query.to(memory_format=torch.channels_last_3d)
+    if device.type == "cuda" if channels_last is None else channels_last:  # the 3D convolutions only
+        query.video.to(memory_format=torch.channels_last_3d)
     key = make_key_encoder(query)
     return query, key
 

@@ -12,15 +12,15 @@
 # (paper), STEPS (40), WARMUP (10), EXTRA (more --set options). On a GPU machine without
 # Ray, carry `.whl/` (../shared/device/gpu-wheels.sh); it is installed into /tmp/site first.
 # On this project's 2-core CPU machine:
-#   DEVICE=cpu RECIPE=bench-cpu STEPS=20 WARMUP=5 bash infra/bench/pools.sh /tmp/pools
+#   PYTHON=.venv/bin/python DEVICE=cpu RECIPE=bench-cpu STEPS=20 WARMUP=5 bash infra/bench/pools.sh /tmp/pools
 set -euo pipefail
 out=${1:-${OUT:-./bench-pools}}
 mkdir -p "$out"
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+py=${PYTHON:-python3}
+if ! $py -c "import ray" 2> /dev/null && ls .whl/*.whl > /dev/null 2>&1; then  # the GPU machine: no Ray
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
-py=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 recipe=${RECIPE:-paper}
 read -r -a extra <<< "${EXTRA:-}"
@@ -56,7 +56,7 @@ moco = base["service"]["clips_per_s"]
 for name in ("moco", "stream", "fresh-2m", "fresh-4m"):
     s = json.loads((out / f"{name}.json").read_text())["service"]
     print(f"{name:<10}{s['clips_per_s']:>10.1f}{s['step_ms']:>10.1f}{s['clips_per_s'] / plain:>10.3f}"
-          f"{s['clips_per_s'] / moco:>10.3f}{s['data_wait_share']:>11.3f}{s['select_ms'] or 0:>11.1f}")
+          f"{s['clips_per_s'] / moco:>10.3f}{s['data_wait_share'] or 0:>11.3f}{s['select_ms'] or 0:>11.1f}")
 print(f"plain step: {plain:.1f} clips/s ({base['device_name']})")
 PY
 rm -rf "$out/storage"
