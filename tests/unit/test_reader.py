@@ -197,6 +197,36 @@ def test_world_size_change_continues_the_epoch_with_no_clip_twice_and_none_lost(
     assert sorted(consumed) == list(range(NUM_CLIPS))
 
 
+def test_a_world_size_change_deals_what_is_left_of_the_epoch_evenly(dataset):
+    """Whatever part of the epoch each old rank had left (here one rank's share is all but
+    used up, the other's barely begun), every new rank gets an equal part of the rest."""
+    states = []
+    for rank, batches in ((0, 6), (1, 1)):  # of 32 clips each: 24 and 4 read
+        with make_reader(dataset, rank=rank, world_size=2, batch_size=4) as reader:
+            take(reader, batches)
+            states.append(reader.state_dict())
+    rests = []
+    for rank in range(3):
+        with make_reader(dataset, rank=rank, world_size=3, batch_size=4) as reader:
+            reader.load_state_dict(states)
+            rests.append(rest_of_epoch(reader))
+    assert sorted(len(rest) for rest in rests) == [12, 12, 12]  # 64 - 28 = 36 clips left
+    assert len({i for rest in rests for i in rest}) == 36
+
+
+def test_a_version_1_cursor_of_a_re_partitioned_epoch_reads_its_share_without_the_excluded_clips(dataset):
+    from workers.data.cursor import pack_bits, reads_of
+
+    with make_reader(dataset, rank=1, world_size=2) as reader:
+        share = reader.planner.share(0, 1, 2)
+        excluded = np.zeros(NUM_CLIPS, dtype=bool)
+        excluded[share[:5]] = True
+        state = {**reader.state_dict(), "version": 1, "excluded": pack_bits(excluded)}
+        del state["only"]
+        only = reads_of(state, planner=reader.planner, num_clips=NUM_CLIPS)
+    assert sorted(np.flatnonzero(only)) == sorted(share[5:])
+
+
 def rest_of_epoch_prefix(batch: dict, reader: ClipReader) -> list[int]:
     """The clips of one batch that belong to epoch 0."""
     got = batch["index"].tolist()

@@ -8,6 +8,9 @@ algorithms, each a pure function of its arguments (docs/architecture.md, "Data")
    ranks round-robin (rank r takes positions r, r + W, r + 2W, ...).
 3. `bounded_shuffle`: a rank's rows, unit after unit, pass through a bounded shuffle buffer
    driven by an RNG from (seed, e, rank). The result is the rank's plan for the epoch.
+4. `deal_remaining`: after a change of world size, the clips of the interrupted epoch that
+   no rank consumed, in the new world's unit order, cut into W' contiguous blocks whose
+   sizes differ by at most one: every new rank gets its fair part of what is left.
 
 A plan depends only on (seed, stream, epoch, rank, world size), so a reader's cursor is just
 (epoch, planned positions consumed). `stream` keeps independent streams over the same data
@@ -106,12 +109,33 @@ class EpochPlanner:
             self.units(world_size), seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, stream=self.stream
         )
 
-    def plan(self, epoch: int, rank: int, world_size: int, excluded: np.ndarray | None = None) -> np.ndarray:
-        """Rank `rank`'s clip indices of `epoch` in the order it reads them, without the clips
-        `excluded` (a bool per clip index) marks."""
-        share = self.share(epoch, rank, world_size)
-        if excluded is not None:
-            share = share[~excluded[share]]
+    def epoch_order(self, epoch: int, world_size: int) -> np.ndarray:
+        """Every clip of `epoch` in unit order: rank 0's share, then rank 1's, ..."""
+        return np.concatenate([self.share(epoch, r, world_size) for r in range(world_size)])
+
+    def plan(self, epoch: int, rank: int, world_size: int, only: np.ndarray | None = None) -> np.ndarray:
+        """Rank `rank`'s clip indices of `epoch` in the order it reads them: its share, or,
+        in an epoch re-partitioned after a change of world size, exactly the clips `only` (a
+        bool per clip index) marks, in the epoch's unit order (`deal_remaining`)."""
+        if only is None:
+            share = self.share(epoch, rank, world_size)
+        else:
+            order = self.epoch_order(epoch, world_size)
+            share = order[only[order]]
         return shuffle_share(
             share, seed=self.seed, epoch=epoch, rank=rank, buffer_size=self.shuffle_buffer, stream=self.stream
         )
+
+
+def deal_remaining(planner: EpochPlanner, remaining: np.ndarray, *, epoch: int, world_size: int) -> list[np.ndarray]:
+    """Per new rank, the bool mask (per clip index) of the clips of `epoch` it reads: the
+    clips `remaining` marks, in the epoch's unit order for `world_size` ranks, dealt in
+    contiguous blocks of equal size (to one clip), which keeps each rank's reads in few shards."""
+    order = planner.epoch_order(epoch, world_size)
+    left = order[remaining[order]]
+    masks = []
+    for block in np.array_split(left, world_size):
+        mask = np.zeros(len(remaining), dtype=bool)
+        mask[block] = True
+        masks.append(mask)
+    return masks

@@ -185,10 +185,10 @@ class ClipReader:
     def _shard_of(self, indices: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.decoder.offsets, indices, side="right") - 1
 
-    def _items(self, epoch: int, position: int, excluded: np.ndarray | None, cache: ShardCache) -> Iterator[Item]:
+    def _items(self, epoch: int, position: int, only: np.ndarray | None, cache: ShardCache) -> Iterator[Item]:
         """Planned positions from the cursor on, forever; tells the cache what is coming."""
         while True:
-            plan = self.planner.plan(epoch, self.rank, self.world_size, excluded)[position:]
+            plan = self.planner.plan(epoch, self.rank, self.world_size, only)[position:]
             shards = self._shard_of(plan)
             cache.expect(collections.Counter(shards.tolist()))
             _, first = np.unique(shards, return_index=True)
@@ -198,7 +198,7 @@ class ClipReader:
                 if shard in following:  # first row of this shard: start fetching the next one
                     cache.prefetch(following.pop(shard))
                 yield Item(epoch=epoch, position=position + offset, index=index, shard=shard)
-            epoch, position, excluded = epoch + 1, 0, None
+            epoch, position, only = epoch + 1, 0, None
 
     # --- iteration and cursor -------------------------------------------------------------
 
@@ -209,7 +209,7 @@ class ClipReader:
         if self._failure is not None:
             raise self._failure
         if self._pipeline is None:
-            start = (self.cursor.epoch, self.cursor.position, self.cursor.excluded)
+            start = (self.cursor.epoch, self.cursor.position, self.cursor.only)
             self._pipeline = DecodePipeline(
                 self.decoder,
                 lambda cache: self._items(*start, cache),
