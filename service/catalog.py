@@ -85,50 +85,59 @@ def _parse_json(uri: str, data: bytes) -> dict[str, Any]:
         raise CatalogError(f"{uri} is not valid JSON: {err}") from None
 
 
-def _registered_names(run_uri: str, endpoint_url: str) -> set[str] | None:
+def _registered_names(
+    run_uri: str, endpoint_url: str, retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S
+) -> set[str] | None:
     """Names of the checkpoints Ray Train registered for the run at `run_uri`; None when the
     folder has no snapshot (not a run folder)."""
-    snapshot = _read_json(storage.join(run_uri, layout.SNAPSHOT_FILE), endpoint_url)
+    snapshot = _read_json(storage.join(run_uri, layout.SNAPSHOT_FILE), endpoint_url, retry_budget_s)
     if snapshot is None:
         return None
     return set(re.findall(r"checkpoint-\d{8}", json.dumps(snapshot)))
 
 
-def list_checkpoints(run_uri: str, *, endpoint_url: str = "") -> list[CheckpointEntry]:
+def list_checkpoints(
+    run_uri: str, *, endpoint_url: str = "", retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S
+) -> list[CheckpointEntry]:
     """The checkpoints of a run that carry their `meta.json`, oldest first.
 
     `registered` says whether Ray Train registered the checkpoint (it is in the run's
     snapshot); one still uploading, or uploaded in part before a crash, is not, and a rerun
     resumes from the newest registered one.
     """
-    registered = _registered_names(run_uri, endpoint_url) or set()
+    registered = _registered_names(run_uri, endpoint_url, retry_budget_s) or set()
     entries = []
-    for name in storage.list_dir(run_uri, endpoint_url=endpoint_url):
+    for name in storage.list_dir(run_uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s):
         step = layout.checkpoint_step(name)
         if step is None:
             continue
         uri = storage.join(run_uri, name)
-        meta = _read_json(storage.join(uri, layout.CHECKPOINT_META), endpoint_url)
+        meta = _read_json(storage.join(uri, layout.CHECKPOINT_META), endpoint_url, retry_budget_s)
         if meta is None:  # still uploading, or abandoned half-way
             continue
         entries.append(CheckpointEntry(step=step, uri=uri, registered=name in registered, meta=meta))
     return sorted(entries, key=lambda entry: entry.step)
 
 
-def read_run(root: str, run_id: str, *, endpoint_url: str = "") -> RunEntry | None:
+def read_run(
+    root: str, run_id: str, *, endpoint_url: str = "", retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S
+) -> RunEntry | None:
     """The run `run_id` under `root`, or None when it has neither a run.json nor a checkpoint.
-    UsageError for an id that is not a run id (it would name a folder outside the run's)."""
+    UsageError for an id that is not a run id (it would name a folder outside the run's).
+    Each storage operation retries transient errors for up to `retry_budget_s`."""
     try:
         uri = layout.run_uri(root, run_id)
     except ValueError as err:
         raise UsageError(str(err)) from None
     record_uri = storage.join(uri, layout.RUN_FILE)
-    found = storage.read_with_token(record_uri, endpoint_url=endpoint_url)
+    found = storage.read_with_token(record_uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
     info = _parse_json(record_uri, found[0]) if found else None
-    checkpoints = list_checkpoints(uri, endpoint_url=endpoint_url)
+    checkpoints = list_checkpoints(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
     if info is None and not checkpoints:
         return None
-    lease = read_lease(uri, endpoint_url=endpoint_url)  # read after the record: see _record_lost_job
+    lease = read_lease(
+        uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s
+    )  # read after the record: see _record_lost_job
     if found and info.get("state") in LIVE_STATES and (lease is None or not lease.live()):
         info = _record_lost_job(uri, info, found[1], lease, endpoint_url)
     return RunEntry(run_id=run_id, uri=uri, info=info or {"run_id": run_id}, checkpoints=checkpoints, lease=lease)

@@ -62,9 +62,12 @@ class LeaseRecord:
             return None  # unreadable: treated as lapsed
 
 
-def read_lease(run_uri: str, *, endpoint_url: str = "") -> LeaseRecord | None:
+def read_lease(
+    run_uri: str, *, endpoint_url: str = "", retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S
+) -> LeaseRecord | None:
     """The run's lease record (live or lapsed), or None when it has none."""
-    found = storage.read_with_token(storage.join(run_uri, layout.LEASE_FILE), endpoint_url=endpoint_url)
+    lease_uri = storage.join(run_uri, layout.LEASE_FILE)
+    found = storage.read_with_token(lease_uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
     return LeaseRecord.from_json(found[0]) if found else None
 
 

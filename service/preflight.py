@@ -28,6 +28,7 @@ PASSED_ENV = (
     "WANDB_ENTITY",
     "WANDB_SILENT",
     "WANDB_CONSOLE",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",  # how long a (re)starting group waits: docs/scaling.md
 )
 FAULT_ENV_PREFIX = "CMACC_FAULT_"  # test hooks of workers.distributed.faults
 
@@ -39,10 +40,12 @@ def check_run_id(run_id: str) -> str:
         raise UsageError(f"--run-id: {err}") from None
 
 
-def read_run(root: str, run_id: str, *, endpoint_url: str = "") -> catalog.RunEntry | None:
+def read_run(
+    root: str, run_id: str, *, endpoint_url: str = "", retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S
+) -> catalog.RunEntry | None:
     """What storage holds of the run (None: nothing yet); Failure when storage cannot be read."""
     try:
-        return catalog.read_run(root, run_id, endpoint_url=endpoint_url)
+        return catalog.read_run(root, run_id, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
     except (OSError, catalog.CatalogError) as err:
         raise Failure(f"storage {root} cannot be read: {err}") from None
 
@@ -156,6 +159,6 @@ def resources_needed(cfg: Config) -> tuple[int, float]:
     minimum) and the dictionary actor."""
     res = cfg.resources
     workers = min(res.world_sizes)
-    cpus = workers * res.cpus_per_worker + 1  # + 1: the actor
+    cpus = workers * res.cpus_per_worker + (0 if res.elastic else 1)  # the actor's CPU (none when elastic)
     gpus = (workers * res.gpus_per_worker if res.use_gpu else 0) + res.actor_gpus
     return cpus, gpus

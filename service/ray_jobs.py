@@ -132,11 +132,11 @@ def recipe_for_job(recipe: str) -> str:
         raise UsageError(f"--recipe {recipe}: a recipe file must be inside {PROJECT} to travel with the job") from None
 
 
-def _read_storage(root: str, run_id: str, *, endpoint_url: str) -> tuple[bool, Any]:
+def _read_storage(root: str, run_id: str, *, endpoint_url: str, retry_budget_s: float) -> tuple[bool, Any]:
     """(readable, what storage holds of the run); the job checks storage itself when this
     machine cannot read it."""
     try:
-        return True, preflight.read_run(root, run_id, endpoint_url=endpoint_url)
+        return True, preflight.read_run(root, run_id, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
     except Failure as err:
         print(f"cmacc: note: {short_error(err)} from here; the job checks it", file=sys.stderr)
         return False, None
@@ -167,7 +167,9 @@ def submit_run(jobs: Jobs, request: PretrainRequest, cfg: config.Config, *, resu
         )
     if previous and resume_if_submitted:
         request = dataclasses.replace(request, resume=True)
-    readable, entry = _read_storage(request.storage, run_id, endpoint_url=cfg.storage.endpoint_url)
+    readable, entry = _read_storage(
+        request.storage, run_id, endpoint_url=cfg.storage.endpoint_url, retry_budget_s=cfg.storage.retry_budget_s
+    )
     if readable:
         preflight.check_start(
             entry,

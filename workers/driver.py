@@ -72,7 +72,7 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
     budget = cfg.storage.retry_budget_s
     root = storage.absolute(request.storage or cfg.storage.root)
     endpoint = cfg.storage.endpoint_url
-    existing = preflight.read_run(root, run_id, endpoint_url=endpoint)
+    existing = preflight.read_run(root, run_id, endpoint_url=endpoint, retry_budget_s=budget)
     start_step = preflight.check_start(
         existing,
         run_id=run_id,
