@@ -278,7 +278,17 @@ class DictionaryClient:
 
         gpus = config.resources.actor_gpus
         name = actor_name(run_id)
-        actor_class = ray.remote(DictionaryService).options(name=name, max_restarts=-1, num_cpus=1, num_gpus=gpus)
+        placement: dict[str, Any] = {"num_cpus": 1}
+        if config.resources.elastic:
+            # Ray Train's elastic policy counts every CPU of a node as room for a worker and
+            # cannot see this actor's: reserving one here left it starting a group the nodes
+            # could not hold, again and again. In an elastic run the actor reserves no CPU and
+            # stays beside the driver (docs/scaling.md, "Elastic runs").
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            node = ray.get_runtime_context().get_node_id()
+            placement = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+        actor_class = ray.remote(DictionaryService).options(name=name, max_restarts=-1, num_gpus=gpus, **placement)
         handle = actor_class.remote(config=config.to_dict(), device="cuda" if gpus > 0 else "cpu")
         return cls(handle, name, timeout_s=config.resources.actor_timeout_s)
 

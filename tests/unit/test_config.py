@@ -1,9 +1,10 @@
 import json
+import re
 
 import pytest
 
 from service import config
-from service.config import ConfigError
+from service.config import ConfigError, load_recipe
 
 pytestmark = pytest.mark.unit
 
@@ -138,3 +139,81 @@ def test_config_round_trips_through_json():
 def test_field_names_cover_the_names_later_issues_rely_on():
     names = set(config.field_names())
     assert {"optim.lr", "train.steps", "method.sampler", "data.uri", "checkpoint.every_steps"} <= names
+
+
+# --- the world size is not part of the method ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "named"),
+    [
+        (
+            ["resources.min_workers=2", "resources.max_workers=4", "train.global_batch_size=30"],
+            "train.global_batch_size",
+            "4",
+        ),
+        (
+            ["resources.min_workers=3", "resources.max_workers=2", "train.global_batch_size=24"],
+            "resources.max_workers",
+            "3",
+        ),
+        (
+            ["resources.min_workers=0", "resources.max_workers=2", "train.global_batch_size=24"],
+            "resources.min_workers",
+            "0",
+        ),
+        (["resources.min_workers=1", "resources.max_workers=2"], "train.global_batch_size", "elastic"),
+        (["train.global_batch_size=12", "resources.num_workers=8"], "train.global_batch_size", "8"),
+        (
+            [
+                "resources.max_workers=2",
+                "resources.min_workers=1",
+                "train.global_batch_size=8",
+                "resources.use_gpu=true",
+                "resources.actor_gpus=0.5",
+            ],
+            "resources.actor_gpus",
+            "gpus_per_worker",
+        ),
+    ],
+)
+def test_elastic_and_global_batch_settings_that_cannot_run_are_refused_naming_the_field(overrides, field, named):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: ") as info:
+        load_recipe("demo", overrides)
+    assert named in str(info.value)
+
+
+def test_the_global_batch_fixes_the_method_on_every_allowed_number_of_workers():
+    cfg = load_recipe(
+        "demo",
+        [
+            "resources.min_workers=1",
+            "resources.max_workers=4",
+            "train.global_batch_size=48",
+            "method.pool=fresh",
+            "method.dictionary_size=64",
+        ],
+    )
+    assert cfg.resources.world_sizes == (1, 2, 3, 4)
+    assert (cfg.global_batch_size, cfg.enqueue_per_step, cfg.pool_capacity, cfg.num_extra_clips) == (48, 48, 96, 48)
+    assert [cfg.rank_batch_size(w) for w in (1, 2, 3, 4)] == [48, 24, 16, 12]
+    old = load_recipe("demo", ["resources.num_workers=2"])  # an old config: M = batch_size x workers
+    assert old.global_batch_size == 64 and old.rank_batch_size(2) == 32
+
+
+def test_a_resume_that_cannot_continue_the_checkpoint_is_refused_naming_each_setting():
+    from service.errors import UsageError
+    from service.preflight import check_resume_config
+
+    saved = load_recipe("demo").to_dict()  # trained on 1 worker of 32: M = 32
+    check_resume_config(
+        saved, load_recipe("demo", ["train.global_batch_size=32", "resources.num_workers=2"]), where="c"
+    )
+    with pytest.raises(UsageError, match="global batch M 32 -> 64") as info:
+        check_resume_config(
+            saved, load_recipe("demo", ["resources.num_workers=2"]), where="s3://b/r/checkpoint-00000020"
+        )
+    message = str(info.value)
+    assert "--set train.global_batch_size=32" in message and "s3://b/r/checkpoint-00000020" in message
+    with pytest.raises(UsageError, match=r"method.pool 'stream' -> 'fresh'.*method.dictionary_size 32 -> 64"):
+        check_resume_config(saved, load_recipe("demo", ["method.pool=fresh", "method.dictionary_size=64"]), where="c")
