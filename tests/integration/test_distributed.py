@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROJECT = Path(__file__).resolve().parents[2]
 EVERY = 2  # checkpoint.every_steps of these runs
-ACTOR_TIMEOUT_S = 20  # resources.actor_timeout_s where a test wedges the actor
+ACTOR_TIMEOUT_S = 12  # resources.actor_timeout_s where a test wedges the actor
 TINY = [
     "train.batch_size=4",
     "resources.num_workers=2",
@@ -170,63 +170,63 @@ def assert_trackers_continued(run_uri: str, ids: dict, steps: int, tmp_path: Pat
     assert b"train/loss" in storage.read_bytes(storage.join(folder, log))
 
 
-def test_killed_worker_costs_at_most_the_steps_since_the_last_checkpoint(
+def test_a_killed_worker_costs_at_most_the_steps_since_the_checkpoint_and_a_non_finite_loss_ends_the_run(
     ray_session, bucket, dataset, monkeypatch, tmp_path
 ):
+    """Rank 1 is killed one step past checkpoint 2: the group restarts from it. Later the loss
+    turns non-finite at step 5: every rank stops at that step, the run fails naming it, and
+    the checkpoint of step 4 stays the newest, with finite weights."""
     root = f"{bucket}/worker-kill"
     monkeypatch.setenv("CMACC_FAULT_KILL_WORKER", f"1:{EVERY + 1}")  # rank 1, one step past a checkpoint
+    monkeypatch.setenv("CMACC_FAULT_NAN_STEP", str(2 * EVERY + 1))
     monkeypatch.setenv("CMACC_FAULT_MARKER_DIR", str(tmp_path))
     outcome = pretrain_here(*args("worker-kill", root, dataset, 3 * EVERY))
     assert (tmp_path / f"cmacc-fault-worker-1-{EVERY + 1}").exists(), "the worker was never killed"
-    assert outcome["state"] == "succeeded" and outcome["step"] == 3 * EVERY
     records = read_metrics(storage.join(root, "worker-kill"))
     starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
     assert starts == [0, EVERY], f"attempts started at {starts}"
-    assert {r["step"] for r in records} == set(range(1, 3 * EVERY + 1))
-    lost = (EVERY + 1) - starts[-1]
-    assert lost <= EVERY
+    assert (EVERY + 1) - starts[-1] <= EVERY  # what the kill cost
+    resumed = next(r for r in records if r.get("run/start_step") == EVERY)
+    assert resumed["dict/replicas_agree"] == resumed["dict/replicas_match_actor"] == 1.0
+    assert outcome["state"] == "failed"
+    assert "not finite" in outcome["error"] and f"step {2 * EVERY + 1}" in outcome["error"]
+    restored = load_final(outcome, root)
+    assert restored.train["step"] == 2 * EVERY
+    assert all(torch.isfinite(t).all() for t in restored.train["query"].values() if t.is_floating_point())
+    run_json = json.loads(storage.read_bytes(storage.join(root, "worker-kill", "run.json")))
+    assert run_json["state"] == "failed" and "not finite" in run_json["error"]
 
 
-def test_killed_or_hung_actor_is_restarted_and_reseeded_and_staleness_stays_bounded(
+def test_a_killed_or_hung_actor_is_reseeded_and_one_that_keeps_dying_fails_the_run_after_the_cap(
     ray_session, bucket, dataset, monkeypatch, tmp_path
 ):
-    """Killed before step 3, wedged before step 6 (it stops answering: after
-    `resources.actor_timeout_s` it is killed and Ray restarts it); the run trains on."""
+    """The actor is killed before step 3 and wedged before step 5 (it stops answering: after
+    `resources.actor_timeout_s` it is killed and Ray restarts it): the run trains on, each
+    time re-seeded from rank 0's replica, staleness bounded. From step 7 it dies at every
+    step: its third failure is past `resources.max_actor_restarts = 2`, and the run fails
+    with an error that says so instead of training on without dictionary updates. The last
+    checkpoint before the failure stays the newest."""
     root = f"{bucket}/actor-kill"
     monkeypatch.setenv("CMACC_FAULT_KILL_ACTOR", "3")
-    monkeypatch.setenv("CMACC_FAULT_HANG_ACTOR", "6")
+    monkeypatch.setenv("CMACC_FAULT_HANG_ACTOR", "5")
+    monkeypatch.setenv("CMACC_FAULT_CRASH_LOOP_ACTOR", "7")
     monkeypatch.setenv("CMACC_FAULT_MARKER_DIR", str(tmp_path))
     started = time.monotonic()
-    outcome = pretrain_here(*args("actor-kill", root, dataset, 8, f"resources.actor_timeout_s={ACTOR_TIMEOUT_S}"))
-    assert (tmp_path / "cmacc-fault-actor-3").exists(), "the actor was never killed"
-    assert (tmp_path / "cmacc-fault-hang-actor-6").exists(), "the actor was never wedged"
+    extra = (f"resources.actor_timeout_s={ACTOR_TIMEOUT_S}", "resources.max_actor_restarts=2")
+    outcome = pretrain_here(*args("actor-kill", root, dataset, 12, *extra))
+    for marker in ("actor-3", "hang-actor-5", "crash-loop-actor-7"):
+        assert (tmp_path / f"cmacc-fault-{marker}").exists(), f"{marker} never fired"
     assert time.monotonic() - started < 3000, "the hung actor held the run for its whole hour"
-    assert outcome["state"] == "succeeded" and outcome["step"] == 8
-    assert outcome["metrics"]["dict/actor_restarts"] == 2.0
-    assert outcome["metrics"]["dict/replicas_agree"] == 1.0
-    assert outcome["metrics"]["dict/replicas_match_actor"] == 1.0
     records = read_metrics(storage.join(root, "actor-kill"))
-    assert len(records) == 8
     assert max(r["dict/staleness"] for r in records) <= 2
-
-
-def test_crash_looping_actor_fails_the_run_after_the_restart_cap(ray_session, bucket, dataset, monkeypatch, tmp_path):
-    """An actor that dies at every step from step 3 is restarted twice
-    (`resources.max_actor_restarts=2`); its third failure fails the run with an error that
-    says so, instead of training on without dictionary updates. The last checkpoint before
-    the failure stays the newest."""
-    root = f"{bucket}/actor-crash-loop"
-    monkeypatch.setenv("CMACC_FAULT_CRASH_LOOP_ACTOR", "3")
-    monkeypatch.setenv("CMACC_FAULT_MARKER_DIR", str(tmp_path))
-    overrides = ("resources.max_actor_restarts=2", "method.max_staleness=0")  # 0: every step waits for the actor
-    outcome = pretrain_here(*args("actor-crash-loop", root, dataset, 8, *overrides))
-    assert (tmp_path / "cmacc-fault-crash-loop-actor-3").exists(), "the actor was never killed"
+    restarts = [int(r["dict/actor_restarts"]) for r in sorted(records, key=lambda r: r["step"])]
+    assert restarts[1] == 0 and 2 in restarts, restarts  # killed and wedged: both recovered
     assert outcome["state"] == "failed", outcome
     assert "failed 3 times, more than resources.max_actor_restarts = 2" in outcome["error"]
-    assert 3 < outcome["step"] <= 8
+    assert 7 <= outcome["step"] <= 12
     restored = load_final(outcome, root)
     assert restored.train["step"] == (outcome["step"] - 1) // EVERY * EVERY  # none written at the failure
-    run_json = json.loads(storage.read_bytes(storage.join(root, "actor-crash-loop", "run.json")))
+    run_json = json.loads(storage.read_bytes(storage.join(root, "actor-kill", "run.json")))
     assert run_json["state"] == "failed" and "max_actor_restarts" in run_json["error"]
 
 
@@ -405,28 +405,6 @@ def test_killed_driver_rerun_continues_from_the_newest_checkpoint(ray_session, b
     assert run_json["state"] == "succeeded" and run_json["last_step"] == 5 * EVERY
 
 
-def test_two_node_cluster_completes_and_resumes(bucket, dataset):
-    from ray.cluster_utils import Cluster
-
-    root = f"{bucket}/two-node"
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        argv = args("two-node", root, dataset, 2 * EVERY, "resources.placement_strategy=STRICT_SPREAD")
-        _finish(_driver(argv, cluster.address, CMACC_FAULT_STOP_STEP=str(EVERY)))
-        run_json = json.loads(storage.read_bytes(storage.join(root, "two-node", "run.json")))
-        assert run_json["state"] == "stopped" and run_json["last_step"] == EVERY
-        _finish(_driver([*argv, "--resume"], cluster.address))
-    finally:
-        cluster.shutdown()
-    run_json = json.loads(storage.read_bytes(storage.join(root, "two-node", "run.json")))
-    assert run_json["state"] == "succeeded" and run_json["last_step"] == 2 * EVERY
-    records = read_metrics(storage.join(root, "two-node"))
-    assert [int(r["run/start_step"]) for r in records if "run/start_step" in r] == [0, EVERY]
-    assert records[-1]["cluster/num_nodes"] == 2.0
-
-
 def test_missing_data_and_unreachable_storage_fail_before_workers_start(tmp_path, monkeypatch):
     from service import config
     from workers.driver import prepare_run
@@ -442,16 +420,3 @@ def test_missing_data_and_unreachable_storage_fail_before_workers_start(tmp_path
     cfg = config.load_recipe("demo", [*TINY, "storage.retry_budget_s=4"])  # refused connections are retried
     with pytest.raises(Failure, match="s3://unreachable/runs"):
         prepare_run(cfg, PretrainRequest(run_id="r", storage="s3://unreachable/runs", data=missing))
-
-
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_session, bucket, dataset, monkeypatch):
-    root = f"{bucket}/nan"
-    monkeypatch.setenv("CMACC_FAULT_NAN_STEP", str(EVERY + 1))
-    outcome = pretrain_here(*args("nan", root, dataset, 3 * EVERY))
-    assert outcome["state"] == "failed"
-    assert "not finite" in outcome["error"] and f"step {EVERY + 1}" in outcome["error"]
-    restored = load_final(outcome, root)
-    assert restored.train["step"] == EVERY
-    assert all(torch.isfinite(t).all() for t in restored.train["query"].values() if t.is_floating_point())
-    run_json = json.loads(storage.read_bytes(storage.join(root, "nan", "run.json")))
-    assert run_json["state"] == "failed" and "not finite" in run_json["error"]

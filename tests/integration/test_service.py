@@ -115,7 +115,13 @@ def bucket_objects(env: dict[str, str]) -> list[tuple[str, int]]:
     """What the stack's bucket holds: (key, size) of every object."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket="cmacc")
     return sorted((o["Key"], o["Size"]) for page in pages for o in page.get("Contents", []))
 
@@ -323,7 +329,12 @@ def test_cmacc_pretrain_generates_data_trains_evaluates_and_prints_the_summary(t
     assert "generating 60 synthetic clips" in result.stdout
     assert "run local: succeeded at step 4 (this job: steps 0 -> 4" in result.stdout
     assert f"cmacc: checkpoint at step 2: {root / 'local' / 'checkpoint-00000002'}" in terminal
-    for noise in ("Reporting training result", "not writable", "Token authentication is enabled", "Started a local Ray"):
+    for noise in (
+        "Reporting training result",
+        "not writable",
+        "Token authentication is enabled",
+        "Started a local Ray",
+    ):
         assert noise not in terminal, f"{noise!r} reached the terminal:\n{terminal[-3000:]}"
     table = result.stdout[result.stdout.index("top-1 on") :]
     rows = [line.split() for line in table.splitlines()[2:6]]
