@@ -173,12 +173,7 @@ def remote_actor_calls(root: Path) -> list[str]:
 
 def _reads_environment(node: ast.AST) -> bool:
     for inner in ast.walk(node):
-        if (
-            isinstance(inner, ast.Attribute)
-            and inner.attr in ("environ", "getenv")
-            and isinstance(inner.value, ast.Name)
-            and inner.value.id == "os"
-        ):
+        if isinstance(inner, ast.Attribute) and inner.attr in ("environ", "getenv"):  # os under any name
             return True
         if isinstance(inner, ast.Name) and inner.id in ("getenv", "environ"):
             return True
@@ -333,9 +328,10 @@ def test_a_planted_remote_call_on_the_actor_is_named(tree):
 def test_a_planted_environment_read_at_import_is_named(tree):
     root = tree(
         "service/config.py",
-        "import os\nBUDGET = float(os.environ.get('B', '1'))\n\ndef f():\n    return os.getenv('C')\n",
+        "import os\nimport os as _os\nBUDGET = float(os.environ.get('B', '1'))\n\ndef f():\n    return os.getenv('C')\n"
+        "RETRIES = _os.getenv('R')\n",
     )
-    assert environment_at_import(root) == ["service.config:2"]
+    assert environment_at_import(root) == ["service.config:3", "service.config:7"]
 
 
 def test_the_cycle_finder_finds_a_circle():
