@@ -9,7 +9,13 @@
 * `auto-split`: a labelled set with neither (a folder of class folders): a seeded split,
   stratified by class, that keeps every clip of one source file on one side.
 
-`auto` (the default) takes the first of these the set allows. Numpy only: no torch here.
+`auto` (the default) takes the first of these the set allows.
+
+A set whose training clips were repeated on purpose (AV-digits' `--redundancy`, recorded in
+its manifest) is redundant for pretraining only: under any protocol its probes fit on each
+source file once (its first clip in the set), so they learn the classes of the set without
+the redundancy, and a probe that answers the repeated class for every clip does not score
+as if it had learned it. Numpy only: no torch here.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class ClipTable:
     source: list[str]
     label: np.ndarray  # int64, -1 when the clip has no label
     label_names: list[str] = field(default_factory=list)
+    once_per_source: bool = False  # the probes fit on one clip of each source (a redundant set)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -77,13 +84,44 @@ def read_clip_table(uri: str, *, endpoint_url: str = "") -> ClipTable:
         sources += table.column("source").to_pylist()
         labels += [-1 if label is None else int(label) for label in table.column("label").to_pylist()]
     return ClipTable(
-        split=splits, source=sources, label=np.asarray(labels, dtype=np.int64), label_names=manifest.label_names
+        split=splits,
+        source=sources,
+        label=np.asarray(labels, dtype=np.int64),
+        label_names=manifest.label_names,
+        once_per_source=bool((manifest.made_by.get("params") or {}).get("redundancy")),
     )
+
+
+def first_of_each_source(table: ClipTable, clips: np.ndarray) -> np.ndarray:
+    """The clips of `clips` (manifest order) that are the first of their source among them."""
+    seen: set[str] = set()
+    keep = []
+    for i in clips.tolist():
+        if table.source[i] not in seen:
+            seen.add(table.source[i])
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
 
 
 def choose(table: ClipTable, requested: str = "auto", *, test_fraction: float = 0.3, seed: int = 0) -> Protocol:
     """The protocol `requested` (or, for `auto`, the one the set's splits call for) over the
-    set's labelled clips. UsageError when the set does not allow the requested one."""
+    set's labelled clips; on a redundant set the probes fit on each source once (see above)."""
+    chosen = _choose(table, requested, test_fraction=test_fraction, seed=seed)
+    if not table.once_per_source:
+        return chosen
+    for fold in chosen.folds:
+        fold.train = first_of_each_source(table, fold.train)
+    chosen.description += (
+        f"; the set is redundant, so the probes fit on one clip per source file "
+        f"({', '.join(str(len(f.train)) for f in chosen.folds)} clips)"
+    )
+    chosen.settings["once_per_source"] = True
+    return chosen
+
+
+def _choose(table: ClipTable, requested: str, *, test_fraction: float, seed: int) -> Protocol:
+    """The protocol `requested` (or `auto`'s) over the set's labelled clips. UsageError when
+    the set does not allow the requested one."""
     if requested not in PROTOCOLS:
         raise UsageError(f"--protocol {requested!r}: choose from {', '.join(PROTOCOLS)}")
     if not 0 < test_fraction < 1:

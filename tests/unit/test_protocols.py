@@ -88,3 +88,18 @@ def test_a_protocol_the_set_does_not_allow_is_refused_naming_its_splits():
         choose(t, "auto-split", test_fraction=1.5)
     with pytest.raises(DataError, match="no labelled clip"):
         choose(table(["train", "test"], ["a", "b"], [-1, -1]))
+
+
+def test_on_a_redundant_set_the_probes_fit_on_each_source_once_and_the_test_side_is_untouched():
+    # source "a" (class 0) repeated four times, as AV-digits' head class: a probe fitted on
+    # the repeats would learn that class 0 is most of the data.
+    t = table(
+        ["train", "train", "train", "train", "train", "train", "test", "test"],
+        ["a", "b", "a", "c", "a", "a", "t1", "t2"],
+        [0, 1, 0, 2, 0, 0, 0, 1],
+    )
+    assert choose(t).folds[0].train.tolist() == [0, 1, 2, 3, 4, 5], "an ordinary set keeps every clip"
+    t.once_per_source = True
+    protocol = choose(t)
+    assert protocol.folds[0].train.tolist() == [0, 1, 3] and protocol.folds[0].test.tolist() == [6, 7]
+    assert "one clip per source file (3 clips)" in protocol.description and protocol.to_dict()["once_per_source"]
