@@ -281,12 +281,14 @@ class Watcher:
             return
         if not self.stop.started:
             self.stop.mark_started()
-        if progress.get("checkpoint") is not None and progress["checkpoint"] != self.checkpoint:
-            self.checkpoint = int(progress["checkpoint"])
-            name = layout.checkpoint_name(self.checkpoint)
-            say_above(
-                self.display, f"cmacc: checkpoint at step {self.checkpoint}: {storage.join(self.run.run_uri, name)}"
-            )
+        progress = dict(progress)
+        for step in progress.pop("checkpoints", None) or []:  # each one this job reported, oldest first
+            if self.checkpoint is None or step > self.checkpoint:
+                self.checkpoint = int(step)
+                name = layout.checkpoint_name(self.checkpoint)
+                say_above(
+                    self.display, f"cmacc: checkpoint at step {self.checkpoint}: {storage.join(self.run.run_uri, name)}"
+                )
         if time.monotonic() - self.recorded_at >= self.record_every_s:
             self.recorded_at = time.monotonic()
             at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

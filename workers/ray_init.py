@@ -52,6 +52,10 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 # Notices Ray logs on every start that call for no action: said once in the docs instead
 # (README, "Token authentication"), kept off a quiet terminal.
 KNOWN_NOTICES = ("Token authentication is enabled",)
+# Lines Ray's own processes print on every run that call for no action, forwarded from the
+# workers to this terminal: Ray Train 2.60's controller warns about its own preemption
+# watcher actor (ray-project/ray#53727). They stay in the worker log files.
+KNOWN_WORKER_NOTICES = ("has constructor arguments in the object store and max_restarts > 0",)
 
 
 class _KnownNotices(logging.Filter):
@@ -75,9 +79,32 @@ def init(address: str | None, *, num_cpus: int, quiet: bool = False, **kwargs: A
     address = resolve_address(address)
     if address is None:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    else:
+        check_reachable(address)
+        ray.init(address=address, **kwargs)
+    if quiet:
+        drop_known_worker_notices()
+
+
+def drop_known_worker_notices() -> None:
+    """Ray forwards its workers' output to this process through one dispatcher; wrap its
+    handlers so that lines of `KNOWN_WORKER_NOTICES` are dropped. A Ray without that
+    dispatcher (another version) prints them: nothing else changes."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
         return
-    check_reachable(address)
-    ray.init(address=address, **kwargs)
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, _without_notices(handler)) for name, handler in dispatcher.handlers]
+
+
+def _without_notices(handler: Any) -> Any:
+    def handle(data: dict[str, Any]) -> None:
+        lines = [line for line in data.get("lines", []) if not any(n in line for n in KNOWN_WORKER_NOTICES)]
+        if lines:
+            handler({**data, "lines": lines})
+
+    return handle
 
 
 def run_task(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -19,6 +19,7 @@ from workers.step import host_values
 from workers.trackers import Tracker
 
 PROGRESS_EVERY_S = 0.5  # how often rank 0 tells the actor its step, for the driver's progress bar
+CHECKPOINTS_SHOWN = 16  # the newest checkpoint steps each progress report carries
 
 
 class PendingMetrics:
@@ -76,6 +77,7 @@ class MetricsLogger:
         self.report = report
         self.written: dict[str, float] = {}  # the newest record written
         self.checkpoint_step: int | None = None  # the newest checkpoint this job reported
+        self.checkpoint_steps: list[int] = []  # all of them, newest last (the driver prints each)
         self.last_line = self.last_report = time.perf_counter()
 
     def due(self, step: int) -> bool:
@@ -111,6 +113,8 @@ class MetricsLogger:
                 "clips_per_s": now["train/clips_per_s"],
                 "world_size": now.get("train/world_size"),
                 "checkpoint": self.checkpoint_step,
+                # the driver polls: two checkpoints can fall between its polls in a fast run
+                "checkpoints": self.checkpoint_steps[-CHECKPOINTS_SHOWN:],
             }
         )
         self.last_report = time.perf_counter()
@@ -118,6 +122,7 @@ class MetricsLogger:
     def checkpointed(self, step: int, now: dict[str, Any]) -> None:
         """Rank 0 reported a checkpoint at `step`: the driver says so on the terminal."""
         self.checkpoint_step = step
+        self.checkpoint_steps.append(step)
         self.progress(step, now, force=True)
 
     def line(self, step: int) -> None:
