@@ -56,6 +56,11 @@ KNOWN_NOTICES = ("Token authentication is enabled",)
 # workers to this terminal: Ray Train 2.60's controller warns about its own preemption
 # watcher actor (ray-project/ray#53727). They stay in the worker log files.
 KNOWN_WORKER_NOTICES = ("has constructor arguments in the object store and max_restarts > 0",)
+# Tracebacks of the same kind, dropped whole, as (actor, marker in the batch): with a second
+# Ray on the machine, Ray Train's placement-group cleaner cannot tell which one it belongs
+# to and its monitor thread ends; it only matters when the controller dies and leaves a
+# placement group behind, which ends with an embedded Ray anyway.
+KNOWN_WORKER_TRACEBACKS = (("PlacementGroupCleaner", "Found multiple active Ray instances"),)
 
 
 class _KnownNotices(logging.Filter):
@@ -100,6 +105,12 @@ def drop_known_worker_notices() -> None:
 
 def _without_notices(handler: Any) -> Any:
     def handle(data: dict[str, Any]) -> None:
+        actor = data.get("actor_name") or ""
+        if any(
+            actor == name and any(marker in line for line in data.get("lines", []))
+            for name, marker in KNOWN_WORKER_TRACEBACKS
+        ):
+            return
         lines = [line for line in data.get("lines", []) if not any(n in line for n in KNOWN_WORKER_NOTICES)]
         if lines:
             handler({**data, "lines": lines})

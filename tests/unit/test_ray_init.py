@@ -40,3 +40,17 @@ def test_an_address_nobody_answers_is_one_clear_error_before_ray_starts(monkeypa
 def test_forms_ray_resolves_itself_are_left_to_ray():
     for address in ("auto", "ray://10.0.0.1:10001", "http://127.0.0.1:8265"):
         ray_init.check_reachable(address, timeout_s=0.01)  # no exception, no connection
+
+
+def test_known_notices_of_rays_own_processes_are_dropped_and_everything_else_passes():
+    from workers.ray_init import _without_notices
+
+    shown = []
+    handle = _without_notices(shown.append)
+    notice = "core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' has constructor arguments in the object store and max_restarts > 0."
+    handle({"pid": 1, "actor_name": "TrainController", "lines": [notice, "step 1/4  loss 5.5"]})
+    handle({"pid": 2, "actor_name": "TrainController", "lines": [notice]})
+    cleaner = ["Traceback (most recent call last):", "ConnectionError: Found multiple active Ray instances: {...}"]
+    handle({"pid": 3, "actor_name": "PlacementGroupCleaner", "lines": cleaner})
+    handle({"pid": 4, "actor_name": "RayTrainWorker", "lines": cleaner})  # another actor's: shown
+    assert [(d["pid"], d["lines"]) for d in shown] == [(1, ["step 1/4  loss 5.5"]), (4, cleaner)]
