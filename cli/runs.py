@@ -29,12 +29,15 @@ def _runs(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs under {args.storage}")
         return 0
-    print(f"{'RUN':<28}{'RECIPE':<10}{'SAMPLER':<13}{'STATE':<11}{'STEP':>6}  {'CHECKPOINT':<21}{'UPDATED (UTC)':<20}")
+    width = max(28, *(len(run.run_id) + 2 for run in runs))  # a long id keeps a space after it
+    print(
+        f"{'RUN':<{width}}{'RECIPE':<10}{'SAMPLER':<13}{'STATE':<11}{'STEP':>6}  {'CHECKPOINT':<21}{'UPDATED (UTC)':<20}"
+    )
     for run in runs:
         info = run.info
         newest = run.newest_checkpoint
         print(
-            f"{run.run_id:<28}{info.get('recipe', '-'):<10}{info.get('sampler', '-'):<13}{info.get('state', '-'):<11}"
+            f"{run.run_id:<{width}}{info.get('recipe', '-'):<10}{info.get('sampler', '-'):<13}{info.get('state', '-'):<11}"
             f"{info.get('last_step', 0):>6}  {layout.checkpoint_name(newest.step) if newest else '-':<21}"
             f"{_ago(info.get('updated', '')):<20}"
         )
