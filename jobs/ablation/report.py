@@ -258,7 +258,7 @@ def markdown(report: dict[str, Any], *, command: str, wall_s: float | None) -> s
         lines += [
             "",
             "What the numbers say (the mean paired difference over seeds and its 95% confidence interval,",
-            "Student's t with n - 1 degrees of freedom; with 3 seeds the interval is wide):",
+            "Student's t with n - 1 degrees of freedom: with few seeds the interval is wide):",
             "",
         ]
         for sampler, figures in report["samplers"].items():
