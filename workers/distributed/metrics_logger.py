@@ -76,8 +76,7 @@ class MetricsLogger:
         self.rank = rank
         self.report = report
         self.written: dict[str, float] = {}  # the newest record written
-        self.checkpoint_step: int | None = None  # the newest checkpoint this job reported
-        self.checkpoint_steps: list[int] = []  # all of them, newest last (the driver prints each)
+        self.checkpoint_steps: list[int] = []  # the checkpoints this job reported, newest last
         self.last_line = self.last_report = time.perf_counter()
 
     def due(self, step: int) -> bool:
@@ -112,7 +111,7 @@ class MetricsLogger:
                 "loss": self.written.get("train/loss", math.nan),
                 "clips_per_s": now["train/clips_per_s"],
                 "world_size": now.get("train/world_size"),
-                "checkpoint": self.checkpoint_step,
+                "checkpoint": self.checkpoint_steps[-1] if self.checkpoint_steps else None,
                 # the driver polls: two checkpoints can fall between its polls in a fast run
                 "checkpoints": self.checkpoint_steps[-CHECKPOINTS_SHOWN:],
             }
@@ -121,7 +120,6 @@ class MetricsLogger:
 
     def checkpointed(self, step: int, now: dict[str, Any]) -> None:
         """Rank 0 reported a checkpoint at `step`: the driver says so on the terminal."""
-        self.checkpoint_step = step
         self.checkpoint_steps.append(step)
         self.progress(step, now, force=True)
 
