@@ -1,4 +1,4 @@
-"""`python -m jobs.ablate --data URI [--samplers active,uncertainty,diversity,random,moco] [--seeds 3] [--recipe R] [--set k=v ...] [--storage URI] [--id NAME] [--address ...]`
+"""`python -m jobs.ablate --data URI [--samplers active,uncertainty,diversity,random,moco] [--seeds 3] [--baseline random] [--recipe R] [--set k=v ...] [--storage URI] [--id NAME] [--address ...]`
 
 Runs that differ only in sampler and seed, each an ordinary pretraining run (listed by
 `cmacc runs`, resumable), then an evaluation of each and a report (`report.md`,
@@ -65,7 +65,11 @@ def ablate(request: AblateRequest, *, command: str = "", progress: Any = None) -
     else:
         runner.run_locally(spec, steps=cfg.train.steps, progress=progress, endpoint_url=endpoint)
     return runner.build_report(
-        spec, command=command or "cmacc ablate", wall_s=time.perf_counter() - started, endpoint_url=endpoint
+        spec,
+        command=command or "cmacc ablate",
+        wall_s=time.perf_counter() - started,
+        baseline=request.baseline or "random",
+        endpoint_url=endpoint,
     )
 
 

@@ -232,6 +232,11 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated samplers to compare (default: {','.join(SAMPLERS)})",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per sampler: 0..N-1 (default: 3)")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="the sampler every other is compared with, paired by seed (one of --samplers; default: random)",
+    )
     add_recipe_arguments(parser)
     parser.add_argument(
         "--storage", default=None, help="storage root URI for the runs and the report (default: ./runs)"
@@ -257,10 +262,15 @@ class AblateRequest:
     storage: str | None = None
     ablation_id: str | None = None
     address: str | None = None
+    baseline: str | None = None  # None: `random` (the report has no comparisons when it is not compared)
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise UsageError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.baseline is not None and self.baseline not in self.samplers:
+            raise UsageError(
+                f"--baseline: {self.baseline!r} is not one of the compared samplers ({', '.join(self.samplers)})"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AblateRequest:
@@ -273,6 +283,7 @@ class AblateRequest:
             storage=args.storage,
             ablation_id=args.ablation_id,
             address=args.address,
+            baseline=args.baseline,
         )
 
 

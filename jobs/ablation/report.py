@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.ablation import plots
+from jobs.ablation import plots, stats
 from jobs.ablation.plan import AblationSpec
 from jobs.ablation.series import (
     DICT_SERIES,
@@ -24,7 +24,8 @@ from jobs.ablation.series import (
     PROBE_FIGURES,
     SHADOW_SERIES,
 )
-from service import catalog, storage
+from service import catalog, errors, storage
+from service.errors import UsageError
 from workers.metrics import read_metrics
 
 
@@ -112,16 +113,9 @@ def _train_seconds(info: dict[str, Any], records: list[dict[str, Any]]) -> float
     return float(times[-1] - times[0]) if len(times) > 1 else None
 
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's).
-T_975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
-
-
 def t_quantile(degrees_of_freedom: int) -> float:
-    return T_975[degrees_of_freedom - 1] if degrees_of_freedom <= len(T_975) else 1.96
+    """The two-sided 95% quantile of Student's t (what every interval of the report uses)."""
+    return stats.t_quantile(1.0 - stats.ALPHA / 2.0, degrees_of_freedom)
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -135,51 +129,111 @@ def _stats(values: list[float]) -> dict[str, Any]:
     }
 
 
-def aggregate(spec: AblationSpec, runs: list[RunResult]) -> dict[str, Any]:
-    """report.json's content: the spec, every run's figures, and per sampler the mean and
-    standard deviation over seeds of each figure and of its difference to `random` (paired
-    by seed)."""
-    figures_of = {(r.sampler, r.seed): r.figures() for r in runs}
+def aggregate(spec: AblationSpec, runs: list[RunResult], *, baseline: str = "random") -> dict[str, Any]:
+    """report.json's content: the spec, every run's figures, per sampler the mean and standard
+    deviation over seeds of each figure and of its difference to `baseline` (paired by seed),
+    and the family of comparisons with the baseline (`comparisons`)."""
+    run_rows = [
+        {
+            "run_id": r.run_id,
+            "sampler": r.sampler,
+            "seed": r.seed,
+            "state": r.state,
+            "steps": r.steps,
+            "figures": r.figures(),
+            "top1": r.top1,
+        }
+        for r in runs
+    ]
+    return summarise(spec.to_dict(), run_rows, baseline=baseline)
+
+
+def summarise(spec: dict[str, Any], runs: list[dict[str, Any]], *, baseline: str = "random") -> dict[str, Any]:
+    """The report's aggregates from its runs' rows (as report.json keeps them), against `baseline`:
+    what `aggregate` computes, and how a saved report is drawn against another baseline (`rebase`)."""
+    figures_of = {(r["sampler"], r["seed"]): r["figures"] for r in runs}
     names = list(next(iter(figures_of.values()))) if figures_of else []
+    has_baseline = baseline in spec["samplers"]
     samplers: dict[str, Any] = {}
-    for sampler in spec.samplers:
-        mine = {seed: figures_of[sampler, seed] for seed in spec.seeds if (sampler, seed) in figures_of}
+    for sampler in spec["samplers"]:
+        mine = {seed: figures_of[sampler, seed] for seed in spec["seeds"] if (sampler, seed) in figures_of}
         figures = {}
         for name in names:
-            figures[name] = _stats([f[name] for f in mine.values() if f[name] is not None])
-            if "random" in spec.samplers and sampler != "random":
+            figures[name] = _stats([f[name] for f in mine.values() if f.get(name) is not None])
+            if has_baseline and sampler != baseline:
                 diffs = []
                 for seed, f in mine.items():
-                    base = figures_of.get(("random", seed), {}).get(name)
-                    if f[name] is not None and base is not None:
+                    base = figures_of.get((baseline, seed), {}).get(name)
+                    if f.get(name) is not None and base is not None:
                         diffs.append(f[name] - base)
-                figures[name]["minus_random"] = _stats(diffs)
+                figures[name][f"minus_{baseline}"] = _stats(diffs)
         samplers[sampler] = figures
     untrained = {}  # the untrained encoders of a seed are the same for every sampler: one value per seed
     for name in PROBE_FIGURES:
         per_seed = {}
         for r in runs:
-            value = r.top1.get(name, {}).get("untrained")
+            value = r["top1"].get(name, {}).get("untrained")
             if value is not None:
-                per_seed.setdefault(r.seed, value)
+                per_seed.setdefault(r["seed"], value)
         untrained[name] = _stats(list(per_seed.values()))
     return {
-        "spec": spec.to_dict(),
-        "runs": [
-            {
-                "run_id": r.run_id,
-                "sampler": r.sampler,
-                "seed": r.seed,
-                "state": r.state,
-                "steps": r.steps,
-                "figures": figures_of[r.sampler, r.seed],
-                "top1": r.top1,
-            }
-            for r in runs
-        ],
+        "spec": spec,
+        "baseline": baseline,
+        "runs": runs,
         "samplers": samplers,
         "untrained": untrained,
+        "comparisons": comparisons(samplers, baseline) if has_baseline else [],
     }
+
+
+def rebase(report: dict[str, Any], baseline: str) -> dict[str, Any]:
+    """A saved report (report.json) with its aggregates and comparisons drawn against `baseline`."""
+    if baseline not in report["spec"]["samplers"]:
+        known = ", ".join(report["spec"]["samplers"])
+        raise UsageError(f"--baseline: {baseline!r} is not one of the report's samplers ({known})")
+    out = summarise(report["spec"], report["runs"], baseline=baseline)
+    return {**{k: v for k, v in report.items() if k not in out}, **out}
+
+
+def comparisons(samplers: dict[str, Any], baseline: str) -> list[dict[str, Any]]:
+    """Every sampler against the baseline on every probe figure: the family a report tests.
+
+    Each row has the paired mean difference, its spread and 95% interval, the paired t-test's p,
+    Holm's adjusted p over the whole family (so that the chance of any false claim in the report
+    stays at 5%), and the minimum detectable difference at 80% power, at 5% and at the strictest
+    Holm level (5% over the family's size)."""
+    rows = []
+    for sampler, figures in samplers.items():
+        if sampler == baseline:
+            continue
+        for name in PROBE_FIGURES:
+            diff = figures.get(name, {}).get(f"minus_{baseline}") or {}
+            if diff.get("mean") is None:
+                continue
+            rows.append({"sampler": sampler, "figure": name, "diff": diff})
+    family = len([row for row in rows if row["diff"]["std"] is not None])
+    pairs = [stats.Paired(mean=row["diff"]["mean"], std=row["diff"]["std"], n=row["diff"]["n"]) for row in rows]
+    adjusted = stats.holm([pair.p_value for pair in pairs])
+    out = []
+    for row, pair, p_holm in zip(rows, pairs, adjusted):
+        half = pair.half_width
+        out.append(
+            {
+                "sampler": row["sampler"],
+                "figure": row["figure"],
+                "mean": pair.mean,
+                "std": pair.std,
+                "n": pair.n,
+                "low": None if half is None else pair.mean - half,
+                "high": None if half is None else pair.mean + half,
+                "p": pair.p_value,
+                "p_holm": p_holm,
+                "family": family,
+                "mde": pair.minimum_detectable(),
+                "mde_holm": pair.minimum_detectable(alpha=stats.ALPHA / family) if family else None,
+            }
+        )
+    return out
 
 
 def _fmt(stats: dict[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
@@ -192,21 +246,98 @@ def _fmt(stats: dict[str, Any] | None, digits: int = 3, signed: bool = False) ->
     return f"{stats['mean']:{sign}.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def verdict(sampler: str, name: str, diff: dict[str, Any]) -> str:
-    """One sentence on `sampler` - random for a figure: the mean paired difference and its 95%
-    confidence interval over seeds (Student's t with n - 1 degrees of freedom)."""
+def verdict(
+    sampler: str,
+    name: str,
+    diff: dict[str, Any],
+    *,
+    baseline: str = "random",
+    p_holm: float | None = None,
+    family: int = 0,
+) -> str:
+    """One sentence on `sampler` - `baseline` for a figure: the mean paired difference and its 95%
+    confidence interval over seeds (Student's t with n - 1 degrees of freedom) and, given the
+    Holm-adjusted p of the report's family of `family` comparisons, whether it holds after it."""
     if not diff or diff.get("mean") is None:
-        return f"{sampler} vs random, {name}: no paired runs"
+        return f"{sampler} vs {baseline}, {name}: no paired runs"
     mean, std, n = diff["mean"], diff["std"], diff["n"]
     if std is None:
-        return f"{sampler} vs random, {name}: {mean:+.3f} (one seed: no spread to judge it against)"
+        return f"{sampler} vs {baseline}, {name}: {mean:+.3f} (one seed: no spread to judge it against)"
     half_width = t_quantile(n - 1) * std / math.sqrt(n)
     interval = f"95% interval {mean - half_width:+.3f} to {mean + half_width:+.3f}"
     if abs(mean) <= half_width:
         judged = "no difference shown (the interval includes 0)"
     else:
-        judged = f"{'above' if mean > 0 else 'below'} random (the interval excludes 0)"
-    return f"{sampler} vs random, {name}: {mean:+.3f} ± {std:.3f} over {n} seeds, {interval}: {judged}"
+        judged = f"{'above' if mean > 0 else 'below'} {baseline} (the interval excludes 0)"
+    sentence = f"{sampler} vs {baseline}, {name}: {mean:+.3f} ± {std:.3f} over {n} seeds, {interval}: {judged}"
+    if p_holm is not None and family > 1:
+        held = "still shown" if p_holm < stats.ALPHA else "not shown"
+        sentence += f"; over the report's {family} comparisons (Holm) {held}, adjusted p = {p_holm:.3f}"
+    return sentence
+
+
+def comparison_lines(report: dict[str, Any]) -> list[str]:
+    """The report's comparisons with its baseline: paired tables, Holm's verdicts, and power."""
+    baseline = report.get("baseline", "random")
+    if baseline not in report["samplers"]:
+        return []
+    key = f"minus_{baseline}"
+    lines = [
+        "",
+        f"## Difference to `{baseline}` (paired by seed: same initialisation and data order)",
+        "",
+        "| sampler | video linear | video k-NN | audio linear | audio k-NN |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for sampler, figures in report["samplers"].items():
+        if sampler != baseline:
+            cells = [_fmt(figures[name].get(key), signed=True) for name in PROBE_FIGURES]
+            lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
+    rows = report.get("comparisons") or []
+    family = rows[0]["family"] if rows else 0
+    if family:
+        lines += [
+            "",
+            f"## The {family} comparisons with `{baseline}`: intervals, Holm's correction, power",
+            "",
+            f"With {family} comparisons at 5%, about {family * stats.ALPHA:.1f} would exclude 0 by chance alone; Holm's",
+            "adjusted p keeps the chance of any false claim in the report at 5%. The minimum detectable",
+            "difference (MDE) is the smallest true difference these seeds would show 80% of the time, taking the",
+            "observed spread of the paired differences as the true one, at 5% and at Holm's strictest level",
+            f"(5% / {family}).",
+            "",
+            "| sampler | figure | difference | 95% interval | p | Holm p | shown after Holm | MDE 80% | MDE 80%, Holm |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in rows:
+            if row["std"] is None:
+                continue
+            shown = row["p_holm"] < stats.ALPHA
+            lines.append(
+                f"| {row['sampler']} | {row['figure']} | {row['mean']:+.3f} | "
+                f"[{row['low']:+.3f}, {row['high']:+.3f}] | {row['p']:.3f} | {row['p_holm']:.3f} | "
+                f"{'yes' if shown else 'no'} | {row['mde']:.3f} | {row['mde_holm']:.3f} |"
+            )
+    lines += [
+        "",
+        "What the numbers say (the mean paired difference over seeds and its 95% confidence interval,",
+        "Student's t with n - 1 degrees of freedom: with few seeds the interval is wide):",
+        "",
+    ]
+    holm_of = {(row["sampler"], row["figure"]): row["p_holm"] for row in rows}
+    for sampler, figures in report["samplers"].items():
+        if sampler != baseline:
+            for name in ("video/linear", "audio/linear"):
+                sentence = verdict(
+                    sampler,
+                    name,
+                    figures[name].get(key),
+                    baseline=baseline,
+                    p_holm=holm_of.get((sampler, name)),
+                    family=family,
+                )
+                lines.append(f"* {sentence}")
+    return lines
 
 
 def markdown(report: dict[str, Any], *, command: str, wall_s: float | None) -> str:
@@ -242,29 +373,7 @@ def markdown(report: dict[str, Any], *, command: str, wall_s: float | None) -> s
         cells = [str(figures["video/linear"]["n"])] + [_fmt(figures[name]) for name in PROBE_FIGURES]
         cells += [_fmt(figures["final_loss"]), _fmt(figures["select_ms"], 1), _fmt(figures["train_s"], 0)]
         lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
-    if "random" in report["samplers"]:
-        lines += [
-            "",
-            "## Difference to `random` (paired by seed: same initialisation and data order)",
-            "",
-            "| sampler | video linear | video k-NN | audio linear | audio k-NN |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for sampler, figures in report["samplers"].items():
-            if sampler == "random":
-                continue
-            cells = [_fmt(figures[name].get("minus_random"), signed=True) for name in PROBE_FIGURES]
-            lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "What the numbers say (the mean paired difference over seeds and its 95% confidence interval,",
-            "Student's t with n - 1 degrees of freedom: with few seeds the interval is wide):",
-            "",
-        ]
-        for sampler, figures in report["samplers"].items():
-            if sampler != "random":
-                for name in ("video/linear", "audio/linear"):
-                    lines.append(f"* {verdict(sampler, name, figures[name].get('minus_random'))}")
+    lines += comparison_lines(report)
     lines += dictionary_tables(report)
     lines += shadow_tables(report)
     lines += [
@@ -342,10 +451,16 @@ def summary_table(report: dict[str, Any]) -> str:
 
 
 def write_report(
-    spec: AblationSpec, runs: list[RunResult], *, command: str, wall_s: float | None = None, endpoint_url: str = ""
+    spec: AblationSpec,
+    runs: list[RunResult],
+    *,
+    command: str,
+    wall_s: float | None = None,
+    baseline: str = "random",
+    endpoint_url: str = "",
 ) -> dict[str, Any]:
     """Write report.json, report.md and the PNGs into the ablation folder; returns the report."""
-    report = aggregate(spec, runs)
+    report = aggregate(spec, runs, baseline=baseline)
     report["command"] = command
     report["wall_s"] = wall_s
     files = {
@@ -356,3 +471,22 @@ def write_report(
     for name, data in files.items():
         storage.write_bytes(storage.join(spec.folder, name), data, endpoint_url=endpoint_url)
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.ablation.report REPORT_JSON [--baseline NAME]`: a saved report's comparisons
+    drawn again against another of its samplers (printed as Markdown; nothing is written)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.ablation.report", description=main.__doc__.splitlines()[0])
+    parser.add_argument("report", help="URI of an ablation's report.json")
+    parser.add_argument("--baseline", default="random", help="the sampler every other is compared with")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    saved = json.loads(storage.read_bytes(args.report))
+    print("\n".join(comparison_lines(rebase(saved, args.baseline))).strip(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    errors.run_main(main)

@@ -185,7 +185,12 @@ def progress_of(spec: plan.AblationSpec, run_id: str, *, endpoint_url: str = "")
 
 
 def build_report(
-    spec: plan.AblationSpec, *, command: str, wall_s: float | None, endpoint_url: str = ""
+    spec: plan.AblationSpec,
+    *,
+    command: str,
+    wall_s: float | None,
+    baseline: str = "random",
+    endpoint_url: str = "",
 ) -> dict[str, Any]:
     runs = [report.load_run(spec, sampler, seed, endpoint_url=endpoint_url) for sampler, seed in spec.runs()]
-    return report.write_report(spec, runs, command=command, wall_s=wall_s, endpoint_url=endpoint_url)
+    return report.write_report(spec, runs, command=command, wall_s=wall_s, baseline=baseline, endpoint_url=endpoint_url)
