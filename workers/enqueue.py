@@ -143,9 +143,10 @@ def build_dictionaries(cfg: Config, *, device: torch.device, sampler: str | None
     """Dictionaries of `method.dictionary_size` random unit keys (the same on every device
     for a seed), empty stream pools of N = `cfg.pool_capacity` (none with the fresh pool) and
     the sampler `sampler` (default `method.sampler`; another name makes a shadow, seeded
-    apart), which enqueues P = `cfg.enqueue_per_step` keys a step."""
+    apart; `name:seeding` a shadow with that k-means++ seeding instead of `method.seeding`),
+    which enqueues P = `cfg.enqueue_per_step` keys a step."""
     method, dim = cfg.method, cfg.model.embed_dim
-    name = sampler or method.sampler
+    name, _, seeding = (sampler or method.sampler).partition(":")
     init = torch.Generator().manual_seed(cfg.train.seed)
     stream = method.pool == "stream"
     pool_size = cfg.pool_capacity
@@ -158,8 +159,9 @@ def build_dictionaries(cfg: Config, *, device: torch.device, sampler: str | None
             name=name,
             temperature=method.temperature,
             num_pseudo_classes=method.pseudo_classes,
-            seed=sampler_seed(cfg.train.seed, name, shadow=sampler is not None),
+            seed=sampler_seed(cfg.train.seed, sampler or name, shadow=sampler is not None),
             device=device,
+            seeding=seeding or method.seeding,
         ),
         num_enqueue=cfg.enqueue_per_step if name != "moco" else cfg.global_batch_size,
     )

@@ -38,18 +38,34 @@ deterministic given the generator's state. The seeding loop (one iteration per p
 host synchronisation inside: every random number is drawn before it, each draw inverts a
 cumulative sum on the device, and a pick that could not be made is marked -1 and dropped
 after the loop, so the loop's work and shapes are fixed (CUDA-graph and compile friendly).
+
+Two seedings (`method.seeding`) make the k-means++ picks of `active`, `active-dict`,
+`active-aware`, `hardness` and `diversity`:
+
+* `exact`: one pick after another, as above: P dependent steps, each reading the whole
+  candidate matrix (N x (C + d)) for one matrix-vector product.
+* `parallel`: D^2 sampling in rounds (k-means||, Bahmani et al. 2012, without its
+  reclustering): the first pick as in `exact`, then a fixed number of rounds
+  (`workers.seeding.PARALLEL_ROUNDS`), each drawing a batch of picks at once without replacement from the
+  D^2 weights (Gumbel top-k: the largest log w_i + Gumbel noise) and updating every
+  candidate's nearest squared distance with one matrix product against the new picks. The
+  same N x P x (C + d) multiply-adds as `exact`, but as matrix products, in about 17
+  dependent steps instead of P. The round sizes are fixed by P alone (no host sync), grow
+  geometrically (early picks are few, so later rounds see where the first ones went), and
+  when every round is a single pick the picks are `exact`'s, random number for random number.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from service.config import Sampler as SamplerName
+from workers.seeding import PARALLEL_ROUNDS, check_seeding, kmeans_pp_seeding
 
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 MAX_DEFAULT_PSEUDO_CLASSES = 256
@@ -146,73 +162,6 @@ def hardness_embeddings(
     return weights @ queries  # N x d
 
 
-def _draw(weights: Tensor, available: Tensor, uniform: Tensor, positions: Tensor) -> Tensor:
-    """Index drawn with probability proportional to `weights` over `available` rows.
-
-    Falls back to uniform over the available rows when their weights are all zero (every
-    candidate coincides with a pick). The draw is the first row whose cumulative weight
-    exceeds uniform x total. Returns a 0-dim index tensor; nothing leaves the device.
-    """
-    weights = torch.where(available, weights, 0)  # N
-    weights = torch.where(weights.sum() > 0, weights, available.to(weights.dtype))
-    cumulative = torch.cumsum(weights.double(), dim=0)  # N; float64 keeps the tail of a long sum exact
-    row = torch.searchsorted(cumulative, (uniform * cumulative[-1]).reshape(1), right=True)[0]
-    # uniform x total can round up to the total: never step past the last row with weight.
-    last = torch.where(weights > 0, positions, 0).max()
-    return torch.minimum(row, last)
-
-
-def kmeans_pp_seeding(
-    *,
-    factors: tuple[Tensor, ...],
-    sq_norms: Tensor,
-    ids: Tensor,
-    available: Tensor,
-    num_picks: int,
-    first: Literal["largest", "drawn"],
-    generator: torch.Generator,
-    centres_sq: Tensor | None = None,
-) -> Tensor:
-    """k-means++ seeding (D^2 sampling) over embeddings given in factorised form.
-
-    The embedding e_i of row i is the outer product of the rows factors[0][i], factors[1][i],
-    ...: so e_i . e_j = prod_f (F_f[i] . F_f[j]) and |e_i|^2 = `sq_norms[i]` [N]. With
-    factors (a, u) the embeddings are the gradient embeddings g; with (u,) the keys.
-
-    `centres_sq` [N], when given, is each row's squared distance to the nearest of centres
-    chosen before (not rows here): the seeding continues from them. `first="largest"` starts
-    from the available row of largest norm; `"drawn"` draws the first pick like the next ones,
-    with probability proportional to the squared distance to its nearest centre (uniform
-    when there is none). Each next pick is drawn with probability proportional to the squared
-    distance to its nearest pick or centre. Rows not `available` [N] (bool) are never picked;
-    after a pick, every row with the same clip id (`ids` [N]) leaves the available set.
-    Returns the picked rows [P] in pick order, P <= `num_picks` (fewer when the available
-    clips run out).
-    """
-    n = sq_norms.shape[0]
-    device = sq_norms.device
-    uniforms = torch.rand(num_picks, generator=generator, device=device, dtype=torch.float64)  # M
-    positions = torch.arange(n, device=device)  # N
-    available = available.clone()  # N
-    # N: squared distance to the nearest pick (or centre)
-    nearest_sq = torch.zeros_like(sq_norms) if centres_sq is None else centres_sq.to(sq_norms.dtype)
-    picks = torch.full((num_picks,), -1, dtype=torch.long, device=device)  # M
-    for t in range(num_picks):
-        if t == 0 and first == "largest":
-            row = torch.where(available, sq_norms, float("-inf")).argmax()
-        else:
-            # Before the first pick (and with no centres) every weight is 0: the draw is uniform.
-            row = _draw(nearest_sq, available, uniforms[t], positions)
-        picks[t] = torch.where(available.any(), row, -1)
-        inner = factors[0] @ factors[0][row]  # N
-        for factor in factors[1:]:
-            inner = inner * (factor @ factor[row])
-        sq = (sq_norms + sq_norms[row] - 2 * inner).clamp_min(0)  # N: squared distances to the new pick
-        nearest_sq = sq if t == 0 and centres_sq is None else torch.minimum(nearest_sq, sq)
-        available &= ids != ids[row]
-    return picks[picks >= 0]
-
-
 def _first_per_clip(order: Tensor, ids: Tensor) -> Tensor:
     """Boolean mask over `order` [N] keeping the first row of each clip id; no Python loop."""
     unique_ids, group = torch.unique(ids[order], return_inverse=True)  # U, N
@@ -225,6 +174,7 @@ def _first_per_clip(order: Tensor, ids: Tensor) -> Tensor:
 
 
 DICTIONARY_SAMPLERS = ("active-dict", "active-aware", "hardness")  # the samplers that read `dictionary_keys`
+SEEDING_SAMPLERS = ("active", "active-dict", "active-aware", "hardness", "diversity")  # k-means++ seeding
 
 
 def _check_inputs(
@@ -259,6 +209,8 @@ def select(
     num_pseudo_classes: int,
     generator: torch.Generator,
     dictionary_keys: Tensor | np.ndarray | None = None,
+    seeding: str = "exact",
+    rounds: int = PARALLEL_ROUNDS,
 ) -> Selection:
     """Choose the keys that enter one modality's dictionary this step.
 
@@ -272,9 +224,13 @@ def select(
     samplers pick. tau = `temperature`. `generator` lives on the tensors' device.
     dictionary_keys [K, d]: the dictionary the picks enter, oldest first (its first P rows
     are the keys the picks replace); `active-dict`, `active-aware` and `hardness` need it.
+    `seeding`: how the seeding samplers make their k-means++ picks, "exact" (one after
+    another) or "parallel" (in `rounds` rounds after the first pick); see the module.
     """
     if name not in SAMPLER_NAMES:
         raise ValueError(f"method.sampler: unknown sampler {name!r} (known: {', '.join(SAMPLER_NAMES)})")
+    check_seeding(seeding, rounds)
+    seeding_rounds = rounds if seeding == "parallel" else None
     if name in DICTIONARY_SAMPLERS and dictionary_keys is None:
         raise ValueError(f"method.sampler: {name!r} needs dictionary_keys, the dictionary its picks enter")
     if dictionary_keys is None:
@@ -318,6 +274,7 @@ def select(
             num_picks=num_picks,
             first="drawn" if name == "diversity" else "largest",
             generator=generator,
+            rounds=seeding_rounds,
         )
         return Selection(keys=pool_keys[rows], ids=pool_ids[rows], indices=rows)
 
@@ -344,13 +301,15 @@ def select(
         first="largest" if centres_sq is None else "drawn",
         generator=generator,
         centres_sq=centres_sq,
+        rounds=seeding_rounds,
     )
     return Selection(keys=pool_keys[rows], ids=pool_ids[rows], indices=rows)
 
 
 class Sampler:
     """A named sampler with its own random state: what the trainer (or the dictionary actor)
-    holds. `select` accepts torch tensors or numpy arrays and works on `device`."""
+    holds. `select` accepts torch tensors or numpy arrays and works on `device` with the
+    k-means++ seeding `seeding` ("exact" or "parallel")."""
 
     def __init__(
         self,
@@ -360,10 +319,13 @@ class Sampler:
         num_pseudo_classes: int = 0,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        seeding: str = "exact",
     ):
         if name not in SAMPLER_NAMES:
             raise ValueError(f"method.sampler: unknown sampler {name!r} (known: {', '.join(SAMPLER_NAMES)})")
+        check_seeding(seeding)
         self.name = name
+        self.seeding = seeding
         self.temperature = temperature
         self.num_pseudo_classes = num_pseudo_classes
         self.device = torch.device(device)
@@ -400,6 +362,7 @@ class Sampler:
             num_pseudo_classes=self.num_pseudo_classes,
             generator=self.generator,
             dictionary_keys=None if dictionary_keys is None else tensor(dictionary_keys),
+            seeding=self.seeding,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -440,3 +440,65 @@ def test_sampler_passes_a_numpy_dictionary_on(name):
     got = sampler.select(**arrays, num_picks=6, dictionary_keys=dictionary.numpy())
     want = run(name, inputs, num_picks=6, seed=4, num_pseudo_classes=5, dictionary_keys=dictionary)
     assert got.indices.tolist() == want.indices.tolist()
+
+
+# --- the parallel seeding where its rounds are single picks ---------------------------------
+
+
+@pytest.mark.parametrize("rounds", [11, 16])  # P - 1 = 11 picks after the first: every round is one pick
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_parallel_active_with_single_pick_rounds_equals_the_reference(seed, rounds):
+    inputs = make_inputs(seed=seed)
+    got = select(
+        "active",
+        **inputs,
+        num_picks=12,
+        temperature=TAU,
+        num_pseudo_classes=5,
+        generator=torch.Generator().manual_seed(seed),
+        seeding="parallel",
+        rounds=rounds,
+    )
+    assert got.indices.tolist() == reference_active(inputs, num_picks=12, seed=seed, num_pseudo_classes=5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_parallel_diversity_with_single_pick_rounds_equals_the_reference(seed):
+    inputs = make_inputs(seed=seed)
+    got = select(
+        "diversity",
+        **inputs,
+        num_picks=12,
+        temperature=TAU,
+        num_pseudo_classes=0,
+        generator=torch.Generator().manual_seed(seed),
+        seeding="parallel",
+        rounds=11,
+    )
+    uniforms = torch.rand(12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    excluded = set(inputs["exclude_ids"].tolist())
+    want = reference_kmeans_pp(inputs["pool_keys"], inputs["pool_ids"], excluded, 12, uniforms, first_largest=False)
+    assert got.indices.tolist() == want
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_parallel_active_aware_and_hardness_with_single_pick_rounds_equal_their_references(seed):
+    inputs, dictionary = make_inputs(seed=seed), make_dictionary(seed=seed)
+
+    def parallel(name, num_picks):
+        return select(
+            name,
+            **inputs,
+            num_picks=num_picks,
+            temperature=TAU,
+            num_pseudo_classes=5,
+            generator=torch.Generator().manual_seed(seed),
+            dictionary_keys=dictionary,
+            seeding="parallel",
+            rounds=num_picks,
+        ).indices.tolist()
+
+    want = reference_active(inputs, num_picks=8, seed=seed, num_pseudo_classes=5, staying=dictionary[8:])
+    assert parallel("active-aware", 8) == want
+    want = reference_hardness(inputs, dictionary, num_picks=12, seed=seed, num_pseudo_classes=5)
+    assert parallel("hardness", 12) == want

@@ -2,7 +2,8 @@
 
 `sampler`: one dictionary selection (step 4 of the method) of P keys from a pool of N for a
 global batch of M, on random unit keys: `--warmup` untimed runs, then the median of `--repeats` timed ones, with
-CUDA synchronised around each. `cmacc bench sampler` and `python -m jobs.bench sampler` run
+CUDA synchronised around each. Each case runs once per k-means++ seeding asked for
+(`method.seeding`), one after the other, so a comparison of seedings shares the machine's state. `cmacc bench sampler` and `python -m jobs.bench sampler` run
 `jobs.bench.run_sampler`.
 """
 
@@ -22,7 +23,8 @@ from torch.nn import functional as F
 from service import storage
 from service.errors import UsageError
 from workers.bench import check_device, device_name
-from workers.sampler import resolve_pseudo_classes, select
+from workers.sampler import SEEDING_SAMPLERS, resolve_pseudo_classes, select
+from workers.seeding import PARALLEL_ROUNDS, seeding_round_sizes
 from workers.tensors import synchronize
 
 
@@ -38,6 +40,7 @@ def time_selection(
     warmup: int,
     seed: int,
     temperature: float = 0.07,
+    seeding: str = "exact",
 ) -> dict[str, Any]:
     """Milliseconds per selection of P = `num_picks` keys from N = `num_candidates` on
     `device`, for a global batch of M = `batch_size` clips.
@@ -71,6 +74,7 @@ def time_selection(
             temperature=temperature,
             num_pseudo_classes=0,
             generator=generator,
+            seeding=seeding,
         )
         synchronize(device)
         if run >= warmup:
@@ -81,6 +85,11 @@ def time_selection(
         "M": batch_size,
         "P": num_picks,
         "C": resolve_pseudo_classes(0, batch_size),
+        "seeding": seeding,
+        # dependent steps of the k-means++ seeding (0: the sampler does not seed)
+        "rounds": len(seeding_round_sizes(num_picks, PARALLEL_ROUNDS if seeding == "parallel" else None))
+        if sampler in SEEDING_SAMPLERS
+        else 0,
         "ms": statistics.median(timings),
         "ms_min": min(timings),
         "timings_ms": timings,
@@ -91,6 +100,7 @@ def bench_sampler(
     *,
     cases: Sequence[tuple[int, int, int]],
     sampler: str = "active",
+    seedings: Sequence[str] = ("exact",),
     dim: int = 128,
     device: str = "cpu",
     repeats: int = 5,
@@ -98,27 +108,31 @@ def bench_sampler(
     seed: int = 0,
     on_case: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Time every (N, M, P) case; returns the setting and one result per case."""
+    """Time every (N, M, P) case with every seeding; returns the setting and one result per
+    case and seeding (the seedings of a case next to each other)."""
     torch_device = check_device(device, command="sampler")
     results = []
     for num_candidates, batch_size, num_picks in cases:
-        result = time_selection(
-            sampler=sampler,
-            num_candidates=num_candidates,
-            batch_size=batch_size,
-            num_picks=num_picks,
-            dim=dim,
-            device=torch_device,
-            repeats=repeats,
-            warmup=warmup,
-            seed=seed,
-        )
-        results.append(result)
-        if on_case is not None:
-            on_case(result)
+        for seeding in seedings:
+            result = time_selection(
+                sampler=sampler,
+                num_candidates=num_candidates,
+                batch_size=batch_size,
+                num_picks=num_picks,
+                dim=dim,
+                device=torch_device,
+                repeats=repeats,
+                warmup=warmup,
+                seed=seed,
+                seeding=seeding,
+            )
+            results.append(result)
+            if on_case is not None:
+                on_case(result)
     return {
         "benchmark": "sampler",
         "sampler": sampler,
+        "seedings": list(seedings),
         "device": device,
         "device_name": device_name(torch_device),
         "threads": torch.get_num_threads(),
@@ -130,19 +144,21 @@ def bench_sampler(
     }
 
 
-TABLE_HEADER = f"{'N':>7} {'M':>6} {'P':>6} {'C':>5} {'ms (median)':>12} {'ms (min)':>10}"
+TABLE_HEADER = f"{'N':>7} {'M':>6} {'P':>6} {'C':>5} {'seeding':>9} {'rounds':>7} {'ms (median)':>12} {'ms (min)':>10}"
 
 
 def table_row(result: dict[str, Any]) -> str:
     return (
-        f"{result['N']:>7} {result['M']:>6} {result['P']:>6} {result['C']:>5} "
-        f"{result['ms']:>12.2f} {result['ms_min']:>10.2f}"
+        f"{result['N']:>7} {result['M']:>6} {result['P']:>6} {result['C']:>5} {result['seeding']:>9} "
+        f"{result['rounds']:>7} {result['ms']:>12.2f} {result['ms_min']:>10.2f}"
     )
 
 
-def run_sampler_command(args: argparse.Namespace, cases: Sequence[tuple[int, int, int]]) -> int:
-    """The `sampler` benchmark of `cases` (N, M, P): a table (rows as they finish) or JSON, and
-    JSON to `--out`."""
+def run_sampler_command(
+    args: argparse.Namespace, cases: Sequence[tuple[int, int, int]], seedings: Sequence[str] = ("exact",)
+) -> int:
+    """The `sampler` benchmark of `cases` (N, M, P) with each of `seedings`: a table (rows as
+    they finish) or JSON, and JSON to `--out`."""
     repeats = 2 if args.quick else args.repeats
     if repeats < 1 or args.warmup < 0 or args.dim < 2:
         raise UsageError("cmacc bench sampler: --repeats must be >= 1, --warmup >= 0 and --dim >= 2")
@@ -156,7 +172,9 @@ def run_sampler_command(args: argparse.Namespace, cases: Sequence[tuple[int, int
     def show(result: dict[str, Any]) -> None:
         if args.json:
             print(
-                f"N={result['N']} M={result['M']} P={result['P']}: {result['ms']:.2f} ms", file=sys.stderr, flush=True
+                f"N={result['N']} M={result['M']} P={result['P']} {result['seeding']}: {result['ms']:.2f} ms",
+                file=sys.stderr,
+                flush=True,
             )
         else:
             print(table_row(result), flush=True)
@@ -164,6 +182,7 @@ def run_sampler_command(args: argparse.Namespace, cases: Sequence[tuple[int, int
     report = bench_sampler(
         cases=cases,
         sampler=args.sampler,
+        seedings=seedings,
         dim=args.dim,
         device=args.device,
         repeats=repeats,
