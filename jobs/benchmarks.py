@@ -23,6 +23,7 @@ from workers.bench import check_device, device_name
 from workers.bench import reader as bench_reader
 from workers.bench import train as bench_train
 from workers.bench.train import service_figures
+from workers.data.decode import decode_on_device
 from workers.metrics import read_metrics
 from workers.training import autocast_dtype, use_compile
 
@@ -99,6 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     device = check_device(args.device, command="train")
     device_settings = [f"resources.use_gpu={'true' if device.type == 'cuda' else 'false'}"]
     cfg = config.load_recipe(args.recipe, [*args.overrides, *device_settings])
+    decode = "device" if decode_on_device(cfg.data.decode, device) else "cpu"  # refused here, before any run
     if device.type == "cpu":
         torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))  # as many as a worker gets
     peak = args.peak_tflops or bench_train.known_peak(device)
@@ -118,6 +120,7 @@ def run_train(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch_size": cfg.train.batch_size,
+        "decode": decode,
         "workers": args.workers,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -157,7 +160,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_reader(args: argparse.Namespace, threads: list[int]) -> int:
+    device = check_device(getattr(args, "device", "cpu"), command="reader")
     cfg = config.load_recipe(args.recipe, list(args.overrides))
+    on_device = decode_on_device(cfg.data.decode, device)  # a setting no decoder here runs is refused first
     endpoint = args.endpoint_url or cfg.storage.endpoint_url
     results = []
     for count in threads:
@@ -165,7 +170,12 @@ def run_reader(args: argparse.Namespace, threads: list[int]) -> int:
         with_threads = config.load_recipe(args.recipe, [*args.overrides, f"data.num_decode_threads={count}"])
         results.append(
             bench_reader.time_reader(
-                with_threads, uri=args.data, batches=args.batches, warmup=args.warmup, endpoint_url=endpoint
+                with_threads,
+                uri=args.data,
+                batches=args.batches,
+                warmup=args.warmup,
+                endpoint_url=endpoint,
+                device=str(device),
             )
         )
     report = {
@@ -174,6 +184,8 @@ def run_reader(args: argparse.Namespace, threads: list[int]) -> int:
         "recipe": args.recipe,
         "batch_size": cfg.train.batch_size,
         "frames": cfg.model.video.frames,
+        "decode": "device" if on_device else "cpu",
+        "device": str(device),
         "batches": args.batches,
         "warmup": args.warmup,
         "target": args.target,

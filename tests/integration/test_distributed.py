@@ -111,7 +111,11 @@ def test_resumed_run_equals_an_uninterrupted_one(ray_session, bucket, dataset, m
     run B goes to 2S at once. Both draw the fresh candidate pool's extra clips from their
     second reader stream and keep two shadow dictionaries. Same weights, dictionaries,
     shadows, actor state and clip sequence. A also logs to MLflow and W&B (offline): the
-    resumed job continues the same tracker runs."""
+    resumed job continues the same tracker runs. A decodes its JPEGs the way a GPU worker
+    does (`data.decode=device`, the next batch prepared in a thread while the step runs),
+    B on the reader's threads: on the CPU both decoders are libjpeg-turbo, so even the
+    weights must be equal, and A's checkpoints must hold the cursors of the batches trained
+    on, not of the one prepared ahead."""
     root = f"{bucket}/resume"
     steps = 2 * EVERY + 1  # S: the stop lands between checkpoints, so the stop writes its own
     method = ("method.pool=fresh", "method.shadow_samplers=active,moco")
@@ -122,11 +126,13 @@ def test_resumed_run_equals_an_uninterrupted_one(ray_session, bucket, dataset, m
     assert uninterrupted["metrics"]["dict/replicas_agree"] == 1.0
     assert uninterrupted["metrics"]["dict/replicas_match_actor"] == 1.0
 
+    method_a = (*method, "data.decode=device")
+    monkeypatch.setenv("CMACC_FAULT_PREFETCH_AHEAD", "1")
     monkeypatch.setenv("CMACC_FAULT_STOP_STEP", str(steps))
-    stopped = pretrain_here(*args("resumed", root, dataset, 2 * steps, *method, *trackers))
+    stopped = pretrain_here(*args("resumed", root, dataset, 2 * steps, *method_a, *trackers))
     assert stopped["state"] == "stopped" and stopped["step"] == steps
     monkeypatch.delenv("CMACC_FAULT_STOP_STEP")
-    resumed = pretrain_here(*args("resumed", root, dataset, 2 * steps, *method, *trackers), "--resume")
+    resumed = pretrain_here(*args("resumed", root, dataset, 2 * steps, *method_a, *trackers), "--resume")
     assert resumed["state"] == "succeeded" and resumed["step"] == 2 * steps
     assert resumed["metrics"]["dict/replicas_agree"] == 1.0
     assert resumed["metrics"]["dict/replicas_match_actor"] == 1.0

@@ -201,7 +201,8 @@ def table(report: dict[str, Any]) -> str:
     plain, service = report["plain"], report["service"]
     lines = [
         f"{report['recipe']} on {report['device_name']} ({report['device']}), batch {report['batch_size']} per "
-        f"worker, {report['workers']} worker(s), {report['steps']} steps after {report['warmup']} warm-up",
+        f"worker, {report['workers']} worker(s), {report['steps']} steps after {report['warmup']} warm-up, "
+        f"JPEGs decoded on the {'device' if report.get('decode') == 'device' else 'reader CPU threads'}",
         f"{'figure':<20}{'(a) plain step':>16}{'(b) service':>14}",
     ]
     lines += [f"{label:<20}{_cell(plain, key, form):>16}{_cell(service, key, form):>14}" for label, key, form in ROWS]

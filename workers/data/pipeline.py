@@ -51,6 +51,7 @@ class Loaded:
     clip_id: str = ""
     source: str = ""
     reason: str = ""
+    row: tuple[str, int] = ("", -1)  # shard file and row in it, for errors raised after the batch left the reader
 
 
 @dataclass(kw_only=True)
@@ -109,7 +110,9 @@ class RowDecoder:
     Frames are cut to `frames` (the centred window; shorter clips repeat their last frame),
     audio to `num_samples` at `sample_rate`, centred on the video window's centre. A row
     whose clip id is in `exclude_clips`, or that cannot be decoded, is skipped with its
-    reason. `note`, when given, is told which rows are being decoded (`started(index,
+    reason. `on_device`: the frames' headers are checked here and the JPEGs handed on
+    encoded, for the worker to decode the whole batch on its device (`decode.decode_batch`).
+    `note`, when given, is told which rows are being decoded (`started(index,
     shard_name, row_in_shard, clip_id)` and `finished(index)`: `workers.distributed.crashes`).
     """
 
@@ -122,6 +125,7 @@ class RowDecoder:
     retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
     exclude_clips: frozenset[str] = frozenset()
     note: Any = None
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         self.offsets = np.cumsum([0] + [s.rows for s in self.manifest.shards])
@@ -150,26 +154,30 @@ class RowDecoder:
                     sample_rate=self.sample_rate,
                     video=self.manifest.has_video,
                     audio=self.manifest.has_audio,
+                    on_device=self.on_device,
                 )
             except Exception as err:  # a bad row costs that row only, whatever went wrong in it
                 return Loaded(item=item, clip=None, clip_id=clip_id, reason=str(err))
             finally:
                 if self.note is not None:
                     self.note.finished(item.index)
-            return Loaded(item=item, clip=clip, clip_id=clip.clip_id, source=source)
+            where = (self.manifest.shards[item.shard].name, in_shard)
+            return Loaded(item=item, clip=clip, clip_id=clip.clip_id, source=source, row=where)
         finally:
             cache.release(item.shard)
 
     def collate(self, loaded: list[Loaded]) -> dict[str, Any]:
         clips = [x.clip for x in loaded]
         assert all(c is not None for c in clips)
-        frames = None
-        if self.manifest.has_video:
+        frames, encoded = None, None
+        if self.manifest.has_video and self.on_device:
+            encoded = encode_batch(clips, rows=[x.row for x in loaded])
+        elif self.manifest.has_video:
             height = min(c.frames.shape[1] for c in clips)
             width = min(c.frames.shape[2] for c in clips)
             frames = torch.from_numpy(np.stack([centre_crop(c.frames, height, width) for c in clips]))
         audio = torch.from_numpy(np.stack([c.audio for c in clips])) if self.manifest.has_audio else None
-        return {
+        batch = {
             "frames": frames,
             "audio": audio,
             "index": torch.tensor([x.item.index for x in loaded], dtype=torch.int64),
@@ -179,6 +187,29 @@ class RowDecoder:
             "epoch": loaded[-1].item.epoch,
             "epochs": [x.item.epoch for x in loaded],
         }
+        if encoded is not None:
+            batch["jpeg"] = encoded
+        return batch
+
+
+def encode_batch(clips: list[DecodedClip], *, rows: list[tuple[str, int]]) -> dict[str, Any]:
+    """The encoded frames of a batch as `decode.decode_batch` takes them: every clip's window
+    of JPEGs back to back in one uint8 tensor (one host-to-device copy, one pin), with the
+    offsets, which frames each clip owns, each clip's T frame numbers and size."""
+    jpegs = [data for c in clips for data in c.jpegs]
+    counts = [len(c.jpegs) for c in clips]
+    first_frame = np.concatenate([[0], np.cumsum(counts)])
+    lengths = np.fromiter((len(data) for data in jpegs), dtype=np.int64, count=len(jpegs))
+    data = np.frombuffer(b"".join(jpegs), dtype=np.uint8)
+    frame_index = np.stack([first + c.frame_numbers for first, c in zip(first_frame[:-1], clips)])
+    return {
+        "data": torch.from_numpy(data.copy()),
+        "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])),
+        "first_frame": torch.from_numpy(first_frame.astype(np.int64)),
+        "frame_index": torch.from_numpy(frame_index.astype(np.int64)),
+        "size": torch.tensor([c.frame_size for c in clips], dtype=torch.int64),
+        "rows": rows,
+    }
 
 
 def centre_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -31,6 +31,7 @@ import torch
 from service.config import Config
 from service.storage import DEFAULT_RETRY_BUDGET_S
 from workers.data.cursor import Cursor, check_state, resume_cursor
+from workers.data.decode import decode_on_device
 from workers.data.format import DataError, read_manifest, read_shard_columns, shard_uri
 from workers.data.pipeline import DecodePipeline, Item, RowDecoder, ShardCache
 from workers.data.plan import EpochPlanner
@@ -52,6 +53,10 @@ class ClipReader:
         null; `source`: int64 [B], the clip's source file as an id (`pipeline.source_id`);
         `clip_id`: list[str]; `epochs`: list[int], each clip's epoch; `epoch`: int, the epoch of
         the batch's last clip (the cursor's epoch after this batch).
+      * with `decode="device"`: `frames` is None and `jpeg` holds the batch's frames still
+        encoded, their headers checked (`pipeline.encode_batch`); the worker decodes them on
+        its device in one call (`decode.decode_batch`, through `transforms.Transforms`) into
+        exactly the `frames` the CPU path gives (with the CPU's decoder).
 
     `state_dict()` is this rank's cursor; `load_state_dict(states)` takes every rank's saved
     cursor: with the same world size the rank continues at exactly the next clip; with another
@@ -88,6 +93,7 @@ class ClipReader:
         note: Any = None,
         clips: np.ndarray | None = None,
         stream: int = 0,
+        decode: str = "cpu",
     ):
         for name, value, minimum in (
             ("world_size", world_size, 1),
@@ -106,6 +112,8 @@ class ClipReader:
             raise ValueError(f"ClipReader rank: must be in [0, {world_size}), got {rank}")
         if seconds <= 0:
             raise ValueError(f"ClipReader seconds: must be > 0, got {seconds}")
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"ClipReader decode: must be 'cpu' or 'device', got {decode!r}")
         if split is not None and not split:
             raise ValueError("ClipReader split: must be a split name or None (all rows), got ''")
         self.uri = uri
@@ -115,6 +123,7 @@ class ClipReader:
         self.batch_size = batch_size
         self.split = split
         self.stream = stream
+        self.decode = decode
         self.num_decode_threads = num_decode_threads
         self.prefetch_batches = prefetch_batches
         self.endpoint_url = endpoint_url
@@ -134,6 +143,7 @@ class ClipReader:
             retry_budget_s=retry_budget_s,
             exclude_clips=frozenset(exclude_clips),
             note=note,
+            on_device=decode == "device",
         )
         shard_indices = self._select_rows()
         self._in_split = np.zeros(self.manifest.num_clips, dtype=bool)
@@ -298,11 +308,13 @@ def training_reader(
     endpoint_url: str = "",
     note: Any = None,
     stream: int = 0,
+    device: torch.device | str = "cpu",
 ) -> ClipReader:
     """The reader a training run of `cfg` gives one rank: `batch_size` clips a step (default
     the run's per-rank batch), the recipe's frames, audio, shuffle buffer, decode threads,
     prefetch, `data.exclude_clips` and the run's storage retry budget. `stream` 1 is the
-    fresh candidate pool's extra clips."""
+    fresh candidate pool's extra clips. `data.decode` on the rank's `device` says whether
+    the JPEG frames are decoded here or handed on encoded (`decode.decode_on_device`)."""
     return ClipReader(
         uri=uri,
         rank=rank,
@@ -321,6 +333,7 @@ def training_reader(
         exclude_clips=frozenset(clip for clip in cfg.data.exclude_clips.split(",") if clip.strip()),
         note=note,
         stream=stream,
+        decode="device" if decode_on_device(cfg.data.decode, device) else "cpu",
     )
 
 

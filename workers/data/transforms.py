@@ -24,6 +24,7 @@ import torchaudio
 from torch import nn
 
 from service.config import Config
+from workers.data.decode import decode_batch
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
@@ -281,10 +282,10 @@ class Transforms:
     def __call__(
         self, raw: dict[str, Any], *, device: torch.device, generator: torch.Generator | None = None
     ) -> dict[str, Any]:
-        """Raw reader batch (`frames`, `audio`, `index`, `label`, optionally `source`) -> model
-        inputs on `device`."""
+        """Raw reader batch (`frames`, or `jpeg` for the decode on the device; `audio`, `index`,
+        `label`, optionally `source`) -> model inputs on `device`."""
         inputs = {
-            "video": self.video(raw["frames"].to(device, non_blocking=True), generator=generator),
+            "video": self.video(raw_frames(raw, device=device), generator=generator),
             "audio": self.audio(raw["audio"].to(device, non_blocking=True), generator=generator),
             "index": raw["index"].to(device),
             "label": raw["label"].to(device),
@@ -292,6 +293,16 @@ class Transforms:
         if "source" in raw:
             inputs["source"] = raw["source"].to(device)
         return inputs
+
+
+def raw_frames(raw: dict[str, Any], *, device: torch.device) -> torch.Tensor:
+    """The batch's uint8 [B, T, H, W, 3] frames on `device`: copied there, or with the decode
+    on the device decoded there from the encoded frames, all in one call (`decode_batch`)."""
+    if raw.get("frames") is not None:
+        return raw["frames"].to(device, non_blocking=True)
+    if "jpeg" not in raw:
+        raise ValueError("a reader batch without frames: neither decoded `frames` nor encoded `jpeg`")
+    return decode_batch(raw["jpeg"], device=device, clip_ids=raw["clip_id"])
 
 
 def build_transforms(cfg: Config, *, device: torch.device, train: bool = True) -> Transforms:

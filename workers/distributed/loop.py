@@ -116,8 +116,8 @@ def run_steps(w: Worker) -> dict[str, Any]:
             w.logger.sync()
             w.checkpointer.save(
                 state=state,
-                reader=w.reader,
-                extra_reader=w.extra_reader,
+                reader=w.cursor,  # the cursors after this step's batch, not after one prefetched since
+                extra_reader=w.extra_cursor,
                 replicas=w.exchange.replicas,
                 schedule=w.exchange.schedule,
                 actor_state=actor_state,
@@ -172,7 +172,7 @@ def data_metrics(w: Worker, *, wait_s: float) -> dict[str, float]:
     """`data/batch_digest` joins the record when rank 0 submits the batch."""
     return {
         "data/wait_s": wait_s,
-        "data/skipped": float(w.reader.num_skipped),
+        "data/skipped": float(w.cursor.num_skipped if w.cursor is not None else w.reader.num_skipped),
         "storage/retries": float(sum(storage.RETRIES.values())),  # this rank's process, since it started
         "train/world_size": float(w.world_size),
     }

@@ -18,7 +18,10 @@ import torch
 
 from service import config as config_module
 from service.config import Config
+from service.errors import DataError
 from workers.actor import DictionaryClient
+from workers.data.decode import CorruptClipError
+from workers.data.prefetch import BatchPrefetcher, CursorAt, pinned
 from workers.data.reader import ClipReader, training_reader
 from workers.data.transforms import Transforms, build_transforms, step_generator
 from workers.diagnostics import step_statistics
@@ -79,19 +82,56 @@ class Worker:
     preemption_seen: bool = False  # a preemption notice was answered with a checkpoint
     nodes: list[str] = field(default_factory=list)  # each rank's node, "id (ip)"
     resumed_checks: dict[str, float] = field(default_factory=dict)  # `resumed_checks` of a resumed attempt
+    batches: BatchPrefetcher | None = None  # the next step's batch, prepared while this one runs (on CUDA)
+    cursor: CursorAt | None = None  # the training reader's cursor after the newest batch handed to a step
+    extra_cursor: CursorAt | None = None  # the same for the fresh pool's reader
 
     def next_batch(self, step: int) -> dict[str, Any]:
         """This rank's batch of `step` on the device, augmented with the generator of (seed,
-        rank, step); with the fresh pool its extra clips under `extra`, augmented apart."""
+        rank, step); with the fresh pool its extra clips under `extra`, augmented apart. On
+        CUDA it was prepared while the previous step ran (`workers.data.prefetch`)."""
+        if self.batches is None:
+            self.batches = BatchPrefetcher(self.prepare_batch, device=self.device, start_step=step)
+        batch, self.cursor, self.extra_cursor = self.batches.get(step)
+        return batch
+
+    def prepare_batch(self, step: int) -> tuple[dict[str, Any], CursorAt, CursorAt | None]:
+        """The batch of `step` with the readers' cursors right after it (what a checkpoint
+        after this step saves, however far the prefetch has read since)."""
         seed = self.cfg.train.seed
         raw = next(self.reader)
+        cursor = CursorAt(self.reader)
         self.faults.log_clips(
             step=step, rank=self.rank, world_size=self.world_size, start_step=self.start_step, batch=raw
         )
-        batch = self.transforms(raw, device=self.device, generator=step_generator(seed, self.rank, step))
+        batch = self.to_device(raw, step_generator(seed, self.rank, step))
+        extra_cursor = None
         if self.extra_reader is not None:
-            generator = step_generator(seed + EXTRA_SEED_TAG, self.rank, step)
-            batch["extra"] = self.transforms(next(self.extra_reader), device=self.device, generator=generator)
+            raw_extra = next(self.extra_reader)
+            extra_cursor = CursorAt(self.extra_reader)
+            batch["extra"] = self.to_device(raw_extra, step_generator(seed + EXTRA_SEED_TAG, self.rank, step))
+        return batch, cursor, extra_cursor
+
+    def to_device(self, raw: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """A reader batch as model inputs on the device: pinned and copied (on CUDA), its
+        JPEGs decoded there when the reader left them encoded (`data.decode`), augmented.
+        While the device decodes, the crash note holds the batch's rows, as the reader's
+        does while its threads decode."""
+        if self.device.type == "cuda":
+            raw = pinned(raw)
+        encoded = raw.get("jpeg")
+        if encoded is None:
+            return self.transforms(raw, device=self.device, generator=generator)
+        indices = raw["index"].tolist()
+        for index, (shard, row), clip_id in zip(indices, encoded["rows"], raw["clip_id"]):
+            self.note.started(index, shard, row, clip_id)
+        try:
+            batch = self.transforms(raw, device=self.device, generator=generator)
+        except CorruptClipError as err:
+            # A damaged input, as service.errors names it: the same row would fail every retry.
+            raise DataError(str(err)) from None
+        for index in indices:  # not on an error: the note keeps the rows of the batch that raised
+            self.note.finished(index)
         return batch
 
     def step(self, batch: dict[str, Any], *, measure: bool) -> StepOutput:
@@ -117,6 +157,8 @@ class Worker:
 
     def close(self, *, status: str = "FINISHED") -> None:
         """Stop the readers and write what is left; `status` ends the trackers' runs."""
+        if self.batches is not None:
+            self.batches.close(timeout_s=0)  # set to stop; it ends once the readers close below
         self.reader.close()
         if self.extra_reader is not None:
             self.extra_reader.close()
@@ -133,10 +175,18 @@ def build_device(cfg: Config) -> torch.device:
 
 
 def build_reader(
-    cfg: Config, run: RunContext, *, rank: int, world_size: int, note: Any = None, extra: bool = False
+    cfg: Config,
+    run: RunContext,
+    *,
+    rank: int,
+    world_size: int,
+    note: Any = None,
+    extra: bool = False,
+    device: torch.device | str = "cpu",
 ) -> ClipReader:
     """This rank's reader: the training stream (M / W clips a step) or, with `extra`, the
-    fresh pool's stream (E / W clips a step, independently shuffled)."""
+    fresh pool's stream (E / W clips a step, independently shuffled); its JPEGs decoded on
+    `device` or by the reader as `data.decode` says."""
     clips = cfg.num_extra_clips if extra else cfg.global_batch_size
     return training_reader(
         cfg,
@@ -148,6 +198,7 @@ def build_reader(
         endpoint_url=run.endpoint_url,
         note=note,
         stream=EXTRA_STREAM if extra else 0,
+        device=device,
     )
 
 
@@ -164,10 +215,12 @@ def build_worker(cfg: Config, run: RunContext) -> Worker:
     repeated = look_at_crashes(cfg, run, rank)  # before this rank's own note exists
     note = ReadingNote(run.run_uri, rank)
     try:
-        reader = build_reader(cfg, run, rank=rank, world_size=world_size, note=faults.reader_note(note))
+        reader = build_reader(cfg, run, rank=rank, world_size=world_size, note=faults.reader_note(note), device=device)
         extra_reader = None
         if cfg.num_extra_clips:
-            extra_reader = build_reader(cfg, run, rank=rank, world_size=world_size, note=note, extra=True)
+            extra_reader = build_reader(
+                cfg, run, rank=rank, world_size=world_size, note=note, extra=True, device=device
+            )
         state = build_train_state(cfg, device=device)
         replicas = build_replicas(cfg, device=device, with_shadows=rank == 0)
         schedule, client = None, None
