@@ -65,8 +65,9 @@ def _synth(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from workers.data.inspect import summarize, verify
+    from workers.data.inspect import check, summarize, verify
 
+    check(args.uri)  # the check a run makes before it starts: same words, first damaged shard named
     summary = summarize(args.uri)
     problems: list[str] = []
     if args.verify:

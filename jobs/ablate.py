@@ -45,6 +45,10 @@ def ablate(request: AblateRequest, *, command: str = "", progress: Any = None) -
     )
     endpoint = cfg.storage.endpoint_url
     plan.check(spec, cfg, endpoint_url=endpoint)  # refusals happen here, before anything is written
+    if not request.skip_data_check:  # a damaged shard is named now, not in the first run's workers
+        from workers.data.inspect import check
+
+        check(spec.data, endpoint_url=endpoint, retry_budget_s=cfg.storage.retry_budget_s)
     if request.address:
         submit, job_status = ray_jobs.ablation_jobs(request.address, cfg, request.recipe)
     plan.save_spec(spec, endpoint_url=endpoint)

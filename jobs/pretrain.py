@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from service import config, errors, reports
+from service import config, errors, preflight, reports
 from service.lease import RunLease
 from service.requests import PretrainRequest, add_pretrain_arguments
 
@@ -33,6 +33,8 @@ def pretrain(request: PretrainRequest, *, progress: Any = None) -> dict[str, Any
     started = time.perf_counter()
     cfg = config.load_recipe(request.recipe, list(request.overrides))
     run = driver.prepare_run(cfg, request)  # refusals happen here, before anything is written
+    if not request.skip_data_check:  # every shard's footer and rows against the manifest, before Ray
+        run.timings["data_check_s"] = check_data_set(run.data_uri, cfg)
     lease = RunLease(
         run.run_uri,
         run_id=run.run_id,
@@ -52,6 +54,9 @@ def _pretrain_holding_lease(
 ) -> dict[str, Any]:
     from workers import driver, supervision
 
+    if run.resume is not None and run.resume.describe():  # said before Ray's own output
+        print(f"cmacc: {run.resume.describe()}", file=sys.stderr, flush=True)
+        preflight.pass_over(run.run_uri, run.resume, endpoint_url=run.endpoint_url)
     shortage = driver.start_ray(cfg, request.address, log_to_driver=progress is None, quiet=not request.verbose)
     with supervision.StopSignals() as stop:
         client = driver.start_actor(run)
@@ -74,6 +79,8 @@ def _pretrain_holding_lease(
             client.kill()
     evaluation = None
     if outcome["state"] == "succeeded" and cfg.eval.after_training:
+        if run.has_test_split:  # the job's last minutes: `cmacc status` says FINISHING, not RUNNING
+            driver.record(run, state="finishing", note="evaluating the final checkpoint")
         evaluation = driver.evaluate_run(run, outcome)
         if evaluation is not None:
             driver.track_evaluation(run, evaluation)
@@ -94,6 +101,16 @@ def _pretrain_holding_lease(
         final=True,
     )
     return outcome
+
+
+def check_data_set(data_uri: str, cfg: config.Config) -> float:
+    """`cmacc data inspect`'s check of the data set (`workers.data.inspect.check`, bounded by its
+    `CHECK_TIMEOUT_S`); a DataError naming the first damaged shard. Returns its seconds."""
+    from workers.data.inspect import check
+
+    started = time.perf_counter()
+    check(data_uri, endpoint_url=cfg.storage.endpoint_url, retry_budget_s=cfg.storage.retry_budget_s)
+    return time.perf_counter() - started
 
 
 def report(outcome: dict[str, Any], *, as_json: bool) -> int:

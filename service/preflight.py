@@ -7,12 +7,16 @@ Torch-free: the CLI imports it.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from service import catalog, layout, storage
+from service import catalog, integrity, layout, storage
 from service.config import Config
-from service.errors import Failure, RunExistsError, UsageError
+from service.errors import CheckpointError, Failure, RunExistsError, UsageError
 from service.lease import busy_error
 
 # Environment variables a job and its workers take along: object-store endpoint and region,
@@ -46,12 +50,20 @@ def read_run(
     """What storage holds of the run (None: nothing yet); Failure when storage cannot be read."""
     try:
         return catalog.read_run(root, run_id, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
-    except (OSError, catalog.CatalogError) as err:
+    except catalog.CatalogError as err:  # storage answered; a file of the run is damaged
+        raise catalog.CatalogError(f"run {run_id!r} under {root} cannot be read: {err}") from None
+    except OSError as err:
         raise Failure(f"storage {root} cannot be read: {err}") from None
 
 
 def check_start(
-    entry: catalog.RunEntry | None, *, run_id: str, root: str, resume: bool, may_be_new: bool = False
+    entry: catalog.RunEntry | None,
+    *,
+    run_id: str,
+    root: str,
+    resume: bool,
+    may_be_new: bool = False,
+    endpoint_url: str = "",
 ) -> int:
     """The step the run starts from (0 for a new run), or an error when it may not start.
 
@@ -69,9 +81,113 @@ def check_start(
             f"run {run_id!r} already exists at {entry.uri} with a checkpoint at step {newest.step}: "
             "pass --resume to continue it, or choose another --run-id (nothing was changed)"
         )
+    registered = (
+        integrity.registered_names(entry.uri, endpoint_url=endpoint_url) if entry is not None and newest is None else []
+    )
+    if registered and not resume:  # Ray Train would hand them over, damaged or not
+        raise RunExistsError(
+            f"run {run_id!r} already exists at {entry.uri} with registered checkpoints ({', '.join(registered)}, "
+            "damaged): choose another --run-id (nothing was changed)"
+        )
     if resume and entry is None and not may_be_new:
         raise UsageError(f"--resume: no run {run_id!r} under {root} to continue")
     return newest.step if newest is not None else 0
+
+
+@dataclass(kw_only=True)
+class ResumePoint:
+    """Where `--resume` continues: the newest registered checkpoint that verifies
+    (`service.integrity`), and the newer ones it passes over, newest first."""
+
+    checkpoint: integrity.Verdict
+    passed_over: list[integrity.Verdict] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return int(
+            self.checkpoint.meta.get("step", layout.checkpoint_step(self.checkpoint.uri.rsplit("/", 1)[-1]) or 0)
+        )
+
+    def describe(self) -> str:
+        """One line for the terminal ("" when nothing was passed over)."""
+        notes = [self.checkpoint.note()] if self.checkpoint.note() else []
+        if self.passed_over:
+            passed = "; ".join(f"{v.uri.rsplit('/', 1)[-1]}: {v.problem}" for v in self.passed_over)
+            notes.insert(
+                0,
+                f"resuming from {self.checkpoint.uri} (step {self.step}), passing over the newer "
+                f"damaged checkpoint(s) {passed}",
+            )
+        return "; ".join(notes)
+
+
+def resume_point(
+    entry: catalog.RunEntry, *, endpoint_url: str = "", retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S
+) -> ResumePoint | None:
+    """The checkpoint a `--resume` of the run `entry` continues from (None: it has none
+    registered). Every registered checkpoint damaged: a CheckpointError naming each, with
+    nothing changed."""
+    intact, passed = integrity.newest_intact(entry.uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
+    if intact is not None:
+        return ResumePoint(checkpoint=intact, passed_over=passed)
+    if not passed:
+        return None
+    damaged = "; ".join(f"{v.problem}" for v in passed)
+    raise CheckpointError(
+        f"--resume: every checkpoint of run {entry.run_id!r} is damaged ({damaged}); nothing was changed"
+    )
+
+
+def pass_over(run_uri: str, point: ResumePoint, *, endpoint_url: str = "") -> list[str]:
+    """Make Ray Train resume from `point` rather than from the damaged newer checkpoints: drop
+    them from its snapshot (`layout.SNAPSHOT_FILE`, which lists what it registered and hands
+    over the newest) and move their folders to `<run>/damaged/`, where they stay for a
+    person to look at, out of the way of the checkpoints the resumed run writes at the same
+    steps. Call while holding the run's lease. Returns the new URIs of the moved folders."""
+    if not point.passed_over:
+        return []
+    names = {v.uri.rsplit("/", 1)[-1] for v in point.passed_over}
+    keep = point.checkpoint.uri.rsplit("/", 1)[-1]
+    snapshot_uri = storage.join(run_uri, layout.SNAPSHOT_FILE)
+    snapshot = json.loads(storage.read_bytes(snapshot_uri, endpoint_url=endpoint_url))
+    storage.write_bytes(
+        snapshot_uri, json.dumps(without_checkpoints(snapshot, names, keep=keep)).encode(), endpoint_url=endpoint_url
+    )
+    fs, run_path = storage.filesystem(run_uri, endpoint_url=endpoint_url)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for name in sorted(names):
+        target = f"{run_path}/damaged/{name}-{stamp}"
+        fs.mv(f"{run_path}/{name}", target, recursive=True)
+        moved.append(storage.join(run_uri, "damaged", f"{name}-{stamp}"))
+    print(f"cmacc: moved the damaged checkpoint(s) to {', '.join(moved)}", file=sys.stderr, flush=True)
+    return moved
+
+
+def without_checkpoints(snapshot: dict, names: set[str], *, keep: str) -> dict:
+    """Ray Train's checkpoint-manager snapshot without the checkpoints `names`, its newest
+    being `keep`."""
+    out = dict(snapshot)
+    results = snapshot.get("checkpoint_results", [])
+    indices = snapshot.get("checkpoint_report_indices", [])
+    pairs = [(r, i) for r, i in zip(results, indices, strict=False) if r.get("checkpoint_dir_name") not in names]
+    out["checkpoint_results"] = [r for r, _ in pairs]
+    out["checkpoint_report_indices"] = [i for _, i in pairs]
+    kept = [r for r in out["checkpoint_results"] if r.get("checkpoint_dir_name") == keep]
+    out["latest_checkpoint_result"] = kept[-1] if kept else None
+    pending = snapshot.get("pending_training_results", [])
+    specs = snapshot.get("pending_validation_specs", [])
+    pending_pairs = [(r, v) for r, v in zip(pending, specs, strict=False) if r.get("checkpoint_dir_name") not in names]
+    out["pending_training_results"] = [r for r, _ in pending_pairs]
+    out["pending_validation_specs"] = [v for _, v in pending_pairs]
+    for key in (
+        "validated_checkpoint_dir_names",
+        "timed_out_validation_checkpoint_dir_names",
+        "failed_validation_checkpoint_dir_names",
+    ):
+        if key in snapshot:
+            out[key] = [name for name in snapshot[key] if name not in names]
+    return out
 
 
 # Settings that shape what a checkpoint holds: a run resumed with another value cannot load it

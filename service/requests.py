@@ -32,6 +32,18 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+SKIP_DATA_CHECK = "--skip-data-check"
+
+
+def add_skip_data_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        SKIP_DATA_CHECK,
+        action="store_true",
+        help="skip reading every shard's Parquet footer and row count against the manifest before starting "
+        "(the check `cmacc data inspect` makes; on by default)",
+    )
+
+
 def add_pretrain_arguments(parser: argparse.ArgumentParser, *, run_id_help: str, run_id_required: bool) -> None:
     """The arguments of a pretraining run (all but where it runs)."""
     add_recipe_arguments(parser)
@@ -47,6 +59,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, *, run_id_help: str,
         help="continue the run id when it has a checkpoint, else start it (for jobs that a scheduler retries)",
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON instead of the summary")
+    add_skip_data_check(parser)
     parser.add_argument(
         "--verbose",
         action="store_true",
@@ -67,6 +80,7 @@ class PretrainRequest:
     resume: bool = False
     resume_if_any: bool = False  # resume when there is a checkpoint, else start (retried jobs)
     verbose: bool = False  # Ray's own INFO messages on the terminal too (always in Ray's log files)
+    skip_data_check: bool = False  # no check of the shards' footers and rows before Ray starts
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **changes: object) -> PretrainRequest:
@@ -80,6 +94,7 @@ class PretrainRequest:
             "resume": args.resume,
             "resume_if_any": getattr(args, "resume_if_any", False),
             "verbose": getattr(args, "verbose", False),
+            "skip_data_check": getattr(args, "skip_data_check", False),
         }
         return cls(**{**fields, **changes})
 
@@ -99,6 +114,8 @@ class PretrainRequest:
             argv.append("--resume-if-any")
         if self.verbose:
             argv.append("--verbose")
+        if self.skip_data_check:
+            argv.append(SKIP_DATA_CHECK)
         return argv
 
 
@@ -132,6 +149,7 @@ def add_evaluate_arguments(
     parser: argparse.ArgumentParser, *, default_storage: str | None, with_address: bool = True
 ) -> None:
     _add_checkpoint_arguments(parser, default_storage=default_storage)
+    add_skip_data_check(parser)
     parser.add_argument("--probe", choices=PROBES, action="append", help="a probe (default: both)")
     parser.add_argument(
         "--protocol",
@@ -175,6 +193,7 @@ class EvaluateRequest:
     seed: int = 0
     device: str = "cpu"
     on_ray: bool = False  # a Ray task on the cluster this process is in (a job's driver)
+    skip_data_check: bool = False  # no check of the shards' footers and rows first
 
     def __post_init__(self) -> None:
         if self.protocol not in EVAL_PROTOCOLS:
@@ -194,6 +213,7 @@ class EvaluateRequest:
             seed=args.seed,
             device=args.device,
             on_ray=getattr(args, "on_ray", False),
+            skip_data_check=getattr(args, "skip_data_check", False),
         )
 
     def job_argv(self) -> list[str]:
@@ -203,7 +223,7 @@ class EvaluateRequest:
         for probe in self.probes:
             argv += ["--probe", probe]
         argv += ["--protocol", self.protocol, "--test-fraction", repr(self.test_fraction), "--seed", str(self.seed)]
-        return [*argv, "--on-ray"]
+        return [*argv, *([SKIP_DATA_CHECK] if self.skip_data_check else []), "--on-ray"]
 
 
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)  # active, uncertainty, diversity, random, moco
@@ -248,6 +268,7 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
         "--address", default=None, help="Ray dashboard address: run side by side as cluster jobs (default: here)"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of its table")
+    add_skip_data_check(parser)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -263,6 +284,7 @@ class AblateRequest:
     ablation_id: str | None = None
     address: str | None = None
     baseline: str | None = None  # None: `random` (the report has no comparisons when it is not compared)
+    skip_data_check: bool = False  # no check of the shards' footers and rows before the runs
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
@@ -284,6 +306,7 @@ class AblateRequest:
             ablation_id=args.ablation_id,
             address=args.address,
             baseline=args.baseline,
+            skip_data_check=getattr(args, "skip_data_check", False),
         )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service import catalog, layout, storage
+from service import catalog, integrity, layout, storage
 from service import config as config_module
 from service.config import Config
 from service.errors import CheckpointError, DataError, UsageError
@@ -70,6 +70,7 @@ def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress:
         "test_fraction": request.test_fraction,
         "seed": request.seed,
         "endpoint_url": endpoint_url,
+        "check_data": not request.skip_data_check,
     }
     if request.on_ray:
         evaluation = _evaluate_on_cluster(checkpoint, settings)
@@ -82,8 +83,22 @@ def evaluate(request: EvaluateRequest, *, endpoint_url: str = "", show_progress:
 
 def _evaluate_on_cluster(checkpoint: str, settings: dict[str, Any]) -> dict[str, Any]:
     checkpoint_config(checkpoint, endpoint_url=settings["endpoint_url"])  # readable and registered, before Ray
+    if settings["check_data"]:  # and the data set's shards, before Ray too
+        check_evaluation_data(settings["data_uri"], endpoint_url=settings["endpoint_url"])
+    settings = {**settings, "check_data": False}
     print(f"cmacc eval: evaluating {checkpoint} as a Ray task", file=sys.stderr, flush=True)
     return ray_init.run_task(evaluate_checkpoint, checkpoint, **settings)
+
+
+def check_evaluation_data(data_uri: str, *, endpoint_url: str = "") -> None:
+    """`cmacc data inspect`'s check of the data set to probe on (`workers.data.inspect.check`):
+    a DataError naming the first damaged shard, before any feature is computed."""
+    from workers.data.inspect import check
+
+    try:
+        check(data_uri, endpoint_url=endpoint_url)
+    except DataError as err:
+        raise DataError(f"evaluation data {data_uri}: {err}") from None
 
 
 def evaluate_remote(cfg: Config, *, checkpoint: str, data: str) -> dict[str, Any]:
@@ -194,23 +209,35 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], title: str
 
 def checkpoint_config(checkpoint_uri: str, *, endpoint_url: str = "") -> tuple[Config, dict[str, Any]]:
     """The run config of a checkpoint and its meta.json: from the meta itself, or else from the
-    run.json of the run folder above it."""
+    run.json of the run folder above it. The checkpoint's files are checked against its
+    records first (`service.integrity`, nothing unpickled): a damaged checkpoint is a
+    CheckpointError naming the file and the newest intact checkpoint of the same run."""
     meta_uri = storage.join(checkpoint_uri, layout.CHECKPOINT_META)
     if not storage.exists(meta_uri, endpoint_url=endpoint_url):
         raise CheckpointError(f"{checkpoint_uri} is not a checkpoint (no {layout.CHECKPOINT_META})")
     catalog.check_registered(checkpoint_uri, endpoint_url=endpoint_url)
-    meta = json.loads(storage.read_bytes(meta_uri, endpoint_url=endpoint_url))
+    verdict = integrity.verify(checkpoint_uri, endpoint_url=endpoint_url)
+    if not verdict.intact:
+        parent = checkpoint_uri.rstrip("/").rsplit("/", 1)[0] if "/" in checkpoint_uri.rstrip("/") else ""
+        intact, _ = integrity.newest_intact(parent, endpoint_url=endpoint_url) if parent else (None, [])
+        raise CheckpointError(integrity.damaged_error_text(verdict, intact=intact.uri if intact else None))
+    if verdict.note():
+        print(f"cmacc: note: {verdict.note()}", file=sys.stderr, flush=True)
+    meta = verdict.meta
     layout.check_checkpoint_format(meta, checkpoint_uri, to="evaluate")
     raw = meta.get("config")
     if raw is None:
         run_json = storage.join(checkpoint_uri.rstrip("/").rsplit("/", 1)[0], layout.RUN_FILE)
         if not storage.exists(run_json, endpoint_url=endpoint_url):
             raise CheckpointError(f"{checkpoint_uri} carries no config and {run_json} does not exist")
-        raw = json.loads(storage.read_bytes(run_json, endpoint_url=endpoint_url))["config"]
+        try:
+            raw = json.loads(storage.read_bytes(run_json, endpoint_url=endpoint_url))["config"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{run_json} is not a run record with a config") from None
     try:
         return config_module.from_dict(raw), meta
-    except config_module.ConfigError as err:
-        raise CheckpointError(f"{checkpoint_uri}: its config is not valid here: {err}") from None
+    except (config_module.ConfigError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{meta_uri}: its config is not valid here: {err}") from None
 
 
 def load_query_encoders(checkpoint_uri: str, cfg: Config, *, endpoint_url: str = "") -> AudioVisualEncoder:
@@ -220,7 +247,11 @@ def load_query_encoders(checkpoint_uri: str, cfg: Config, *, endpoint_url: str =
         raise CheckpointError(f"{checkpoint_uri} holds no {layout.TRAIN_FILE} (written by rank 0 of the run)")
     saved = load_tensors(storage.read_bytes(uri, endpoint_url=endpoint_url), where=uri)
     model = build_encoders(cfg.model)
-    model.load_state_dict(saved["train"]["query"])
+    try:
+        model.load_state_dict(saved["train"]["query"])
+    except (KeyError, TypeError, RuntimeError) as err:  # a recorded file of another shape (an old copy, say)
+        what = f"no {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise CheckpointError(f"{uri} does not hold the query encoders of its config: {what}") from None
     return model
 
 
@@ -321,9 +352,11 @@ def evaluate_checkpoint(
     device: str = "cpu",
     endpoint_url: str = "",
     progress: Callable[[int], None] | None = None,
+    check_data: bool = True,
 ) -> dict[str, Any]:
     """Probe accuracies of a checkpoint's encoders (and of the untrained ones) on `data_uri`,
     under the set's evaluation protocol (`workers.protocols`), for each modality the set has.
+    The checkpoint is checked first, then (`check_data`) the data set's shards.
 
     Returns a JSON-ready dict: `checkpoint`, `step`, `data`, `protocol` (name, description,
     folds), `splits` (clip counts), `num_classes`, `class_names`, `modalities`,
@@ -336,6 +369,8 @@ def evaluate_checkpoint(
     if unknown:
         raise UsageError(f"probe {unknown[0]!r}: choose from {', '.join(PROBES)}")
     cfg, meta = checkpoint_config(checkpoint_uri, endpoint_url=endpoint_url)  # the checkpoint first
+    if check_data:
+        check_evaluation_data(data_uri, endpoint_url=endpoint_url)
     try:
         table = read_clip_table(data_uri, endpoint_url=endpoint_url)
         chosen = choose_protocol(table, protocol, test_fraction=test_fraction, seed=seed)

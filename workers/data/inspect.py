@@ -1,18 +1,37 @@
-"""Describe a clip-shard data set (`cmacc data inspect`) and re-hash its shards (`--verify`).
+"""Describe a clip-shard data set (`cmacc data inspect`), check it before a run starts
+(`check`), and re-hash its shards (`--verify`).
 
 The summary reads the manifest and a few small columns of each shard by range (labels, sizes,
 rates), never the frames or audio, so it is quick even on a large set in object storage.
+`check` reads less still: each shard's size and its Parquet footer (the schema and the row
+count), against the manifest, in parallel; `pretrain`, `submit`, `ablate` and `eval` run it
+before any Ray worker starts.
 """
 
 from __future__ import annotations
 
 import collections
+import struct
+import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from workers.data.format import DataError, read_manifest, read_shard_bytes, read_shard_columns
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from service import storage
+from workers.data.format import (
+    MANIFEST_NAME,
+    SCHEMA,
+    DataError,
+    ShardInfo,
+    read_manifest,
+    read_shard_bytes,
+    read_shard_columns,
+    shard_uri,
+)
 
 UNLABELLED = "(unlabelled)"
 _SUMMARY_COLUMNS = ["label", "height", "width", "fps", "sample_rate"]
@@ -124,3 +143,112 @@ def verify(uri: str, *, endpoint_url: str = "", progress: Callable[[int], None] 
         if progress is not None:
             progress(shard.bytes)
     return problems
+
+
+CHECK_THREADS = 32  # shards checked at once: each check is two small requests (size, footer)
+CHECK_TIMEOUT_S = 120.0  # the whole check's bound; shards left unchecked are checked as they are read
+_TAIL_BYTES = 64 * 1024  # read from a shard's end: the footer of a clip shard fits in it
+_MAGIC = b"PAR1"
+
+
+def check(
+    uri: str,
+    *,
+    endpoint_url: str = "",
+    retry_budget_s: float = storage.DEFAULT_RETRY_BUDGET_S,
+    timeout_s: float = CHECK_TIMEOUT_S,
+    threads: int = CHECK_THREADS,
+) -> int:
+    """Check the data set at `uri` as `cmacc data inspect` does, reading only each shard's size
+    and Parquet footer: the manifest parses, every listed shard is a file of the listed size
+    with a Parquet footer, the clip schema and the listed row count. Raises DataError naming
+    the first damaged shard (in manifest order) and what is wrong; returns the shards checked.
+    Stops after `timeout_s` with a warning (the rest are checked as the readers fetch them)."""
+    manifest = read_manifest(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
+    shards = manifest.shards
+    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards))), thread_name_prefix="cmacc-data-check")
+    try:
+        futures = [pool.submit(check_shard, uri, shard, endpoint_url, retry_budget_s) for shard in shards]
+        done, pending = wait(futures, timeout=timeout_s, return_when=FIRST_EXCEPTION)
+        failed = [i for i, future in enumerate(futures) if future in done and future.exception() is not None]
+        if failed:
+            for future in pending:
+                future.cancel()
+            raise futures[min(failed)].exception()  # the first damaged shard of the manifest
+        if pending:
+            for future in pending:
+                future.cancel()
+            print(
+                f"cmacc: warning: the data check of {uri} stopped after {timeout_s:g} s with {len(done)} of "
+                f"{len(shards)} shards checked; the others are checked as they are read",
+                file=sys.stderr,
+                flush=True,
+            )
+        return len(done)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def check_shard(dataset_uri: str, shard: ShardInfo, endpoint_url: str = "", retry_budget_s: float = 0.0) -> None:
+    """One shard's size, footer, schema and row count against the manifest; DataError naming
+    the shard's URI when one differs. An intact shard costs one range read (its last bytes,
+    where the manifest's size puts them); only a damaged one is looked at further."""
+    uri = shard_uri(dataset_uri, shard)
+    metadata = read_footer(uri, shard.bytes, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
+    wrong = schema_difference(metadata.schema.to_arrow_schema())
+    if wrong:
+        raise DataError(f"shard {uri} does not have the clip schema: {wrong}")
+    if metadata.num_rows != shard.rows:
+        raise DataError(f"shard {uri} holds {metadata.num_rows} rows, the manifest says {shard.rows}")
+
+
+def read_footer(uri: str, size: int, *, endpoint_url: str = "", retry_budget_s: float = 0.0) -> pq.FileMetaData:
+    """The Parquet footer of the file at `uri`, which should be `size` bytes long: one range
+    read of its end (two for a footer over `_TAIL_BYTES`). DataError saying what is wrong
+    when the file is missing, a folder, of another size or without a footer."""
+    not_parquet = f"shard {uri} is not a readable Parquet file"
+    start = max(0, size - _TAIL_BYTES)
+    try:
+        tail = storage.read_range(uri, start, size - start, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
+    except OSError:  # missing, a folder, a range past its end: said precisely below
+        tail = b""
+    if len(tail) != size - start or tail[-4:] != _MAGIC:
+        raise _what_is_wrong(uri, size, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
+    (length,) = struct.unpack("<I", tail[-8:-4])
+    if length + 12 > size:
+        raise DataError(f"{not_parquet}: its footer claims {length} bytes, more than the file holds")
+    if length + 8 > len(tail):
+        tail = storage.read_range(
+            uri, size - length - 8, length + 8, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s
+        )
+    footer = tail[-(length + 8) :]
+    try:
+        return pq.read_metadata(pa.BufferReader(_MAGIC + footer))
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{not_parquet}: its footer does not parse ({err})") from None
+
+
+def _what_is_wrong(uri: str, size: int, *, endpoint_url: str, retry_budget_s: float) -> DataError:
+    """The error for a shard whose end is not a Parquet footer where the manifest puts it."""
+    fs, path = storage.filesystem(uri, endpoint_url=endpoint_url)
+    if fs.isdir(path):
+        return DataError(f"shard {uri} is a folder, not a Parquet file")
+    try:
+        found = storage.size(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
+    except FileNotFoundError:
+        return DataError(f"shard {uri} is missing (listed in {MANIFEST_NAME})")
+    if found != size:
+        return DataError(f"shard {uri} is {found} bytes, the manifest says {size} (truncated or replaced?)")
+    return DataError(f"shard {uri} is not a readable Parquet file: no Parquet footer at its end (other bytes)")
+
+
+def schema_difference(found: pa.Schema) -> str:
+    """What separates a shard's schema from the clip schema ("" when it has every column, typed
+    as the format says)."""
+    for field in SCHEMA:
+        if field.name not in found.names:
+            return f"column {field.name!r} is missing"
+        kind = found.field(field.name).type
+        if kind != field.type:
+            return f"column {field.name!r} is {kind}, the format says {field.type}"
+    return ""

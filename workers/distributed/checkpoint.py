@@ -5,10 +5,13 @@ Every rank writes its reader cursors (the training stream's and, with the fresh 
 pool, the extra clips' stream); rank 0 also writes the encoders, optimiser, schedule, step,
 replicas (with the shadows') and the pending delta schedule (`train.pt`), the actor's state
 (`actor.pt`) and `meta.json` (step, run id, world size, sampler, time, config and the
-checkpoint format). The `.pt` files hold tensors and plain values only and load without
-unpickling objects (`workers.tensors.load_tensors`). Randomness needs no saved state: the
-transforms are seeded per (seed, rank, step), the actor's sampler state is part of its
-state, and the reader is a function of (seed, epoch, rank) plus its cursor. File names come from `service.layout`.
+checkpoint format). Each rank's part ends with its record of the files it wrote (size and
+sha256, `service.integrity`), written last: a checkpoint whose files do not match the
+records is known to be damaged before anything is unpickled. The `.pt` files hold tensors
+and plain values only and load without unpickling objects (`workers.tensors.load_tensors`).
+Randomness needs no saved state: the transforms are seeded per (seed, rank, step), the
+actor's sampler state is part of its state, and the reader is a function of (seed, epoch,
+rank) plus its cursor. File names come from `service.layout`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from typing import Any
 
 import torch
 
-from service import layout
+from service import integrity, layout
 from service.config import Config
+from service.errors import CheckpointError
 from workers.data.reader import ClipReader
 from workers.distributed.replicas import DeltaSchedule, Replicas
 from workers.tensors import load_tensors, to_numpy_deep, to_plain
@@ -101,6 +105,7 @@ def save_checkpoint(
         }
         with open(os.path.join(folder, layout.CHECKPOINT_META), "w") as f:
             json.dump(meta, f)
+    integrity.write_record(folder, rank)  # last: a part without its record is known to be incomplete
     ray.train.report(
         {"step": state.step, **metrics},
         checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -126,19 +131,25 @@ def load_checkpoint(checkpoint: Any) -> Restored:
     """Download a Ray Train checkpoint into a folder of this process's own and read it.
 
     A private folder, not `as_directory()`: ranks on one node would otherwise share a
-    download folder, and one rank can read a file another is still writing.
+    download folder, and one rank can read a file another is still writing. The files are
+    checked against the checkpoint's records first (`service.integrity`): a damaged one is a
+    CheckpointError naming the file, before anything is unpickled; only recorded reader
+    cursors are read (a folder rewritten by a later attempt may hold stale ones).
     """
     folder = tempfile.mkdtemp(prefix="cmacc-restore-")
+    where = str(checkpoint.path).rstrip("/")
     try:
         checkpoint.to_directory(folder)
-        with open(os.path.join(folder, layout.CHECKPOINT_META)) as f:
-            meta = json.load(f)
-        layout.check_checkpoint_format(meta, str(checkpoint.path))
-        where = str(checkpoint.path).rstrip("/")
+        verdict = integrity.verify_local(folder, where)
+        if not verdict.intact:
+            raise CheckpointError(f"checkpoint {where} is damaged: {verdict.problem}")
+        meta = verdict.meta
+        layout.check_checkpoint_format(meta, where)
         saved = load_tensors(os.path.join(folder, layout.TRAIN_FILE), where=f"{where}/{layout.TRAIN_FILE}")
         actor = load_tensors(os.path.join(folder, layout.ACTOR_FILE), where=f"{where}/{layout.ACTOR_FILE}")
         readers, extra_readers = [], []
-        for name in sorted(os.listdir(folder)):
+        names = verdict.files if verdict.recorded else sorted(os.listdir(folder))
+        for name in names:
             if name.startswith(("reader-", "extra-reader-")):
                 with open(os.path.join(folder, name)) as f:
                     (readers if name.startswith("reader-") else extra_readers).append(json.load(f))

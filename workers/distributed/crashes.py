@@ -200,7 +200,9 @@ def record_crash(
 def repeated_crash(history: list[dict[str, Any]]) -> str:
     """The error that ends the run when the two newest crashes happened at the same place
     ("" when they did not): a rank died while decoding the same row both times, or died of
-    a fatal signal at the same step both times.
+    a fatal signal at the same step both times. A rank that raised an input error (a damaged
+    shard, a checkpoint file that does not match its record) ends the run after one crash:
+    the file would be as damaged on every retry (`damaged_input`).
 
     Not every rank's note is evidence. When a rank dies, the others lose their peer (their
     collective raises) or are killed by Ray Train, wherever they were. So: a crash in which
@@ -208,6 +210,9 @@ def repeated_crash(history: list[dict[str, Any]]) -> str:
     not blamed on rows; when some rank died of a fatal signal in both, only such ranks are
     looked at; otherwise only ranks that died without raising anything (killed: out of
     memory, say)."""
+    damaged = damaged_input(history[-1]["notes"]) if history else ""
+    if damaged:
+        return damaged
     if len(history) < 2:
         return ""
     crashes = history[-2:]
@@ -235,6 +240,24 @@ def repeated_crash(history: list[dict[str, Any]]) -> str:
                 f"rank {rank} died twice{how} at step {now[rank]['step']}, with no clip being decoded: a "
                 f"failure that repeats at that step (see the worker logs for the full report); every retry "
                 f"would meet it again"
+            )
+    return ""
+
+
+# What a rank raises when an input is damaged (service.errors): retrying cannot help.
+_INPUT_ERRORS = ("DataError", "CheckpointError")
+
+
+def damaged_input(notes: list[dict[str, Any]]) -> str:
+    """The error that ends the run when a rank of the dead attempt raised an input error ("" when
+    none did): its message (naming the shard, and the row where known), on one line."""
+    for note in sorted(notes, key=lambda note: note.get("rank", 0)):
+        kind, _, message = str(note.get("raised", "")).partition(": ")
+        if kind in _INPUT_ERRORS and message:
+            first = " ".join(message.split())
+            return (
+                f"rank {note['rank']} stopped at step {note['step']}: {first}. A damaged input is not retried "
+                "(it would be as damaged on every attempt); repair or replace it, then rerun with --resume"
             )
     return ""
 
