@@ -8,7 +8,10 @@ A run's first job has the run id as its submission id; a resubmission (`--resume
 `<run id>.<n>`, because Ray keeps every submission id for good. Every job carries the run id
 in its metadata, so a run id finds its newest job. The job's entry point is `python -m
 jobs.pretrain` in a copy of this project folder (`working_dir`, without the virtual
-environment, runs and caches).
+environment, runs and caches). While a job runs, what its run does (starting, waiting,
+running, stopping, finishing) comes from the run record the job keeps in storage
+(`shown_state`); `wait_for_end` waits for a job's end (`cmacc stop`, and a `--resume` of a
+run whose job is stopping).
 
 The address is an argument or `RAY_ADDRESS` (the dashboard, `http://HEAD:8265`). With Ray's
 token authentication the token comes from where Ray documents it (`RAY_AUTH_TOKEN`,
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import logging
 import os
 import shlex
 import sys
@@ -60,7 +64,27 @@ WORKING_DIR_EXCLUDES = [
     ".netrc",
 ]
 STOP_WAIT_S = 180  # after `cmacc stop`: time the run gets to write its checkpoint before SIGKILL
+STOP_GRACE_S = 30  # after Ray's SIGKILL: time for it to record the job as STOPPED
+POLL_S = 1.0  # how often a wait for a job's end asks the cluster
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# What `cmacc status` shows while the job runs, by the run record's state. The final states
+# are the moment between the job's last record and its process's end.
+RUN_PHASES = {
+    "waiting": "WAITING",
+    "running": "RUNNING",
+    "stopping": "STOPPING",
+    "finishing": "FINISHING",
+    "stopped": "STOPPING",
+    "succeeded": "FINISHING",
+    "failed": "FAILING",
+}
+# Ray's client logs how it packages the working_dir: INFO lines and, once per folder that Ray
+# now leaves out by default (`.git`, `.venv`, ...), a warning about a folder cmacc leaves out
+# anyway. Neither asks the user to act; other warnings (a very large file) still show.
+_PACKAGING_CHATTER = "is now ignored by default when packaging the working directory"
+# Ray's client loggers that importing it sets to INFO ("Uploading package ...", "WebSocket
+# closed for job ..." at the end of `logs --follow`).
+_RAY_CLIENT_LOGGERS = ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
 
 
 def _configure_token_auth() -> None:
@@ -73,6 +97,24 @@ def _configure_token_auth() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def _drop_chatter(record: logging.LogRecord) -> bool:
+    return _PACKAGING_CHATTER not in record.getMessage()
+
+
+def _quiet_ray_client(verbose: bool) -> None:
+    """The terminal of a command that talks to a cluster shows cmacc's lines and the warnings
+    that ask the user to act; Ray's client INFO messages and its packaging notices only with
+    `--verbose`."""
+    working_dir = logging.getLogger("ray._private.runtime_env.working_dir")
+    for name in _RAY_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        working_dir.removeFilter(_drop_chatter)
+        return
+    if _drop_chatter not in working_dir.filters:
+        working_dir.addFilter(_drop_chatter)
+
+
 def short_error(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= 300 else text[:297] + "..."
@@ -81,7 +123,7 @@ def short_error(err: BaseException) -> str:
 class Jobs:
     """The Ray Jobs API of one cluster, with errors turned into one clear line."""
 
-    def __init__(self, address: str | None):
+    def __init__(self, address: str | None, *, verbose: bool = False):
         self.address = address or os.environ.get("RAY_ADDRESS", "")
         if not self.address:
             raise UsageError("--address: give the Ray dashboard address (http://HEAD:8265) or set RAY_ADDRESS")
@@ -89,11 +131,9 @@ class Jobs:
         # Ray's client prefers these variables to its argument: an explicit --address wins here.
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         os.environ["RAY_ADDRESS"] = self.address
-        import logging
-
-        logging.getLogger("ray").setLevel(logging.WARNING)
         from ray.job_submission import JobSubmissionClient
 
+        _quiet_ray_client(verbose)  # after the import: importing Ray sets its loggers to INFO
         try:
             self.client = JobSubmissionClient(self.address)
         except Exception as err:
@@ -161,10 +201,9 @@ def submit_run(jobs: Jobs, request: PretrainRequest, cfg: config.Config, *, resu
     previous = jobs.jobs_of(run_id)
     running = [job for job in previous if str(job.status) not in TERMINAL]
     if running:
-        raise Failure(
-            f"run {run_id!r} is still running as job {running[-1].submission_id} "
-            f"({running[-1].status}): stop it first (cmacc stop {run_id})"
-        )
+        wants_resume = request.resume or request.resume_if_any or resume_if_submitted
+        _wait_if_stopping(jobs, running[-1], run_id, resume=wants_resume)
+        previous = jobs.jobs_of(run_id)
     if previous and resume_if_submitted:
         request = dataclasses.replace(request, resume=True)
     readable, entry = _read_storage(
@@ -204,6 +243,83 @@ def submit_run(jobs: Jobs, request: PretrainRequest, cfg: config.Config, *, resu
     )
 
 
+def _wait_if_stopping(jobs: Jobs, job: Any, run_id: str, *, resume: bool) -> None:
+    """A run whose job is stopping (a stop was requested and the run writes its checkpoint)
+    is continued by `--resume` once that job has ended: wait for it, at most as long as Ray
+    gives a stop before it kills the job. A job that runs and is not stopping is refused."""
+    shown, _, _ = run_phase(job)
+    if shown != "STOPPING":
+        raise Failure(
+            f"run {run_id!r} is still running as job {job.submission_id} ({shown}): stop it first (cmacc stop {run_id})"
+        )
+    if not resume:
+        raise UsageError(
+            f"run {run_id!r} is stopping (job {job.submission_id}): pass --resume to continue it once it has "
+            "stopped, or choose another --run-id"
+        )
+    bound = STOP_WAIT_S + STOP_GRACE_S
+    print(
+        f"cmacc: run {run_id} is stopping (job {job.submission_id} writes its checkpoint and ends); "
+        f"waiting for it to end, up to {bound} s ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    started = time.monotonic()
+    status, _ = wait_for_end(jobs, job, timeout_s=bound)
+    print(
+        f"cmacc: job {job.submission_id} {status} after {time.monotonic() - started:.0f} s; resuming run {run_id}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def shown_state(status: str, readable: bool, record: dict[str, Any] | None) -> str:
+    """What `cmacc status` shows for a job in Ray's `status` whose run record is `record`:
+    Ray's status, and while the job runs the run's own phase (`RUN_PHASES`); STARTING until
+    the job writes its first record (checks, a generated data set). Ray's RUNNING when this
+    machine cannot read the run's storage."""
+    if status != "RUNNING" or not readable:
+        return status
+    if record is None:
+        return "STARTING"
+    state = str(record.get("state", ""))
+    return RUN_PHASES.get(state, state.upper() or "STARTING")
+
+
+def run_phase(job: Any, status: str | None = None) -> tuple[str, bool, dict[str, Any] | None]:
+    """(shown, readable, record) of `job` (`status`: Ray's, when read since `job` was)."""
+    readable, record = run_record(job)
+    return shown_state(str(job.status) if status is None else status, readable, record), readable, record
+
+
+def wait_for_end(
+    jobs: Jobs,
+    job: Any,
+    *,
+    timeout_s: float,
+    on_change: Callable[[str, bool, dict[str, Any] | None, float], None] | None = None,
+) -> tuple[str, dict[str, Any] | None]:
+    """Wait until `job` has ended (SUCCEEDED, FAILED or STOPPED); (its status, the run's
+    record then). `on_change(shown, readable, record, waited_s)` hears each new phase and,
+    every 30 s of the same one, that the wait goes on. A Failure naming the job when it has
+    not ended after `timeout_s`."""
+    started = time.monotonic()
+    last, told = "", started
+    while True:
+        status = str(jobs.call(f"reading the status of job {job.submission_id}", "get_job_status", job.submission_id))
+        readable, record = run_record(job)
+        waited = time.monotonic() - started
+        if status in TERMINAL:
+            return status, record
+        shown = shown_state(status, readable, record)
+        if on_change is not None and (shown != last or time.monotonic() - told >= 30):
+            on_change(shown, readable, record, waited)
+            last, told = shown, time.monotonic()
+        if waited > timeout_s:
+            raise Failure(f"job {job.submission_id} at {jobs.address} is still {shown} after {waited:.0f} s")
+        time.sleep(POLL_S)
+
+
 def job_summary(job: Any) -> dict[str, Any]:
     return {
         "run_id": (job.metadata or {}).get(RUN_ID_KEY, ""),
@@ -237,7 +353,8 @@ def run_record(job: Any) -> tuple[bool, dict[str, Any] | None]:
         return True, None
     if job.start_time and updated < job.start_time / 1000 - 1:
         return True, None
-    return True, {**entry.info, "held_by": entry.held_by}
+    newest = entry.newest_checkpoint
+    return True, {**entry.info, "held_by": entry.held_by, "newest_checkpoint": newest.uri if newest else None}
 
 
 async def tail_logs(jobs: Jobs, submission_id: str) -> None:

@@ -126,26 +126,20 @@ def bucket_objects(env: dict[str, str]) -> list[tuple[str, int]]:
     return sorted((o["Key"], o["Size"]) for page in pages for o in page.get("Contents", []))
 
 
-def wait_status(env: dict[str, str], status_line: str, wanted: tuple[str, ...], timeout_s: float = 600) -> str:
-    deadline = time.monotonic() + timeout_s
-    while (shown := run(status_line, env).stdout.split()[0]) not in wanted:
-        assert shown not in ("SUCCEEDED", "FAILED", "STOPPED"), f"the job ended {shown}"
-        assert time.monotonic() < deadline, f"still {shown} after {timeout_s} s"
-        time.sleep(1)
-    return shown
-
-
-def test_the_readme_cluster_example_submits_stops_resumes_and_evaluates_on_the_cluster(stack):
+def test_the_readme_cluster_example_submits_stops_resumes_and_evaluates_on_the_cluster(stack, monkeypatch):
     env, commands = stack["env"], stack["commands"]
-    submit, status, logs, stop, resubmit, runs = commands[1:7]
+    submit, status, logs, stop, resubmit, follow, runs = commands[1:8]
     logs_now = logs.replace(" --follow", "")
 
     def state() -> dict:
         return json.loads(run(runs, env, extra=["--json"]).stdout)[0]
 
     # Submitted, the run goes through WAITING (for its worker) to RUNNING, and `cmacc runs`
-    # shows it training, with the step it has reached.
-    run(submit, env, extra=[*SETS, "--set=train.steps=100000", "--set=checkpoint.every_steps=4"])
+    # shows it training, with the step it has reached. The terminal shows cmacc's lines, not
+    # how Ray's client packages the project.
+    submitted = run(submit, env, extra=[*SETS, "--set=train.steps=100000", "--set=checkpoint.every_steps=4"])
+    assert submitted.stdout.startswith("submitted run cl1 as job cl1 "), submitted.stdout
+    assert not submitted.stderr.strip(), submitted.stderr
     seen = []
     deadline = time.monotonic() + 600
     while "RUNNING" not in seen or state()["last_step"] < 6:
@@ -162,11 +156,15 @@ def test_the_readme_cluster_example_submits_stops_resumes_and_evaluates_on_the_c
     busy = run(submit, env, extra=[*SETS, "--set=train.steps=8"], check=False)
     assert busy.returncode == 1 and "still running as job cl1" in busy.stderr, busy.stderr
 
-    # Stopped: the run writes a checkpoint and stops within a minute; nothing trained is lost.
+    # Stopped, typed as a person does: `stop` returns once the job has ended (STOPPING while
+    # the run writes its checkpoint), within a minute; nothing trained is lost. Every command
+    # from here to the resubmission runs right after the previous one returned.
     asked = time.monotonic()
-    run(stop, env)
-    assert wait_status(env, status, ("STOPPED",), timeout_s=60) == "STOPPED"
+    stopped = run(stop, env).stdout
     took = time.monotonic() - asked
+    assert "  STOPPING after " in stopped and "job cl1 STOPPED after " in stopped, stopped
+    assert took < 60, stopped
+    assert run(status, env).stdout.startswith("STOPPED  run cl1")
     info = state()
     stopped_at = info["last_step"]
     assert info["state"] == "stopped" and stopped_at > 4, (
@@ -184,8 +182,10 @@ def test_the_readme_cluster_example_submits_stops_resumes_and_evaluates_on_the_c
     assert bucket_objects(env) == before
 
     # Resubmitted as the README writes it: it continues from the stop's checkpoint and finishes.
-    run(resubmit, env, extra=[*SETS, f"--set=train.steps={stopped_at + 3}"])
-    assert wait_status(env, status, ("SUCCEEDED", "FAILED", "STOPPED")) == "SUCCEEDED"
+    resubmitted = run(resubmit, env, extra=[*SETS, f"--set=train.steps={stopped_at + 3}"])
+    assert resubmitted.stdout.startswith("submitted run cl1 as job cl1.2 ") and not resubmitted.stderr.strip()
+    run(follow, env)  # returns when the job has ended
+    assert run(status, env).stdout.startswith("SUCCEEDED  run cl1  job cl1.2")
     output = run(logs_now, env).stdout
     assert f"succeeded at step {stopped_at + 3} (this job: steps {stopped_at} ->" in output, output[-3000:]
     assert "top-1 on" in output and "untrained" in output and "pretrained" in output
@@ -200,6 +200,8 @@ def test_the_readme_cluster_example_submits_stops_resumes_and_evaluates_on_the_c
     ]
     from workers.metrics import read_metrics
 
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):  # run alone too
+        monkeypatch.setenv(name, env[name])
     records = read_metrics("s3://cmacc/runs/cl1", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
     starts = [int(r["run/start_step"]) for r in records if "run/start_step" in r]
     assert starts == [0, stopped_at], f"attempts started at {starts}, not at their checkpoints"
