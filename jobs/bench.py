@@ -15,8 +15,10 @@ work imports torch and ray when it runs.
 from __future__ import annotations
 
 import argparse
+import typing
 
 from service import errors
+from service.config import Seeding
 from service.errors import UsageError
 
 # The method's defaults (N = 4M candidates, P = M / 4 picks) at the paper recipe's 128 clips
@@ -24,6 +26,7 @@ from service.errors import UsageError
 DEFAULT_BATCHES = (128, 1024, 8192)  # M
 QUICK_CASES = ((256, 64, 16), (512, 128, 32))
 SAMPLERS = ("active", "uncertainty", "diversity", "random")  # `moco` selects nothing, there is nothing to time
+SEEDINGS = typing.get_args(Seeding)
 
 
 def default_case(batch: int) -> tuple[int, int, int]:
@@ -48,6 +51,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where selection runs (default: cpu)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="active", help="sampler to time (default: active)")
     parser.add_argument(
+        "--seeding",
+        default="parallel",
+        metavar="NAME[,NAME]",
+        help="k-means++ seedings to time, each case once per seeding, interleaved: exact, parallel or "
+        "exact,parallel (default: parallel, the recipes' method.seeding; random and uncertainty do not seed)",
+    )
+    parser.add_argument(
         "--sizes",
         metavar="NxM[xP],...",
         help="cases as pool size N x global batch M x picks P (default P = M/4), e.g. 4096x1024x256 "
@@ -60,6 +70,17 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--out", metavar="URI", help="also write the JSON results to this file or URI")
+
+
+def parse_seedings(text: str) -> list[str]:
+    """`"exact,parallel"` -> ["exact", "parallel"]; an unknown or repeated name is refused."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SEEDINGS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise UsageError(
+            f"cmacc bench sampler: --seeding expects distinct names of {', '.join(SEEDINGS)}, got {text!r}"
+        )
+    return names
 
 
 def sampler_cases(args: argparse.Namespace) -> list[tuple[int, int, int]]:
@@ -75,9 +96,10 @@ def sampler_cases(args: argparse.Namespace) -> list[tuple[int, int, int]]:
 def run_sampler(args: argparse.Namespace) -> int:
     """The sampler benchmark of the parsed arguments (here and in `python -m jobs.bench`)."""
     cases = sampler_cases(args)
+    seedings = parse_seedings(args.seeding)
     from workers.bench import sampler as bench  # torch loads only now
 
-    return bench.run_sampler_command(args, cases)
+    return bench.run_sampler_command(args, cases, seedings)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +159,12 @@ def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe setting"
     )
     parser.add_argument("--threads", default="1,2", help="decode thread counts to time, comma-separated (default: 1,2)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="the training device: where data.decode=device (or auto, on cuda) decodes the JPEGs (default: cpu)",
+    )
     parser.add_argument("--batches", type=int, default=8, help="timed batches per thread count (default: 8)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches first (default: 1)")
     parser.add_argument(

@@ -112,7 +112,11 @@ def list_checkpoints(
         if step is None:
             continue
         uri = storage.join(run_uri, name)
-        meta = _read_json(storage.join(uri, layout.CHECKPOINT_META), endpoint_url, retry_budget_s)
+        try:
+            meta = _read_json(storage.join(uri, layout.CHECKPOINT_META), endpoint_url, retry_budget_s)
+        except (CatalogError, IsADirectoryError):  # damaged: listed, and refused where used (service.integrity)
+            entries.append(CheckpointEntry(step=step, uri=uri, registered=name in registered))
+            continue
         if meta is None:  # still uploading, or abandoned half-way
             continue
         entries.append(CheckpointEntry(step=step, uri=uri, registered=name in registered, meta=meta))
@@ -143,7 +147,10 @@ def read_run(
     return RunEntry(run_id=run_id, uri=uri, info=info or {"run_id": run_id}, checkpoints=checkpoints, lease=lease)
 
 
-LIVE_STATES = ("waiting", "running")  # states only a live job may leave in run.json
+# States only a live job may leave in run.json: waiting (for its workers), running,
+# stopping (a stop was requested: the checkpoint and the end) and finishing (the final
+# checkpoint and the evaluation). The job ends each with a final state.
+LIVE_STATES = ("waiting", "running", "stopping", "finishing")
 
 
 def _record_lost_job(

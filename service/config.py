@@ -31,6 +31,7 @@ VideoArch = Literal["r3d_18", "r2plus1d_18"]
 AudioArch = Literal["resnet18"]
 Precision = Literal["auto", "fp32", "bf16"]
 PoolKind = Literal["stream", "fresh"]
+Seeding = Literal["exact", "parallel"]  # k-means++ seeding of the samplers that seed (workers/sampler.py)
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
@@ -49,6 +50,9 @@ class DataConfig:
     num_decode_threads: int = 2  # background decode threads per reader
     prefetch_batches: int = 2  # decoded batches kept ready per reader
     exclude_clips: str = ""  # comma-separated clip ids the training reader skips (counted in data/skipped)
+    # Where JPEG frames are decoded: on the reader's CPU threads, or in one batched call on the
+    # training device (workers.data.decode); auto = the device on CUDA, the CPU elsewhere.
+    decode: Literal["auto", "cpu", "device"] = "auto"
 
     def __post_init__(self) -> None:
         require(self.num_clips > 0, "num_clips", f"must be > 0, got {self.num_clips}")
@@ -122,6 +126,7 @@ class MethodConfig:
     enqueue: int = 0  # P keys a pool sampler enqueues per step; 0 = M (fresh) or enqueue_fraction x M (stream)
     enqueue_fraction: float = 0.25  # P as a fraction of the global batch M, stream pool with enqueue = 0
     shadow_samplers: str = ""  # comma-separated samplers fed the same candidates into shadow dictionaries
+    seeding: Seeding = "parallel"  # exact: one pick after another; parallel: D^2 picks in 17 rounds
     pseudo_classes: int = 0  # queries used as pseudo-classes; 0 = min(global batch, 256)
     temperature: float = 0.07  # tau
     momentum: float = 0.999  # EMA momentum of the key encoders
@@ -139,11 +144,19 @@ class MethodConfig:
         require(self.max_staleness >= 0, "max_staleness", f"must be >= 0, got {self.max_staleness}")
         names = self.shadows()
         known = typing.get_args(Sampler)
-        unknown = [name for name in names if name not in known]
+        # A shadow is a sampler name, or `sampler:seeding` to compare seedings in one run.
+        unknown = [name for name in names if name.partition(":")[0] not in known]
         require(
             not unknown,
             "shadow_samplers",
             f"unknown sampler {', '.join(map(repr, unknown))} (known: {', '.join(known)})",
+        )
+        seedings = typing.get_args(Seeding)
+        bad = [name for name in names if ":" in name and name.partition(":")[2] not in seedings]
+        require(
+            not bad,
+            "shadow_samplers",
+            f"unknown seeding in {', '.join(map(repr, bad))} (sampler:seeding with {', '.join(seedings)})",
         )
         require(len(set(names)) == len(names), "shadow_samplers", f"names a sampler twice: {self.shadow_samplers!r}")
 

@@ -48,6 +48,7 @@ class Run:
     split: str | None  # the split it trains on ("train", or None: every clip)
     has_test_split: bool = False
     start_step: int = 0  # the step it resumes from (0 for a new run)
+    resume: preflight.ResumePoint | None = None  # what `--resume` continues from (service.preflight)
     verbose: bool = False  # Ray Train's own INFO messages on the terminal too
     timings: dict[str, float] = field(default_factory=dict)
     fit_started_at: float = 0.0  # wall-clock time training started (for the throughput)
@@ -80,11 +81,14 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
         resume=request.resume or request.resume_if_any,
         may_be_new=request.resume_if_any,
     )
-    if existing is not None and existing.newest_checkpoint is not None:
-        newest = existing.newest_checkpoint
-        layout.check_checkpoint_format(newest.meta, newest.uri, to="resume")
-        if newest.meta.get("config"):
-            preflight.check_resume_config(newest.meta["config"], cfg, where=newest.uri)
+    resume = None  # the newest checkpoint that verifies, and the damaged newer ones passed over
+    if existing is not None and (request.resume or request.resume_if_any):
+        resume = preflight.resume_point(existing, endpoint_url=endpoint, retry_budget_s=budget)
+    if resume is not None:
+        start_step, saved = resume.step, resume.checkpoint.meta
+        layout.check_checkpoint_format(saved, resume.checkpoint.uri, to="resume")
+        if saved.get("config"):
+            preflight.check_resume_config(saved["config"], cfg, where=resume.checkpoint.uri)
     probe = storage.join(root, f".write-probe-{run_id}")  # beside the run: a refused run leaves no folder
     try:
         storage.write_bytes(probe, b"ok", endpoint_url=endpoint, retry_budget_s=budget)
@@ -102,6 +106,7 @@ def prepare_run(cfg: Config, request: PretrainRequest) -> Run:
         split=split,
         has_test_split=has_test_split,
         start_step=start_step,
+        resume=resume,
         verbose=request.verbose,
     )
 
@@ -267,18 +272,34 @@ class Watcher:
     """Polls rank 0's progress from the actor (never blocks): feeds the display, at the first
     step turns the run record from `waiting` to `running` and arms the graceful stop, and
     every `PROGRESS_RECORD_S` keeps the record's progress (step, loss, rate) current, which
-    is what `cmacc runs`, `cmacc status` and a cluster ablation read."""
+    is what `cmacc runs`, `cmacc status` and a cluster ablation read. The record says
+    `stopping` from the moment a stop was requested (the workers write their checkpoint and
+    end) and `finishing` once rank 0 has reached the last step (the final checkpoint), at
+    once: `cmacc status` and a resubmission tell them from `running`."""
 
     def __init__(self, run: Run, client: DictionaryClient, display: Any, stop: StopSignals):
         self.run, self.client, self.display, self.stop = run, client, display, stop
         self.recorded_at = -math.inf
+        self.recorded_state = ""
         self.record_every_s = float(os.environ.get(PROGRESS_RECORD_ENV, PROGRESS_RECORD_S))
         self.checkpoint: int | None = None
+        self.progress: dict[str, Any] | None = None  # rank 0's newest, with the time it arrived
 
     def poll(self) -> None:
         progress = self.client.poll_progress()
-        if not progress:
+        if progress:
+            self._take(progress)
+        if self.progress is None:  # no step yet: the record says `waiting`
             return
+        state, note = self.phase()
+        if state != self.recorded_state or (progress and time.monotonic() - self.recorded_at >= self.record_every_s):
+            self.recorded_at, self.recorded_state = time.monotonic(), state
+            try:
+                record(self.run, state=state, note=note, progress=self.progress)
+            except Exception as err:  # the record is for people; training goes on without it
+                print(f"cmacc: warning: could not update the run record: {err}", file=sys.stderr, flush=True)
+
+    def _take(self, progress: dict[str, Any]) -> None:
         if not self.stop.started:
             self.stop.mark_started()
         progress = dict(progress)
@@ -289,15 +310,18 @@ class Watcher:
                 say_above(
                     self.display, f"cmacc: checkpoint at step {self.checkpoint}: {storage.join(self.run.run_uri, name)}"
                 )
-        if time.monotonic() - self.recorded_at >= self.record_every_s:
-            self.recorded_at = time.monotonic()
-            at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            try:
-                record(self.run, state="running", progress={**progress, "at": at})
-            except Exception as err:  # the record is for people; training goes on without it
-                print(f"cmacc: warning: could not update the run record: {err}", file=sys.stderr, flush=True)
         if self.display is not None:
             self.display.show(progress)
+        self.progress = {**progress, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+
+    def phase(self) -> tuple[str, str]:
+        """The run's state now and what it does (the record's note)."""
+        if self.stop.stopping:
+            return "stopping", "a stop was requested: the workers write a checkpoint after the step in progress and end"
+        progress = self.progress or {}
+        if progress.get("total") is not None and int(progress["step"]) >= int(progress["total"]):
+            return "finishing", "the last step is trained: writing the final checkpoint"
+        return "running", ""
 
 
 # --- after training --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class StopSignals:
         self.client: DictionaryClient | None = None  # set once the actor exists
         self.started = False  # rank 0 reported a step
         self.requested = False  # a stop arrived before that
+        self.stopping = False  # the workers were asked to checkpoint and stop (the run record says so)
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -60,6 +61,7 @@ class StopSignals:
             return
         print("\ncmacc: stopping after the next step and a checkpoint (again to abort)", flush=True)
         self.client.request_stop()
+        self.stopping = True
         self._restore()
 
     def mark_started(self) -> None:
@@ -69,6 +71,7 @@ class StopSignals:
         if self.requested and self.client is not None:
             self.requested = False
             self.client.request_stop()
+            self.stopping = True
             self._restore()
 
     def check(self) -> None:

@@ -27,6 +27,24 @@ def test_bench_sampler_prints_a_table_and_writes_json(tmp_path):
     assert all(len(r["timings_ms"]) == 2 and r["ms"] > 0 for r in report["results"])
 
 
+def test_bench_sampler_times_each_seeding_and_names_it_in_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ("--sizes", "256x64", "--repeats", "1", "--warmup", "0", "--seeding", "exact,parallel", "--out", str(out))
+    result = run("-m", "cli", "bench", "sampler", *args)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["N"], r["P"], r["seeding"], r["rounds"]) for r in rows] == [
+        (256, 16, "exact", 16),
+        (256, 16, "parallel", 16),
+    ]
+    assert [line.split()[4] for line in result.stdout.strip().splitlines()[2:]] == ["exact", "parallel"]
+    bad = run(
+        "-m", "cli", "bench", "sampler", "--quick", "--seeding", "exact,greedy", "--out", str(tmp_path / "x.json")
+    )
+    assert bad.returncode == 2 and "--seeding expects distinct names of exact, parallel" in bad.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_bench_sampler_rejects_bad_sizes_with_exit_2():
     result = run("-m", "jobs.bench", "sampler", "--sizes", "64x")
     assert result.returncode == 2
