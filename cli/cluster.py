@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -75,9 +76,13 @@ def _submit(args: argparse.Namespace) -> int:
 def check_data_here(data: str, cfg: config.Config) -> None:
     """The job's own check of the data set (`workers.data.inspect.check`), from this machine
     before the cluster is contacted: a damaged shard is named now, not in the job's log. A set
-    this machine cannot reach is the job's to check (a warning)."""
+    this machine cannot reach, or a local path that is not on this machine (it may be one on
+    the cluster's nodes), is the job's to check (a warning)."""
     from workers.data.inspect import check  # pyarrow loads only now
 
+    if storage.is_local(data) and not os.path.exists(storage.absolute(data)):
+        print(f"cmacc: warning: {data} is not on this machine: the job checks it on the cluster", file=sys.stderr)
+        return
     try:
         check(data, endpoint_url=cfg.storage.endpoint_url, retry_budget_s=min(cfg.storage.retry_budget_s, 10.0))
     except DataError:

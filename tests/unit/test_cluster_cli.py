@@ -335,3 +335,19 @@ def test_ray_packaging_chatter_reaches_the_terminal_only_with_verbose(verbose):
     shown = [record.getMessage() for record in kept.records]
     assert "File /p/big.bin is very large (120 MiB)." in shown  # a warning that asks to act
     assert len(shown) == (5 if verbose else 1), shown
+
+
+def test_submit_leaves_a_local_data_path_missing_here_to_the_job_and_refuses_a_damaged_one(tmp_path, capsys):
+    """A local --data path that is not on the submitting machine may be one on the cluster's
+    nodes: a warning, the job checks it. One that is here and damaged is refused at once."""
+    from service import config
+    from service.errors import DataError
+
+    cfg = config.load_recipe("demo", [])
+    cluster.check_data_here(str(tmp_path / "only-on-the-nodes"), cfg)
+    assert "is not on this machine: the job checks it on the cluster" in capsys.readouterr().err
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest\.json"):
+        cluster.check_data_here(str(damaged), cfg)
