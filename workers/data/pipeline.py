@@ -31,6 +31,20 @@ from workers.data.decode import DecodedClip, decode_row
 from workers.data.format import DataError, Manifest, read_shard
 
 POLL_S = 0.2  # how often blocked threads look at the stop flag, seconds
+
+
+def put_unless_stopped(target: queue.Queue, entry: Any, stop: threading.Event) -> bool:
+    """Put `entry` into the bounded `target`, waiting while it is full; False (nothing put)
+    once `stop` is set, so a producer never blocks past its consumer's end."""
+    while not stop.is_set():
+        try:
+            target.put(entry, timeout=POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 FETCH_THREADS = 2  # the shard in use and the next one
 
 
@@ -259,13 +273,7 @@ class DecodePipeline:
                 self._put(err)
 
     def _put(self, entry: Batch | BaseException) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(self._queue, entry, self._stop)
 
     def _produce(self) -> None:
         decoder = self._decoder

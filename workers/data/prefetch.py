@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-POLL_S = 0.2  # how often a blocked side looks at the stop flag, seconds
+from workers.data.pipeline import POLL_S, put_unless_stopped
+
 # A test hook (passed to the workers with the other CMACC_FAULT_* variables): "1" prepares
 # ahead in a thread on the CPU too, so that a CPU test runs the code path of a GPU.
 AHEAD_ENV = "CMACC_FAULT_PREFETCH_AHEAD"
@@ -134,13 +135,7 @@ class BatchPrefetcher:
             step += 1
 
     def _put(self, entry: tuple[int, Any, Any]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(self._queue, entry, self._stop)
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop the thread; it ends once its `prepare` returns (closing the reader it reads
