@@ -167,7 +167,8 @@ def kmeans_pp_seeding(
     nearest_sq = torch.zeros_like(sq_norms) if centres_sq is None else centres_sq.to(sq_norms.dtype)
     picks = torch.full((num_picks,), -1, dtype=torch.long, device=device)  # M
     t = 0
-    for size in seeding_round_sizes(num_picks, rounds):
+    sizes = seeding_round_sizes(num_picks, rounds)
+    for index, size in enumerate(sizes):
         if size == 1:
             if t == 0 and first == "largest":
                 row = torch.where(available, sq_norms, float("-inf")).argmax()
@@ -185,6 +186,8 @@ def kmeans_pp_seeding(
             assert groups is not None
             rows, valid = _draw_round(nearest_sq, available, groups, positions, size, generator)  # size, size
             picks[t : t + size] = torch.where(valid, rows, -1)
+            if index == len(sizes) - 1:
+                break  # the last round's distances would be read by no later pick: a third of the work
             for start in range(0, size, UPDATE_CHUNK):  # N x chunk per product bounds the memory
                 chunk, chunk_valid = rows[start : start + UPDATE_CHUNK], valid[start : start + UPDATE_CHUNK]
                 nearest_sq = torch.minimum(nearest_sq, _nearest_sq_to_rows(factors, sq_norms, chunk, chunk_valid))
