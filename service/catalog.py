@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +92,7 @@ def _registered_names(
     snapshot = _read_json(storage.join(run_uri, layout.SNAPSHOT_FILE), endpoint_url, retry_budget_s)
     if snapshot is None:
         return None
-    return set(re.findall(r"checkpoint-\d{8}", json.dumps(snapshot)))
+    return layout.checkpoint_names_in(json.dumps(snapshot))
 
 
 def list_checkpoints(

@@ -219,8 +219,7 @@ def registered_names(
         )
     except OSError:
         return []
-    names = set(re.findall(r"checkpoint-\d{8}", data.decode(errors="replace")))
-    return sorted(names)
+    return sorted(layout.checkpoint_names_in(data.decode(errors="replace")))
 
 
 def newest_intact(

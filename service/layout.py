@@ -93,6 +93,12 @@ def checkpoint_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def checkpoint_names_in(text: str) -> set[str]:
+    """The checkpoint folder names a text mentions: how the run's snapshot (`SNAPSHOT_FILE`,
+    Ray Train's) lists the checkpoints it registered."""
+    return set(re.findall(r"checkpoint-\d{8}", text))
+
+
 def checkpoint_format(meta: dict[str, Any]) -> int:
     return int(meta.get("format", 1))  # no "format": written before it was recorded
 
