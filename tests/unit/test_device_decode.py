@@ -15,6 +15,7 @@ import torch
 
 from service import config
 from service.config import ConfigError
+from tests.unit.test_reader import make_reader
 from workers.data.decode import CorruptClipError, decode_batch, decode_on_device
 from workers.data.format import DatasetWriter
 from workers.data.prefetch import BatchPrefetcher, CursorAt
@@ -36,22 +37,8 @@ def dataset(tmp_path_factory) -> str:
 
 
 def reader(uri: str, decode: str, **overrides) -> ClipReader:
-    settings = dict(
-        uri=uri,
-        rank=0,
-        world_size=1,
-        seed=7,
-        batch_size=8,
-        frames=4,
-        seconds=0.25,
-        sample_rate=RATE,
-        shuffle_buffer=8,
-        num_decode_threads=2,
-        prefetch_batches=2,
-        decode=decode,
-    )
-    settings.update(overrides)
-    return ClipReader(**settings)
+    """The reader of the reader's own tests, decoding as `decode` says."""
+    return make_reader(uri, decode=decode, **overrides)
 
 
 def transforms(frames: int, size: int) -> Transforms:
