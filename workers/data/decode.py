@@ -246,6 +246,14 @@ def decode_row(
     )
 
 
+def centre_crop(frames: Any, height: int, width: int) -> Any:
+    """The centred `height` x `width` window of axes 1 and 2 (a clip's T x H x W x 3 frames, or
+    one decoded C x H x W frame): how a batch of clips of different sizes is made one size."""
+    top = (frames.shape[1] - height) // 2
+    left = (frames.shape[2] - width) // 2
+    return frames[:, top : top + height, left : left + width]
+
+
 # --- the decode on the training device ---------------------------------------------------------
 
 
@@ -352,10 +360,7 @@ def decode_batch(encoded: dict[str, Any], *, device: Any, clip_ids: Sequence[str
             )
     height = min(size[0] for size in sizes)
     width = min(size[1] for size in sizes)
-    crops = []
-    for frame in decoded:
-        top, left = (frame.shape[1] - height) // 2, (frame.shape[2] - width) // 2
-        crops.append(frame[:, top : top + height, left : left + width])
+    crops = [centre_crop(frame, height, width) for frame in decoded]  # C x H x W: axes 1 and 2, as T x H x W x 3
     frame_index = encoded["frame_index"]
     batch, num_frames = frame_index.shape
     order = frame_index.reshape(-1).tolist()

@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from service.storage import DEFAULT_RETRY_BUDGET_S
-from workers.data.decode import DecodedClip, decode_row
+from workers.data.decode import DecodedClip, centre_crop, decode_row
 from workers.data.format import DataError, Manifest, read_shard
 
 POLL_S = 0.2  # how often blocked threads look at the stop flag, seconds
@@ -224,12 +224,6 @@ def encode_batch(clips: list[DecodedClip], *, rows: list[tuple[str, int]]) -> di
         "size": torch.tensor([c.frame_size for c in clips], dtype=torch.int64),
         "rows": rows,
     }
-
-
-def centre_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    top = (frames.shape[1] - height) // 2
-    left = (frames.shape[2] - width) // 2
-    return frames[:, top : top + height, left : left + width]
 
 
 class DecodePipeline:
