@@ -91,6 +91,9 @@ def check_data_here(data: str, cfg: config.Config) -> None:
         print(f"cmacc: warning: the data set cannot be checked from here (the job checks it): {err}", file=sys.stderr)
 
 
+TRAINING_STATES = ("running", "stopping", "finishing")  # run states whose record carries live progress
+
+
 def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
 
@@ -111,8 +114,7 @@ def _status(args: argparse.Namespace) -> int:
     info["held_by"] = (record or {}).get("held_by", "")
     progress = (record or {}).get("progress") or {}
     info["world_size"] = progress.get("world_size")  # the workers training now (an elastic group changes)
-    training = ("running", "stopping", "finishing")
-    info["progress"] = reports.progress_text(progress) if progress and info["run_state"] in training else ""
+    info["progress"] = reports.progress_text(progress) if progress and info["run_state"] in TRAINING_STATES else ""
     if args.json:
         print(json.dumps({**info, "shown": shown, "storage_readable": readable}, indent=2))
     else:
@@ -172,7 +174,7 @@ def _stop(args: argparse.Namespace) -> int:
     def say(shown: str, readable: bool, record: dict | None, waited_s: float) -> None:
         line = f"  {shown} after {waited_s:.0f} s"
         progress = (record or {}).get("progress") or {}
-        if progress and (record or {}).get("state") in ("running", "stopping", "finishing"):
+        if progress and (record or {}).get("state") in TRAINING_STATES:
             line += f": {reports.progress_text(progress)}"
         if not readable:
             line += " (the run's own state is unknown here: its storage cannot be read from this machine)"
