@@ -74,7 +74,11 @@ def _read_json(
 ) -> dict[str, Any] | None:
     if not storage.exists(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s):
         return None
-    return _parse_json(uri, storage.read_bytes(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s))
+    try:
+        data = storage.read_bytes(uri, endpoint_url=endpoint_url, retry_budget_s=retry_budget_s)
+    except FileNotFoundError:  # gone since it was seen: Ray Train deleting a checkpoint past num_to_keep, say
+        return None
+    return _parse_json(uri, data)
 
 
 def _parse_json(uri: str, data: bytes) -> dict[str, Any]:

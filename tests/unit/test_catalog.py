@@ -51,6 +51,24 @@ def test_a_checkpoint_without_its_meta_is_still_uploading_and_not_listed(tmp_pat
     assert [c.step for c in catalog.list_checkpoints(run)] == [2]
 
 
+def test_a_checkpoint_deleted_while_it_is_listed_is_left_out(tmp_path, monkeypatch):
+    """Ray Train deletes checkpoints past `num_to_keep` while `cmacc runs` lists them: a
+    meta.json seen by `exists` and gone when read is a checkpoint no longer there."""
+    root = str(tmp_path)
+    run = make_run(root, "r", steps=[2, 4], registered=[4], updated="")
+    gone = storage.join(run, layout.checkpoint_name(2), "meta.json")
+    read_bytes = storage.read_bytes
+
+    def deleted_meanwhile(uri, **kwargs):
+        if uri == gone:
+            raise FileNotFoundError(f"read: no such file or object: {uri}")
+        return read_bytes(uri, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", deleted_meanwhile)
+    assert [c.step for c in catalog.list_checkpoints(run)] == [4]
+    assert [r.run_id for r in catalog.list_runs(root)] == ["r"]
+
+
 def test_missing_run_names_the_uri(tmp_path):
     assert catalog.read_run(str(tmp_path), "nope") is None
     with pytest.raises(catalog.CatalogError, match=str(tmp_path / "nope")):
