@@ -77,7 +77,8 @@ class Delta:
     `entered_v` and `entered_a` say what entered D_v and D_a, `shadows` what entered each
     shadow's (D_v, D_a) by sampler name; `select_ms` is the time the selection took in the
     actor; `stop_requested` carries the driver's stop request to the training loop (no extra
-    call per step).
+    call per step); `counts` are step 4's counts of each member ("main" and each shadow's
+    sampler: `workers.enqueue.update_dictionaries`), empty in deltas saved before they were kept.
     """
 
     version: int
@@ -88,13 +89,14 @@ class Delta:
     select_ms: float
     stop_requested: bool
     shadows: dict[str, tuple[Entered, Entered]] = field(default_factory=dict)
+    counts: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def entered(self, modality: str) -> Entered:
         return self.entered_v if modality == "v" else self.entered_a
 
     def without_shadows(self) -> Delta:
         """The same delta for ranks that keep no shadows (only rank 0 measures them)."""
-        return dataclasses.replace(self, shadows={})
+        return dataclasses.replace(self, shadows={}, counts={k: v for k, v in self.counts.items() if k == "main"})
 
     def to_dict(self) -> dict[str, Any]:
         """The stored form (in checkpoints): flat names, numpy arrays."""
@@ -106,6 +108,8 @@ class Delta:
                 for part in ENTERED_PARTS:
                     out[f"{prefix}{part}_{m}"] = getattr(entered, part)
         out.update({"select_ms": self.select_ms, "stop_requested": self.stop_requested})
+        for member, counts in self.counts.items():
+            out.update({f"counts/{member}/{name}": value for name, value in counts.items()})
         return out
 
     @classmethod
@@ -115,6 +119,11 @@ class Delta:
             return Entered(**{part: raw.get(f"{prefix}{part}_{m}", unknown) for part in ENTERED_PARTS})
 
         names = sorted({key.split("/")[1] for key in raw if key.startswith("shadow/")})
+        counts: dict[str, dict[str, float]] = {}
+        for key, value in raw.items():
+            if key.startswith("counts/"):
+                _, member, name = key.split("/", 2)
+                counts.setdefault(member, {})[name] = float(value)
         return cls(
             version=int(raw["version"]),
             step=int(raw["step"]),
@@ -124,6 +133,7 @@ class Delta:
             select_ms=float(raw["select_ms"]),
             stop_requested=bool(raw["stop_requested"]),
             shadows={name: (entered(f"shadow/{name}/", "v"), entered(f"shadow/{name}/", "a")) for name in names},
+            counts=counts,
         )
 
 
@@ -178,6 +188,7 @@ class DictionaryService:
             select_ms=1000 * (time.perf_counter() - started),
             stop_requested=self.stop_requested,
             shadows={name: pair for name, pair in entered.items() if name != "main"},
+            counts=counts,
         )
         self.history.append(delta)
         return delta

@@ -221,8 +221,19 @@ def step_statistics(
     return out
 
 
-def entered_fractions(counts: Mapping[str, float]) -> dict[str, float]:
-    """`dict/entered_frac_{v,a}`: the fraction of the arrivals (`counts["arrived"]`) that
-    entered each dictionary (P / M in steady state; NaN when nothing arrived)."""
+def entry_metrics(counts: Mapping[str, float], prefix: str = "dict") -> dict[str, float]:
+    """What step 4 did to one member's dictionaries (`workers.enqueue.update_dictionaries`'
+    counts), per modality m: `{prefix}/entered_frac_m`, the fraction of the arrivals
+    (`counts["arrived"]`) that entered (P / M in steady state), and
+    `{prefix}/picked_from_batch_share_m`, the share of the picks that were keys of the batch
+    rather than of the fresh pool's extra clips (M / N for `random`; 1 for `moco`; 0 with the
+    stream pool). NaN where nothing arrived or was picked."""
+    out = {}
     arrived = counts.get("arrived", 0.0)
-    return {f"dict/entered_frac_{m}": counts.get(f"entered_{m}", 0.0) / arrived if arrived else math.nan for m in "va"}
+    for m in "va":
+        picked = counts.get(f"picked_{m}", 0.0)
+        out[f"{prefix}/entered_frac_{m}"] = counts.get(f"entered_{m}", 0.0) / arrived if arrived else math.nan
+        out[f"{prefix}/picked_from_batch_share_{m}"] = (
+            counts.get(f"picked_from_batch_{m}", 0.0) / picked if picked else math.nan
+        )
+    return out

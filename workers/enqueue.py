@@ -82,20 +82,24 @@ class Arrivals:
         unknown = torch.full_like(ids, EMPTY_ID)
         none_rows = given["keys_v"].new_zeros(0, given["keys_v"].shape[1])
         defaults = {"labels": unknown, "sources": unknown, "extra_keys_v": none_rows, "extra_keys_a": none_rows}
-        defaults.update({name: ids.new_zeros(0) for name in ("extra_ids", "extra_labels", "extra_sources")})
+        extra_ids = given.get("extra_ids", ids.new_zeros(0))
+        defaults.update({"extra_ids": extra_ids, "extra_labels": torch.full_like(extra_ids, EMPTY_ID)})
+        defaults["extra_sources"] = defaults["extra_labels"]
         return cls(step=step, **{**defaults, **given})
 
 
 @dataclass(kw_only=True)
 class Exchanged:
     """What step 4 gave a rank: the global batch (`batch`; every rank has it), how many of
-    its keys entered each dictionary (`counts`: `arrived`, `entered_v`, `entered_a`), the
+    its keys entered each dictionary and how many of its picks were batch keys (`counts`:
+    `update_dictionaries`'; each shadow's in `shadow_counts`, where the shadows are kept), the
     statistics measured before the update (`statistics`, at log steps), and on a cluster the
     deltas applied, the digests of the batches submitted, a stop request and an error that
     ends the run."""
 
     batch: Arrivals
     counts: dict[str, float]
+    shadow_counts: dict[str, dict[str, float]] = field(default_factory=dict)  # by shadow sampler, where kept
     statistics: dict[str, float] = field(default_factory=dict)
     select_ms: float = float("nan")
     deltas: list[Any] = field(default_factory=list)
@@ -171,7 +175,11 @@ def update_dictionaries(dictionaries: Dictionaries, arrivals: Arrivals) -> dict[
     """Step 4 for one global batch on one `Dictionaries`: per modality the sampler picks the
     keys that enter (pseudo-classes: the other modality's queries), they enter the
     dictionary, and with the stream pool they leave the pool and the batch's keys join it.
-    Returns the keys that arrived (`arrived`, M) and entered per modality."""
+    Returns the keys that arrived (`arrived`, M) and, per modality m, the keys that entered
+    (`entered_m`), the keys picked (`picked_m`: the selection, M for `moco`) and how many of
+    those were keys of the batch (`picked_from_batch_m`: with the fresh pool the batch's M of
+    the N candidates, the rest are extra clips; 0 with the stream pool, whose candidates
+    arrived in earlier steps)."""
     a = arrivals
     counts = {"arrived": float(a.num_clips)}
     steps = torch.full_like(a.clip_ids, a.step)
@@ -185,6 +193,7 @@ def update_dictionaries(dictionaries: Dictionaries, arrivals: Arrivals) -> dict[
         if sampler.name == "moco":  # the batch itself: plain cross-modal MoCo
             dictionary.enqueue(keys, a.clip_ids, a.labels, steps, a.sources)
             counts[f"entered_{modality}"] = float(min(a.num_clips, dictionary.size))
+            counts[f"picked_{modality}"] = counts[f"picked_from_batch_{modality}"] = float(a.num_clips)
             continue
         if pool is None:  # fresh: the batch's keys and the extra clips' keys, all encoded now
             candidates = torch.cat([keys, extra_keys])  # N x d
@@ -213,6 +222,9 @@ def update_dictionaries(dictionaries: Dictionaries, arrivals: Arrivals) -> dict[
             pool.take(rows)
             pool.push(keys, a.clip_ids, a.labels, steps, a.sources)
         counts[f"entered_{modality}"] = float(min(selection.ids.shape[0], dictionary.size))
+        counts[f"picked_{modality}"] = float(rows.shape[0])
+        from_batch = (rows < a.num_clips).sum() if pool is None else rows.new_zeros(())  # the batch's rows lead
+        counts[f"picked_from_batch_{modality}"] = float(from_batch)
     return counts
 
 
@@ -279,9 +291,13 @@ class LocalExchange:
     def exchange(self, arrivals: Arrivals, *, measure: bool = False) -> Exchanged:
         statistics = self.measure(arrivals, self.dictionaries.views()) if measure and self.measure else {}
         started = time.perf_counter()
-        counts = self.dictionaries.update(arrivals)["main"]
+        counts = self.dictionaries.update(arrivals)
         if arrivals.keys_v.is_cuda:
             torch.cuda.synchronize(arrivals.keys_v.device)
         return Exchanged(
-            batch=arrivals, counts=counts, statistics=statistics, select_ms=1000 * (time.perf_counter() - started)
+            batch=arrivals,
+            counts=counts.pop("main"),
+            shadow_counts=counts,
+            statistics=statistics,
+            select_ms=1000 * (time.perf_counter() - started),
         )

@@ -96,9 +96,8 @@ def train_step(
     state.optimizer.zero_grad(set_to_none=True)
     with autocast:
         queries_v, queries_a = state.query(video, audio)  # M x d each, L2-normalised
-        with torch.no_grad():
-            keys_v, keys_a = state.key(video, audio)  # M x d each: positives of the other modality
-            extra_v, extra_a = extra_keys(state, batch.get("extra"), like=keys_v, channels_last=channels_last)  # E x d
+        with torch.no_grad():  # M x d each: positives of the other modality; E x d: extra candidates
+            keys_v, keys_a, extra_v, extra_a = key_forward(state, video, audio, batch.get("extra"), channels_last)
 
     # 2. Cross-modal InfoNCE, both directions, against the dictionaries D_a, D_v.
     losses = cross_modal_nce(
@@ -157,20 +156,24 @@ def train_step(
 # --- the parts of a step ----------------------------------------------------------------------
 
 
-def extra_keys(
-    state: TrainState, extra: Mapping[str, Any] | None, *, like: Tensor, channels_last: bool | None
-) -> tuple[Tensor, Tensor]:
-    """The key encoders' keys [E, d] of the fresh pool's extra clips, candidates only (empty,
-    shaped as `like`'s rows, without them), in a forward of their own: the batch's positive
-    keys stay exactly what they are without a pool."""
+def key_forward(
+    state: TrainState, video: Tensor, audio: Tensor, extra: Mapping[str, Any] | None, channels_last: bool | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The key encoders' keys of the batch [M, d] (the positives) and of the fresh pool's
+    extra clips [E, d] (candidates only; float32), in ONE forward of the M + E clips: every
+    candidate of the dictionaries is normalised alike (the key encoders' BatchNorm runs on
+    batch statistics), so a sampler cannot tell the two halves apart by how they were encoded.
+    The positives are then normalised with the extra clips' statistics too: they equal a
+    forward of the batch alone exactly when E = 0 (the stream pool, `moco` without shadows)."""
     if extra is None or extra["index"].numel() == 0:
-        empty = like.new_zeros(0, like.shape[1], dtype=torch.float32)
-        return empty, empty
-    video = prepare_video(
-        extra["video"], channels_last=extra["video"].is_cuda if channels_last is None else channels_last
-    )
-    keys_v, keys_a = state.key(video, extra["audio"])
-    return keys_v.float(), keys_a.float()
+        keys_v, keys_a = state.key(video, audio)
+        empty = keys_v.new_zeros(0, keys_v.shape[1], dtype=torch.float32)
+        return keys_v, keys_a, empty, empty
+    both = torch.cat([video, extra["video"]])
+    both = prepare_video(both, channels_last=both.is_cuda if channels_last is None else channels_last)
+    m = video.shape[0]
+    keys_v, keys_a = state.key(both, torch.cat([audio, extra["audio"]]))
+    return keys_v[:m], keys_a[:m], keys_v[m:].float(), keys_a[m:].float()
 
 
 def extra_columns(extra: Mapping[str, Any] | None, *, like: Tensor) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from service.config import Config
-from workers.diagnostics import entered_fractions, step_statistics
+from workers.diagnostics import entry_metrics, step_statistics
 from workers.enqueue import DictionarySet, LocalExchange, build_dictionary_set
 from workers.step import host_values, step_metrics, train_step
 from workers.tensors import synchronize
@@ -111,7 +111,9 @@ def train(
         metrics = host_values([metrics])[0]
         if measure:
             metrics.update(exchanged.statistics)
-            metrics.update(entered_fractions(exchanged.counts))
+            metrics.update(entry_metrics(exchanged.counts))
+            for name, counts in exchanged.shadow_counts.items():
+                metrics.update(entry_metrics(counts, f"shadow/{name}"))
         result.metrics.append(metrics)
         if on_step is not None:
             on_step(metrics)

@@ -13,6 +13,7 @@ INSTRUMENT_SERIES = (
 # batch labels are balanced; it stays for comparison with earlier reports.
 HOLDING_SERIES = (
     ("entered_frac", "fraction of arrivals that entered"),
+    ("picked_from_batch_share", "share of the picks that were batch keys"),
     ("label_entropy", "label entropy of the keys (nats)"),
     ("same_label_frac", "same-label fraction (blind: ~1/C)"),
     ("key_cos", "mean pairwise cosine of the keys"),
@@ -22,6 +23,7 @@ HOLDING_SERIES = (
 DICT_SERIES = tuple((f"dict/{name}", title) for name, title in INSTRUMENT_SERIES + HOLDING_SERIES)
 SHADOW_SERIES = (
     *INSTRUMENT_SERIES,
+    ("picked_from_batch_share", "share of the picks that were batch keys"),
     ("label_entropy", "label entropy of the keys (nats)"),
     ("key_age", "mean key age (steps)"),
 )

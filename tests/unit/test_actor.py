@@ -203,3 +203,24 @@ def test_random_from_the_pool_meets_same_label_negatives_at_chance():
             labels = service.dictionaries.main.dictionary_a.labels.numpy()
             fractions.append(same_label_fraction(arrays["labels"], labels))
     assert abs(np.mean(fractions) - 1 / num_classes) < 0.03
+
+
+def test_a_delta_carries_each_members_pick_counts_through_its_stored_form():
+    cfg = config.from_dict(
+        {
+            "model": {"embed_dim": DIM},
+            "method": {"sampler": "random", "pool": "fresh", "dictionary_size": 20, "shadow_samplers": "moco"},
+            "train": {"batch_size": BATCH, "seed": 5},
+        }
+    )
+    service = DictionaryService(config=cfg.to_dict())
+    g = torch.Generator().manual_seed(3)
+    extra = torch.nn.functional.normalize(torch.randn(BATCH, DIM, generator=g), dim=1).numpy()
+    delta = service.submit(
+        step=0, **global_batch(0), extra_keys_v=extra, extra_keys_a=extra, extra_ids=np.arange(100, 100 + BATCH)
+    )
+    main, moco = delta.counts["main"], delta.counts["moco"]
+    assert main["picked_v"] == BATCH and 0 <= main["picked_from_batch_v"] <= BATCH  # P = M of the N = 2M
+    assert moco["picked_a"] == moco["picked_from_batch_a"] == BATCH  # moco enqueues its batch
+    assert type(delta).from_dict(delta.to_dict()).counts == delta.counts
+    assert delta.without_shadows().counts == {"main": main}

@@ -141,20 +141,95 @@ def test_the_batch_enters_under_moco_and_extra_clips_never_enter_the_loss():
     batch = arrivals(3, extra=M)
     update_dictionaries(moco, batch)
     assert set(moco.dictionary_v.ids[moco.dictionary_v.ids >= 0].tolist()) == set(batch.clip_ids.tolist())
-    # The step's loss reads the batch's keys and the dictionaries only: extra clips change no loss.
+    # The step's loss reads the batch's keys and the dictionaries only: extra clips are neither
+    # positives nor negatives. They share the key encoders' forward with the batch (one
+    # population of candidates), so with BatchNorm on batch statistics they move the positives'
+    # normalisation; with the statistics fixed (eval mode) they change no loss.
     from workers.enqueue import LocalExchange
     from workers.step import train_step
     from workers.training import build_train_state
 
     cfg = config(sampler="random")
-    losses = []
-    for extra in (0, M):
-        state = build_train_state(cfg, device=torch.device("cpu"))
-        exchange = LocalExchange(build_dictionary_set(cfg, device=torch.device("cpu")))
-        out = train_step(state, make_batch(0, extra=extra), exchange=exchange, method=cfg.method)
-        losses.append(float(out.losses["loss"]))
-        assert out.exchanged.batch.extra_keys_v.shape == (extra, D)
-    assert losses[0] == losses[1]
+    losses = {}
+    for fixed_statistics in (False, True):
+        for extra in (0, M):
+            torch.manual_seed(0)
+            state = build_train_state(cfg, device=torch.device("cpu"))
+            if fixed_statistics:
+                state.key.eval()
+            exchange = LocalExchange(build_dictionary_set(cfg, device=torch.device("cpu")))
+            out = train_step(state, make_batch(0, extra=extra), exchange=exchange, method=cfg.method)
+            losses[fixed_statistics, extra] = float(out.losses["loss"])
+            assert out.exchanged.batch.extra_keys_v.shape == (extra, D)
+    assert losses[True, 0] == losses[True, M]
+    assert losses[False, 0] != losses[False, M]
+
+
+def test_the_batch_and_the_extra_clips_are_encoded_as_one_population():
+    # A clip's candidate key does not depend on which half it came in: swapping the batch and
+    # the extra clips gives every clip the same key (two forwards, one per half, would give
+    # each half its own BatchNorm statistics and so keys of their own).
+    from workers.step import key_forward
+    from workers.training import build_train_state
+
+    torch.manual_seed(0)
+    state = build_train_state(config(sampler="random"), device=torch.device("cpu"))
+    first = make_batch(0)
+    second = make_batch(7)
+    keys = {}
+    for batch, extra in ((first, second), (second, first)):
+        keys_v, keys_a, extra_v, extra_a = key_forward(state, batch["video"], batch["audio"], extra, False)
+        for ids, kv, ka in ((batch["index"], keys_v, keys_a), (extra["index"], extra_v, extra_a)):
+            for clip, v, a in zip(ids.tolist(), kv, ka, strict=True):
+                keys.setdefault(clip, []).append((v.float(), a.float()))
+    assert len(keys) == 2 * M
+    for (v1, a1), (v2, a2) in keys.values():
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-5)
+    alone_v, _, _, _ = key_forward(state, first["video"], first["audio"], None, False)  # a forward of its own
+    joint_v = torch.stack([keys[clip][0][0] for clip in first["index"].tolist()])
+    assert not torch.allclose(alone_v.float(), joint_v, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("extra", [M, 3 * M])
+def test_random_picks_batch_and_extra_keys_in_proportion_to_their_numbers(extra):
+    # N = M + E candidates, P = M picks: a uniform draw takes M / N of its picks from the batch.
+    dictionaries = build_dictionaries(config(sampler="random", pool_size=M + extra), device=torch.device("cpu"))
+    trials = 1500
+    picked = from_batch = 0.0
+    for step in range(trials):
+        counts = update_dictionaries(dictionaries, arrivals(step, extra=extra))
+        for m in "va":
+            picked += counts[f"picked_{m}"]
+            from_batch += counts[f"picked_from_batch_{m}"]
+    expected = M / (M + extra)
+    # The picks of one step are a draw without replacement: the share's standard error over
+    # 2 x trials steps is below sqrt(p (1 - p) / (2 trials M)); allow 4 of them.
+    assert picked == 2 * trials * M
+    assert abs(from_batch / picked - expected) < 4 * math.sqrt(expected * (1 - expected) / picked)
+
+
+def test_the_picked_from_batch_share_is_one_for_moco_and_zero_for_the_stream_pool():
+    from workers.diagnostics import entry_metrics
+
+    moco = update_dictionaries(
+        build_dictionaries(config(sampler="moco"), device=torch.device("cpu")), arrivals(0, extra=0)
+    )
+    assert entry_metrics(moco)["dict/picked_from_batch_share_v"] == 1.0
+    stream = build_dictionaries(config(sampler="random", pool="stream"), device=torch.device("cpu"))
+    for step in range(4):
+        counts = update_dictionaries(stream, arrivals(step, extra=0))
+    metrics = entry_metrics(counts, "shadow/random")
+    assert metrics["shadow/random/picked_from_batch_share_a"] == 0.0 and counts["picked_a"] == 1
+    assert metrics["shadow/random/entered_frac_a"] == 1 / M
+
+
+def test_the_trainer_logs_the_picked_from_batch_share_of_the_run_and_of_each_shadow():
+    result = train(config(sampler="random", shadow_samplers="moco,active"), batches(extra=M), num_steps=3)
+    last = result.metrics[-1]
+    assert 0.0 <= last["dict/picked_from_batch_share_v"] <= 1.0
+    assert last["shadow/moco/picked_from_batch_share_a"] == 1.0
+    assert 0.0 <= last["shadow/active/picked_from_batch_share_v"] <= 1.0
 
 
 # --- shadows ----------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 
 from service.config import Config
 from service.errors import ActorError
-from workers.diagnostics import entered_fractions
+from workers.actor import Delta
+from workers.diagnostics import entry_metrics
 from workers.dictionary import NegativeDictionary
 from workers.distributed import collectives
 from workers.distributed.replicas import DeltaSchedule, Replicas
@@ -136,13 +137,19 @@ class ActorExchange:
             "arrived": float(batch.num_clips * len(applied)),
             "entered_v": float(sum(len(delta.entered_v.slots) for delta in applied)),
             "entered_a": float(sum(len(delta.entered_a.slots) for delta in applied)),
+            **summed_counts(applied, "main", ("picked_v", "picked_a", "picked_from_batch_v", "picked_from_batch_a")),
         }
+        shadow_counts = {name: summed_counts(applied, name) for name in self.cfg.shadow_samplers}
+        shadow_counts = {name: c for name, c in shadow_counts.items() if c}  # rank 0 keeps the shadows
         if statistics:
-            statistics.update(entered_fractions(counts))
+            statistics.update(entry_metrics(counts))
+            for name, member in shadow_counts.items():
+                statistics.update(entry_metrics(member, f"shadow/{name}"))
         select_ms = [delta.select_ms for delta in applied]
         return Exchanged(
             batch=batch,
             counts=counts,
+            shadow_counts=shadow_counts,
             statistics=statistics,
             select_ms=float(np.mean(select_ms)) if select_ms else float("nan"),
             deltas=applied,
@@ -190,3 +197,14 @@ class ActorExchange:
             "dict/wait_s": self.schedule.wait_s,
             "dict/actor_restarts": float(self.schedule.actor_restarts),
         }
+
+
+def summed_counts(deltas: list[Delta], member: str, names: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Step 4's counts of `member` ("main" or a shadow's sampler) summed over `deltas` (the
+    names in `names`, or all it has; a delta without them adds nothing)."""
+    out: dict[str, float] = {}
+    for delta in deltas:
+        for name, value in delta.counts.get(member, {}).items():
+            if names is None or name in names:
+                out[name] = out.get(name, 0.0) + value
+    return out
