@@ -84,9 +84,10 @@ class _KeyRing:
         self.pointer = (self.pointer + num_keys) % self.size
         return slots
 
-    def oldest_first(self) -> Tensor:
-        """The keys [size, d] in ring order, the oldest (the next to be replaced) first."""
-        return self.keys.roll(-self.pointer, dims=0)
+    def oldest_first(self, column: str = "keys") -> Tensor:
+        """The keys [size, d] (or another column, e.g. "ids") in ring order, the oldest (the
+        next to be replaced) first."""
+        return getattr(self, column).roll(-self.pointer, dims=0)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -166,6 +166,7 @@ def build_dictionaries(cfg: Config, *, device: torch.device, sampler: str | None
             seed=sampler_seed(cfg.train.seed, sampler or name, shadow=sampler is not None),
             device=device,
             seeding=seeding or method.seeding,
+            in_batch_negatives=method.in_batch_negatives,
         ),
         num_enqueue=cfg.enqueue_per_step if name != "moco" else cfg.global_batch_size,
     )
@@ -215,6 +216,7 @@ def update_dictionaries(dictionaries: Dictionaries, arrivals: Arrivals) -> dict[
             exclude_ids=exclude,
             num_picks=dictionaries.num_enqueue,
             dictionary_keys=dictionary.oldest_first() if sampler.name in NEEDS_DICTIONARY else None,
+            dictionary_ids=dictionary.oldest_first("ids") if sampler.name == "hardness" else None,
         )
         rows = selection.indices
         dictionary.enqueue(selection.keys, selection.ids, labels[rows], arrived[rows], sources[rows])

@@ -1,10 +1,19 @@
 """What enters a negative dictionary each step (docs/architecture.md, "The method").
 
 One interface, `select(name, ...)`, for the eight samplers of `method.sampler`. Each step M
-keys arrive per modality (the global batch); the pool samplers pick P <= M (default M / 4)
-of the candidate pool (the recent arrivals that have not entered), so most arrivals never enter and the
-sampler decides which do. `dictionary_keys` [K, d] are the keys of the dictionary the picks
-enter, oldest first: its first P rows are the keys the picks replace.
+keys arrive per modality (the global batch) and a pool sampler picks P of a candidate pool of
+N keys (`method.pool`, docs/architecture.md "The method"):
+
+* fresh (the paper's): the candidates are the batch's M keys and the keys of E = N - M extra
+  clips drawn at random, all encoded this step in one key-encoder forward (N = 2M and P = M
+  by default): every sampler turns the dictionary over at `moco`'s rate and only which keys
+  enter differs. Nothing is excluded but repeats of a clip.
+* stream: the candidates are the recent arrivals that have not entered (N = 4M by default)
+  and P < M (M / 4 by default), so most arrivals never enter; the current batch's clips are
+  excluded (`exclude_ids`), so a query never meets its own positive as a negative.
+
+`dictionary_keys` [K, d] are the keys of the dictionary the picks enter, oldest first: its
+first P rows are the keys the picks replace.
 
 * `active` (CM-ACC): for each pool candidate key u and pseudo-classes Q (queries of the
   other modality), p = softmax(Q u / tau), y = argmax p, a = p - onehot(y). The gradient
@@ -18,20 +27,24 @@ enter, oldest first: its first P rows are the keys the picks replace.
   as picks already made, so every pick (the first too) is D^2-drawn against them: it
   spreads the dictionary, not only one step's picks. With no key staying it is `active`.
 * `hardness` (the prototype's signal): h_n = sum_i w_in q_i over C queries q_i of the batch,
-  w_in = exp(q_i.n/tau) / (exp(q_i.k_i/tau) + sum_{m in D} exp(q_i.m/tau) + exp(q_i.n/tau)),
-  the softmax weight n would get as a negative of q_i (positive k_i) in the cross-modal
-  InfoNCE; h_n is tau times that loss's gradient in n, so |h| is how hard n pushes the
-  queries. k-means++ seeding over the h's (first the largest |h|) spreads the hard picks.
+  w_in the softmax weight n would get as one more negative of q_i in the cross-modal
+  InfoNCE: exp(q_i.n/tau) over the sum of exp(q_i.x/tau) for x the positive k_i, every
+  negative the loss counts (the dictionary's keys but those of q_i's own clip and, with
+  `method.in_batch_negatives`, the batch's other keys) and n itself; 0 when n is a key of
+  q_i's own clip, which the loss would leave out. h_n is tau x M times the loss's gradient
+  in n (`tests/unit/test_sampler.py` checks it through `workers.loss`), so |h| is how hard n
+  pushes the queries. k-means++ seeding over the h's (first the largest |h|) spreads the
+  hard picks.
 * `uncertainty`: the P candidates with the largest |g|.
 * `diversity`: k-means++ seeding over the keys themselves (first pick uniform).
 * `random`: P candidates drawn uniformly from the pool: the fair control for the others.
 * `moco`: the current batch's M keys, no pool (plain cross-modal MoCo, the paper's baseline).
 
-Rules shared by the pool samplers: candidates whose clip id is in `exclude_ids` (the current
-batch) are never picked, so a query never meets its own positive as a negative; and one
-selection takes at most one key per clip id, so picks are distinct keys of distinct clips.
-Across steps, `update_dictionaries` takes a picked key out of its pool, so a key enters a
-dictionary at most once.
+Rules shared by the pool samplers: candidates whose clip id is in `exclude_ids` are never
+picked (the stream pool's current batch); one selection takes at most one key per clip id, so
+picks are distinct keys of distinct clips. Across steps, with the stream pool,
+`update_dictionaries` takes a picked key out of its pool, so a key enters a dictionary at
+most once.
 
 Everything runs on the device of the inputs, with a `torch.Generator` on that device, and is
 deterministic given the generator's state. The seeding loop (one iteration per pick) has no
@@ -148,17 +161,41 @@ def nearest_sq_to_centres(
 
 
 def hardness_embeddings(
-    candidates: Tensor, queries: Tensor, positives: Tensor, dictionary_keys: Tensor, temperature: float
+    candidates: Tensor,
+    queries: Tensor,
+    positives: Tensor,
+    dictionary_keys: Tensor,
+    temperature: float,
+    *,
+    batch_keys: Tensor | None = None,
+    query_ids: Tensor | None = None,
+    dictionary_ids: Tensor | None = None,
+    candidate_ids: Tensor | None = None,
 ) -> Tensor:
     """h_n = sum_i w_in q_i for candidates n [N, d], queries q [C, d], their positives k [C, d]
     (row-aligned) and the dictionary D [K, d]; returns h [N, d]. w_in is the softmax weight of
-    n as one more negative of q_i: exp(l_in) / (exp(l_ik) + sum_m exp(l_im) + exp(l_in)) with
-    l = q.x / tau, computed as sigmoid(l_in - logsumexp_i) (no overflow at any tau).
+    n as one more negative of q_i, counting what the loss counts: exp(l_in) / (exp(l_ik) +
+    sum_m exp(l_im) + exp(l_in)) with l = q.x / tau, m over the negatives of q_i, computed as
+    sigmoid(l_in - logsumexp_i) (no overflow at any tau).
+
+    The negatives are D's keys; with `query_ids` [C] and `dictionary_ids` [K] those of q_i's
+    own clip are left out (as the loss masks them), and with `candidate_ids` [N] a candidate
+    of q_i's own clip gets w_in = 0. `batch_keys` [M, d] (the loss's in-batch negatives, when
+    `method.in_batch_negatives` is on): every batch key is a logit of q_i, the positives among
+    them, so `positives` must be rows of it.
     """
-    positive = (queries * positives).sum(dim=1, keepdim=True) / temperature  # C x 1
     negatives = queries @ dictionary_keys.T / temperature  # C x K
-    log_rest = torch.logsumexp(torch.cat([positive, negatives], dim=1), dim=1)  # C: the denominator without n
+    if query_ids is not None and dictionary_ids is not None:
+        negatives = negatives.masked_fill(query_ids[:, None] == dictionary_ids[None, :], float("-inf"))
+    if batch_keys is None:
+        positive = (queries * positives).sum(dim=1, keepdim=True) / temperature  # C x 1
+        logits = torch.cat([positive, negatives], dim=1)  # C x (1 + K)
+    else:
+        logits = torch.cat([queries @ batch_keys.T / temperature, negatives], dim=1)  # C x (M + K)
+    log_rest = torch.logsumexp(logits, dim=1)  # C: the denominator without n
     weights = torch.sigmoid(candidates @ queries.T / temperature - log_rest)  # N x C
+    if query_ids is not None and candidate_ids is not None:
+        weights = weights.masked_fill(candidate_ids[:, None] == query_ids[None, :], 0.0)
     return weights @ queries  # N x d
 
 
@@ -209,6 +246,8 @@ def select(
     num_pseudo_classes: int,
     generator: torch.Generator,
     dictionary_keys: Tensor | np.ndarray | None = None,
+    dictionary_ids: Tensor | np.ndarray | None = None,
+    in_batch_negatives: bool = False,
     seeding: str = "exact",
     rounds: int = PARALLEL_ROUNDS,
 ) -> Selection:
@@ -224,6 +263,9 @@ def select(
     samplers pick. tau = `temperature`. `generator` lives on the tensors' device.
     dictionary_keys [K, d]: the dictionary the picks enter, oldest first (its first P rows
     are the keys the picks replace); `active-dict`, `active-aware` and `hardness` need it.
+    `hardness` weighs a candidate against the negatives the loss counts: D's keys, those of a
+    query's own clip left out when `dictionary_ids` [K] (D's clip ids, oldest first) are
+    given, and the batch's keys when `in_batch_negatives` (`method.in_batch_negatives`).
     `seeding`: how the seeding samplers make their k-means++ picks, "exact" (one after
     another) or "parallel" (in `rounds` rounds after the first pick); see the module.
     """
@@ -262,9 +304,19 @@ def select(
         else:
             num_classes = resolve_pseudo_classes(num_pseudo_classes, queries.shape[0])
             classes = pseudo_class_rows(queries.shape[0], num_classes, generator, pool_keys.device)  # C
-            positives = batch_keys.to(pool_keys.dtype)[classes]  # C x d: row i is the positive of query i
+            batch = batch_keys.to(pool_keys.dtype)  # M x d: row i is the positive of query i
             embeddings = hardness_embeddings(
-                pool_keys, queries.to(pool_keys.dtype)[classes], positives, dictionary_keys, temperature
+                pool_keys,
+                queries.to(pool_keys.dtype)[classes],
+                batch[classes],
+                dictionary_keys,
+                temperature,
+                batch_keys=batch if in_batch_negatives else None,
+                query_ids=batch_ids[classes],
+                dictionary_ids=None
+                if dictionary_ids is None
+                else torch.as_tensor(dictionary_ids, device=pool_ids.device),
+                candidate_ids=pool_ids,
             )  # N x d
         rows = kmeans_pp_seeding(
             factors=(embeddings,),
@@ -320,6 +372,7 @@ class Sampler:
         seed: int = 0,
         device: torch.device | str = "cpu",
         seeding: str = "exact",
+        in_batch_negatives: bool = False,
     ):
         if name not in SAMPLER_NAMES:
             raise ValueError(f"method.sampler: unknown sampler {name!r} (known: {', '.join(SAMPLER_NAMES)})")
@@ -328,6 +381,7 @@ class Sampler:
         self.seeding = seeding
         self.temperature = temperature
         self.num_pseudo_classes = num_pseudo_classes
+        self.in_batch_negatives = in_batch_negatives  # the loss's negatives, which `hardness` weighs against
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -343,8 +397,10 @@ class Sampler:
         exclude_ids: Tensor | np.ndarray,
         num_picks: int,
         dictionary_keys: Tensor | np.ndarray | None = None,
+        dictionary_ids: Tensor | np.ndarray | None = None,
     ) -> Selection:
-        """`select(self.name, ...)` with this sampler's temperature, classes and generator."""
+        """`select(self.name, ...)` with this sampler's temperature, classes, loss negatives
+        and generator."""
 
         def tensor(x: Tensor | np.ndarray) -> Tensor:
             return torch.as_tensor(x, device=self.device)
@@ -362,6 +418,8 @@ class Sampler:
             num_pseudo_classes=self.num_pseudo_classes,
             generator=self.generator,
             dictionary_keys=None if dictionary_keys is None else tensor(dictionary_keys),
+            dictionary_ids=None if dictionary_ids is None else tensor(dictionary_ids),
+            in_batch_negatives=self.in_batch_negatives,
             seeding=self.seeding,
         )
 

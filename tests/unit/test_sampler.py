@@ -372,6 +372,93 @@ def test_hardness_embedding_is_tau_times_the_infonce_gradient_in_the_candidate()
         torch.testing.assert_close(n.grad * TAU, h[i])
 
 
+def loss_gradient_hardness(candidates, candidate_ids, queries, keys, batch_ids, dictionary, dictionary_ids, in_batch):
+    """tau x M x the gradient of the cross-modal InfoNCE (`workers.loss`, the function the step
+    calls) in each candidate n put into the dictionary its queries meet: the brute force."""
+    from workers.loss import cross_modal_nce
+
+    rows = []
+    for n, n_id in zip(candidates, candidate_ids, strict=True):
+        n = n.clone().requires_grad_(True)
+        losses = cross_modal_nce(
+            queries_v=queries,
+            keys_a=keys,
+            dictionary_a=dictionary,
+            queries_a=queries,
+            keys_v=keys,
+            dictionary_v=torch.cat([dictionary, n[None]]),
+            temperature=TAU,
+            in_batch_negatives=in_batch,
+            clip_ids=batch_ids,
+            dictionary_ids_a=dictionary_ids,
+            dictionary_ids_v=torch.cat([dictionary_ids, n_id[None]]),
+        )
+        (gradient,) = torch.autograd.grad(losses["loss_av"], n)
+        rows.append(gradient * TAU * queries.shape[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_hardness_weighs_a_candidate_against_every_negative_the_loss_counts(in_batch):
+    # The batch's clips 0-5; the dictionary holds keys of clips 2 and 3 (left out of their own
+    # queries' negatives); candidates 0 and 1 are keys of batch clips (weight 0 for their own
+    # query), the others of clips outside the batch. C = M: every query is a pseudo-class.
+    m, d = 6, 8
+    queries, keys, dictionary = unit_rows(m, d, 1), unit_rows(m, d, 2), unit_rows(10, d, 3)
+    batch_ids = torch.arange(m)
+    dictionary_ids = torch.tensor([2, 50, 51, 3, 52, 53, -1, -1, 54, 55])
+    candidates, candidate_ids = unit_rows(9, d, 4), torch.tensor([0, 1, 60, 61, 62, 63, 64, 65, 66])
+    candidates[0] = keys[0]  # a batch key as its own query's candidate: the loss would mask it
+    h = hardness_embeddings(
+        candidates,
+        queries,
+        keys,
+        dictionary,
+        TAU,
+        batch_keys=keys if in_batch else None,
+        query_ids=batch_ids,
+        dictionary_ids=dictionary_ids,
+        candidate_ids=candidate_ids,
+    )
+    want = loss_gradient_hardness(
+        candidates, candidate_ids, queries, keys, batch_ids, dictionary, dictionary_ids, in_batch
+    )
+    torch.testing.assert_close(h, want)
+    # The sampler's first pick is the candidate the loss's gradient says is hardest.
+    for seed in range(3):
+        got = select(
+            "hardness",
+            pool_keys=candidates,
+            pool_ids=candidate_ids,
+            queries=queries,
+            batch_keys=keys,
+            batch_ids=batch_ids,
+            exclude_ids=torch.tensor([-1]),
+            num_picks=4,
+            temperature=TAU,
+            num_pseudo_classes=0,
+            generator=torch.Generator().manual_seed(seed),
+            dictionary_keys=dictionary,
+            dictionary_ids=dictionary_ids,
+            in_batch_negatives=in_batch,
+        )
+        assert got.indices[0] == want.norm(dim=1).argmax()
+
+
+def test_in_batch_negatives_and_own_clip_masking_change_the_hardness_weights():
+    # One query: |h_n| is then n's softmax weight as its negative.
+    m, d = 6, 8
+    queries, keys, dictionary = unit_rows(m, d, 1), unit_rows(m, d, 2), unit_rows(10, d, 3)
+    candidates = unit_rows(5, d, 4)
+    plain = hardness_embeddings(candidates, queries[:1], keys[:1], dictionary, TAU)
+    with_batch = hardness_embeddings(candidates, queries[:1], keys[:1], dictionary, TAU, batch_keys=keys)
+    assert (with_batch.norm(dim=1) < plain.norm(dim=1)).all()  # more negatives share the mass
+    own = hardness_embeddings(
+        keys[:2], queries[:1], keys[:1], dictionary, TAU, query_ids=torch.tensor([0]), candidate_ids=torch.arange(2)
+    )
+    assert own[0].norm() == 0 and own[1].norm() > 0  # a query's own positive is no negative of it
+
+
 def test_hardness_embedding_is_finite_at_a_tiny_temperature():
     candidates, queries, positives, dictionary = (
         unit_rows(n, 6, s, torch.float32) for n, s in ((9, 0), (4, 1), (4, 2), (7, 3))
