@@ -50,6 +50,9 @@ class DataConfig:
     num_decode_threads: int = 2  # background decode threads per reader
     prefetch_batches: int = 2  # decoded batches kept ready per reader
     exclude_clips: str = ""  # comma-separated clip ids the training reader skips (counted in data/skipped)
+    # The fresh pool's extra clips are a uniform draw from the whole set, so their reads
+    # scatter over every shard: the shards kept in memory for them, per rank (MiB).
+    extra_cache_mb: float = 1024.0
     # Where JPEG frames are decoded: on the reader's CPU threads, or in one batched call on the
     # training device (workers.data.decode); auto = the device on CUDA, the CPU elsewhere.
     decode: Literal["auto", "cpu", "device"] = "auto"
@@ -64,6 +67,7 @@ class DataConfig:
         require(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
         require(self.num_decode_threads >= 1, "num_decode_threads", f"must be >= 1, got {self.num_decode_threads}")
         require(self.prefetch_batches >= 1, "prefetch_batches", f"must be >= 1, got {self.prefetch_batches}")
+        require(self.extra_cache_mb > 0, "extra_cache_mb", f"must be > 0 MiB, got {self.extra_cache_mb:g}")
 
 
 @dataclass(kw_only=True)

@@ -105,11 +105,12 @@ def test_epochs_are_shuffled_differently(dataset):
     assert first != second
 
 
+@pytest.mark.parametrize("uniform", [False, True], ids=["shard-plan", "uniform"])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
-def test_one_epoch_covers_every_clip_exactly_once(dataset, world_size):
+def test_one_epoch_covers_every_clip_exactly_once(dataset, world_size, uniform):
     seen: list[int] = []
     for rank in range(world_size):
-        with make_reader(dataset, rank=rank, world_size=world_size, batch_size=4) as reader:
+        with make_reader(dataset, rank=rank, world_size=world_size, batch_size=4, uniform=uniform) as reader:
             seen.extend(rest_of_epoch(reader))
     assert sorted(seen) == list(range(NUM_CLIPS))
 
@@ -129,22 +130,23 @@ def test_batch_fields_match_the_stored_clip(dataset):
         assert np.array_equal(batch["audio"][i].numpy(), decode_audio(clip.audio))
 
 
+@pytest.mark.parametrize("uniform", [False, True], ids=["shard-plan", "uniform"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_resume_continues_at_exactly_the_next_clip(dataset, world_size):
+def test_resume_continues_at_exactly_the_next_clip(dataset, world_size, uniform):
     uninterrupted = []
     for rank in range(world_size):
-        with make_reader(dataset, rank=rank, world_size=world_size) as reader:
+        with make_reader(dataset, rank=rank, world_size=world_size, uniform=uniform) as reader:
             uninterrupted.append(take(reader, 10))  # crosses at least one epoch boundary
 
     states = []
     for rank in range(world_size):
         # Three batches handed out while more are decoded and prefetched in the background.
-        with make_reader(dataset, rank=rank, world_size=world_size, num_decode_threads=2, prefetch_batches=3) as r:
+        with make_reader(dataset, rank=rank, world_size=world_size, prefetch_batches=3, uniform=uniform) as r:
             take(r, 3)
             states.append(json.loads(json.dumps(r.state_dict())))  # a checkpoint holds plain JSON
 
     for rank in range(world_size):
-        with make_reader(dataset, rank=rank, world_size=world_size) as resumed:
+        with make_reader(dataset, rank=rank, world_size=world_size, uniform=uniform) as resumed:
             resumed.load_state_dict(states)
             rest = take(resumed, 7)
         assert indices(rest) == indices(uninterrupted[rank][3:])
@@ -162,35 +164,36 @@ def test_load_state_dict_while_iterating_restarts_from_the_cursor(dataset):
         assert indices(take(reader, 3)) == expected
 
 
-def test_world_size_change_continues_the_epoch_with_no_clip_twice_and_none_lost(dataset):
+@pytest.mark.parametrize("uniform", [False, True], ids=["shard-plan", "uniform"])
+def test_world_size_change_continues_the_epoch_with_no_clip_twice_and_none_lost(dataset, uniform):
     consumed: list[int] = []
 
     # Phase 1: two ranks read part of epoch 0.
     states = []
     for rank in range(2):
-        with make_reader(dataset, rank=rank, world_size=2, batch_size=4) as reader:
+        with make_reader(dataset, rank=rank, world_size=2, batch_size=4, uniform=uniform) as reader:
             consumed.extend(indices(take(reader, 3)))
             states.append(reader.state_dict())
 
     # Phase 2: three ranks take over and read a little more.
     states3 = []
     for rank in range(3):
-        with make_reader(dataset, rank=rank, world_size=3, batch_size=4) as reader:
+        with make_reader(dataset, rank=rank, world_size=3, batch_size=4, uniform=uniform) as reader:
             reader.load_state_dict(states)
             consumed.extend(rest_of_epoch_prefix(next(reader), reader))
             states3.append(reader.state_dict())
 
     # A same-size resume inside the re-partitioned epoch is still exact.
     with (
-        make_reader(dataset, rank=1, world_size=3, batch_size=4) as a,
-        make_reader(dataset, rank=1, world_size=3, batch_size=4) as b,
+        make_reader(dataset, rank=1, world_size=3, batch_size=4, uniform=uniform) as a,
+        make_reader(dataset, rank=1, world_size=3, batch_size=4, uniform=uniform) as b,
     ):
         a.load_state_dict(states3)
         b.load_state_dict(states3)
         assert indices(take(a, 3)) == indices(take(b, 3))
 
     # Phase 3: one rank finishes the epoch.
-    with make_reader(dataset, rank=0, world_size=1, batch_size=4) as reader:
+    with make_reader(dataset, rank=0, world_size=1, batch_size=4, uniform=uniform) as reader:
         reader.load_state_dict(states3)
         consumed.extend(rest_of_epoch(reader))
 
@@ -484,3 +487,102 @@ def test_excluded_clips_are_skipped_and_counted_and_the_cursor_stays_exact(datas
     assert got == [clip for clip in order if clip not in dropped] + got[-2:]
     assert not dropped & set(note.begun), "an excluded clip was decoded"
     assert set(got) <= set(note.begun)
+
+
+# --- the fresh pool's extra stream: a uniform draw --------------------------------------------
+
+
+def many_shards(num_shards: int = 40, seed: int = 0) -> list[np.ndarray]:
+    """Per shard the global indices of its rows: `num_shards` shards of 30 to 70 rows."""
+    sizes = np.random.default_rng(seed).integers(30, 71, size=num_shards)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    return [np.arange(offsets[i], offsets[i + 1]) for i in range(num_shards)]
+
+
+def steps_of(planner, *, clips_per_step: int, world_size: int = 1) -> np.ndarray:
+    """An epoch's worth of steps of `planner`: [steps, clips_per_step] clip indices (every
+    rank's part of a step side by side)."""
+    plans = [planner.plan(0, rank, world_size) for rank in range(world_size)]
+    per_rank = clips_per_step // world_size
+    steps = min(len(plan) for plan in plans) // per_rank
+    return np.stack([np.concatenate([p[s * per_rank : (s + 1) * per_rank] for p in plans]) for s in range(steps)])
+
+
+def chi_square_per_step(steps: np.ndarray, cell_of: np.ndarray, probabilities: np.ndarray) -> tuple[float, int]:
+    """Sum over steps of the chi-square statistic of the step's clips over cells (`cell_of`:
+    the cell of each clip index) against `probabilities`; its degrees of freedom."""
+    expected = steps.shape[1] * probabilities
+    total = 0.0
+    for step in steps:
+        counts = np.bincount(cell_of[step], minlength=len(probabilities))
+        total += float(((counts - expected) ** 2 / expected).sum())
+    return total, len(steps) * (len(probabilities) - 1)
+
+
+def beyond_chance(statistic: float, dof: int) -> bool:
+    """Above the chi-square's mean by more than 4 standard deviations (p < 1e-4, normal approx.)."""
+    return statistic > dof + 4 * np.sqrt(2 * dof)
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_the_extra_streams_clips_follow_the_sets_shards_and_rows_and_overlap_the_batch_by_chance(world_size):
+    from workers.data.plan import EpochPlanner
+
+    shards = many_shards()
+    n = sum(len(rows) for rows in shards)
+    shard_of = np.concatenate([np.full(len(rows), i) for i, rows in enumerate(shards)])
+    # Every shard a cell (probability: its share of the rows), and five bins of a row's
+    # relative place in its shard.
+    place = np.concatenate([np.arange(len(rows)) / len(rows) for rows in shards])
+    row_bin = np.minimum((place * 5).astype(int), 4)
+    shard_p = np.bincount(shard_of) / n
+    row_p = np.bincount(row_bin) / n
+    m = e = 64
+
+    def planner(stream, uniform):
+        return EpochPlanner(shard_indices=shards, seed=3, shuffle_buffer=256, stream=stream, uniform=uniform)
+
+    batch = steps_of(planner(0, False), clips_per_step=m, world_size=world_size)
+    for uniform in (True, False):  # the uniform stream, and the shard plan it replaced as the control
+        extra = steps_of(planner(1, uniform), clips_per_step=e, world_size=world_size)
+        by_shard = chi_square_per_step(extra, shard_of, shard_p)
+        by_row = chi_square_per_step(extra, row_bin, row_p)
+        steps = min(len(batch), len(extra))
+        overlap = sum(len(np.intersect1d(batch[s], extra[s])) for s in range(steps))
+        expected = steps * m * e / n  # independent uniform draws: each batch clip is in E of N
+        sd = np.sqrt(expected)  # a sum of hypergeometric counts: variance below the mean
+        if uniform:
+            assert not beyond_chance(*by_shard) and not beyond_chance(*by_row), (by_shard, by_row)
+            assert abs(overlap - expected) < 4 * sd, (overlap, expected)
+            assert sorted(np.concatenate(extra).tolist()) == sorted(set(np.concatenate(extra).tolist()))
+        else:  # a 256-row window over one or two shards at a time is no draw from the set
+            assert beyond_chance(*by_shard), by_shard
+
+
+def test_a_uniform_reader_with_a_small_cache_refetches_shards_and_reads_the_right_clips(dataset, caplog):
+    stored = {clip.clip_id: clip for clip in iter_clips(dataset)}
+    with caplog.at_level(logging.WARNING), make_reader(dataset, uniform=True, cache_mb=0.1) as reader:  # ~1 shard
+        assert "will read their shard again" in caplog.text and "data.extra_cache_mb" in caplog.text
+        batches = take(reader, 16)  # two epochs
+        fetches = reader._pipeline._cache.fetches
+    assert fetches > 2 * 4  # each shard read more than once an epoch
+    for batch in batches[:4]:
+        for i, clip_id in enumerate(batch["clip_id"]):
+            assert np.array_equal(batch["audio"][i].numpy(), decode_audio(stored[clip_id].audio))
+    with make_reader(dataset, uniform=True) as roomy:
+        assert indices(take(roomy, 16)) == indices(batches)  # the cache changes what is read again, not the order
+        assert roomy._pipeline._cache.fetches == 4
+
+
+def test_an_extra_stream_cursor_saved_on_the_shard_plan_starts_the_uniform_stream_over(dataset, caplog):
+    with make_reader(dataset, stream=1) as old:
+        take(old, 3)
+        saved = old.state_dict()
+    with make_reader(dataset, stream=1, uniform=True) as new, caplog.at_level(logging.WARNING):
+        new.load_state_dict([saved])
+        assert new.state_dict()["position"] == 0
+        with make_reader(dataset, stream=1, uniform=True) as fresh:
+            assert indices(take(new, 2)) == indices(take(fresh, 2))
+    assert "saved on the shard plan" in caplog.text
+    with make_reader(dataset, stream=0) as training, pytest.raises(DataError, match="another data set"):
+        make_reader(dataset, stream=1, uniform=True).load_state_dict([training.state_dict()])

@@ -86,30 +86,60 @@ class ShardCache:
 
     `expect` adds planned uses, `release` removes one; a shard is dropped when its count
     reaches zero, so memory holds the shards under the shuffle window plus one fetched ahead.
+
+    With `max_bytes` (a reader whose plan scatters its rows over every shard: the fresh pool's
+    uniform extra stream) the counts are not kept: the least recently used shards are dropped
+    once the resident ones (by their manifest `sizes`) exceed `max_bytes`, the one in use
+    always kept; a shard needed again after that is fetched again.
     """
 
-    def __init__(self, fetch: Callable[[int], pa.Table], pool: ThreadPoolExecutor):
+    def __init__(
+        self,
+        fetch: Callable[[int], pa.Table],
+        pool: ThreadPoolExecutor,
+        *,
+        max_bytes: int | None = None,
+        sizes: list[int] | None = None,
+    ):
         self._fetch = fetch
         self._pool = pool
         self._lock = threading.Lock()
-        self._futures: dict[int, Future] = {}
+        self._futures: dict[int, Future] = {}  # insertion order = least recently used first
         self._uses: collections.Counter[int] = collections.Counter()
+        self._max_bytes = max_bytes
+        self._sizes = sizes or []
+        self.fetches = 0  # shard reads started (what a bounded cache costs)
 
     def expect(self, uses: collections.Counter[int]) -> None:
+        if self._max_bytes is not None:
+            return
         with self._lock:
             self._uses.update(uses)
 
     def prefetch(self, shard: int) -> Future:
         with self._lock:
-            future = self._futures.get(shard)
+            future = self._futures.pop(shard, None)
             if future is None:
-                future = self._futures[shard] = self._pool.submit(self._fetch, shard)
+                future = self._pool.submit(self._fetch, shard)
+                self.fetches += 1
+            self._futures[shard] = future  # now the most recently used
+            if self._max_bytes is not None:
+                self._evict()
             return future
+
+    def _evict(self) -> None:
+        resident = sum(self._sizes[shard] for shard in self._futures)
+        while resident > self._max_bytes and len(self._futures) > 1:
+            oldest = next(iter(self._futures))
+            del self._futures[oldest]
+            resident -= self._sizes[oldest]
 
     def get(self, shard: int) -> pa.Table:
         return self.prefetch(shard).result()
 
     def release(self, shard: int) -> None:
+        if self._max_bytes is not None:
+            return
         with self._lock:
             self._uses[shard] -= 1
             if self._uses[shard] <= 0:
@@ -230,7 +260,8 @@ class DecodePipeline:
     """The background half of a reader: one thread keeps decode tasks in flight in plan order
     and assembles full batches of `batch_size` good clips into a bounded queue; a pool decodes,
     a small pool fetches. `items(cache)` yields the planned positions from the cursor on
-    (and tells the cache what is coming); `whole_epoch`: the first epoch starts at its
+    (and tells the cache what is coming); `cache_bytes` bounds the shard cache (`ShardCache`'s
+    `max_bytes`, for scattered plans); `whole_epoch`: the first epoch starts at its
     beginning (so an epoch of which no clip decodes can be told)."""
 
     def __init__(
@@ -244,6 +275,7 @@ class DecodePipeline:
         start_epoch: int,
         whole_epoch: bool,
         rank: int,
+        cache_bytes: int | None = None,
     ):
         self._decoder = decoder
         self._batch_size = batch_size
@@ -253,7 +285,8 @@ class DecodePipeline:
         self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=prefetch_batches)
         self._fetch_pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="cmacc-fetch")
         self._decode_pool = ThreadPoolExecutor(max_workers=num_decode_threads, thread_name_prefix="cmacc-decode")
-        self._cache = ShardCache(decoder.fetch, self._fetch_pool)
+        sizes = [shard.bytes for shard in decoder.manifest.shards]
+        self._cache = ShardCache(decoder.fetch, self._fetch_pool, max_bytes=cache_bytes, sizes=sizes)
         self._items = items(self._cache)
         self._start_epoch, self._whole_epoch = start_epoch, whole_epoch
         self._thread = threading.Thread(target=self._run, name="cmacc-reader", daemon=True)

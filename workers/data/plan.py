@@ -15,6 +15,12 @@ algorithms, each a pure function of its arguments (docs/architecture.md, "Data")
 A plan depends only on (seed, stream, epoch, rank, world size), so a reader's cursor is just
 (epoch, planned positions consumed). `stream` keeps independent streams over the same data
 apart (the training batches are stream 0; the fresh candidate pool's extra clips stream 1).
+
+A `uniform` planner (the fresh pool's extra clips) deals single clips instead of shards: the
+epoch's order is a uniform permutation of every clip, rank r reads positions r, r + W, ... of
+it, and no shuffle buffer follows. Any window of its plan is then a uniform draw from the
+whole set, whatever shards and rows the training stream reads at the same step; the reads
+are scattered over the shards (`workers.data.pipeline.ShardCache` keeps a bounded set).
 """
 
 from __future__ import annotations
@@ -95,8 +101,10 @@ class EpochPlanner:
     seed: int
     shuffle_buffer: int
     stream: int = 0
+    uniform: bool = False  # single clips as units, no shuffle buffer: each window a uniform draw
     where: str = "the data set"  # names the data in errors
     _units: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
+    _clips: np.ndarray | None = field(default=None, repr=False)
 
     def units(self, world_size: int) -> list[np.ndarray]:
         if world_size not in self._units:
@@ -105,6 +113,13 @@ class EpochPlanner:
 
     def share(self, epoch: int, rank: int, world_size: int) -> np.ndarray:
         """Rank `rank`'s clips of `epoch` (unit order)."""
+        if self.uniform:
+            if self._clips is None:
+                self._clips = np.concatenate([np.asarray(i, dtype=np.int64) for i in self.shard_indices])
+                if len(self._clips) < world_size:
+                    raise DataError(f"{self.where} has fewer clips than the {world_size} ranks reading it")
+            order = _rng(self.seed, epoch, UNIT_ORDER, stream=self.stream).permutation(len(self._clips))
+            return self._clips[order[rank::world_size]]
         return rank_share(
             self.units(world_size), seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, stream=self.stream
         )
@@ -122,6 +137,8 @@ class EpochPlanner:
         else:
             order = self.epoch_order(epoch, world_size)
             share = order[only[order]]
+        if self.uniform:  # already a uniform order
+            return share
         return shuffle_share(
             share, seed=self.seed, epoch=epoch, rank=rank, buffer_size=self.shuffle_buffer, stream=self.stream
         )

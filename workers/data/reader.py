@@ -69,7 +69,9 @@ class ClipReader:
     Call `close()` (or use `with`) to stop the background threads. `clips`, when given,
     limits the reader to those clip indices (manifest order; `split` is then not used).
     `stream` keeps independent streams over the same data apart (same seed, other order).
-    `note`: see `pipeline.RowDecoder`.
+    `uniform`: every window of the stream is a uniform draw from the whole set (the epoch a
+    uniform permutation of single clips, `plan.EpochPlanner`), read through a shard cache of
+    at most `cache_mb` MiB (the fresh pool's extra clips). `note`: see `pipeline.RowDecoder`.
     """
 
     def __init__(
@@ -94,6 +96,8 @@ class ClipReader:
         clips: np.ndarray | None = None,
         stream: int = 0,
         decode: str = "cpu",
+        uniform: bool = False,
+        cache_mb: float = 1024.0,
     ):
         for name, value, minimum in (
             ("world_size", world_size, 1),
@@ -112,6 +116,8 @@ class ClipReader:
             raise ValueError(f"ClipReader rank: must be in [0, {world_size}), got {rank}")
         if seconds <= 0:
             raise ValueError(f"ClipReader seconds: must be > 0, got {seconds}")
+        if cache_mb <= 0:
+            raise ValueError(f"ClipReader cache_mb: must be > 0, got {cache_mb}")
         if decode not in ("cpu", "device"):
             raise ValueError(f"ClipReader decode: must be 'cpu' or 'device', got {decode!r}")
         if split is not None and not split:
@@ -124,6 +130,8 @@ class ClipReader:
         self.split = split
         self.stream = stream
         self.decode = decode
+        self.uniform = uniform
+        self.cache_bytes = round(cache_mb * 2**20) if uniform else None
         self.num_decode_threads = num_decode_threads
         self.prefetch_batches = prefetch_batches
         self.endpoint_url = endpoint_url
@@ -158,15 +166,49 @@ class ClipReader:
         shas = "".join(s.sha256 for s in self.manifest.shards)
         chosen = "" if self.clips is None else "|" + hashlib.sha256(self.clips.tobytes()).hexdigest()
         extra = "" if stream == 0 else f"|stream {stream}"
-        self._fingerprint = hashlib.sha256(f"{shas}|{split}{chosen}{extra}".encode()).hexdigest()[:16]
+        # A uniform plan orders the clips otherwise: a cursor saved on the shard plan is not its.
+        self._fingerprint = hashlib.sha256(
+            f"{shas}|{split}{chosen}{extra}{'|uniform' if uniform else ''}".encode()
+        ).hexdigest()[:16]
+        self._shard_plan_fingerprint = hashlib.sha256(f"{shas}|{split}{chosen}{extra}".encode()).hexdigest()[:16]
         self.planner = EpochPlanner(
-            shard_indices=shard_indices, seed=seed, shuffle_buffer=shuffle_buffer, stream=stream, where=uri
+            shard_indices=shard_indices,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            stream=stream,
+            uniform=uniform,
+            where=uri,
         )
         self.cursor = Cursor.start(self.manifest.num_clips)
+        if uniform:
+            self._warn_if_the_cache_is_small()
         self._pipeline: DecodePipeline | None = None
         self._failure: BaseException | None = None
 
     # --- planning -------------------------------------------------------------------------
+
+    def _warn_if_the_cache_is_small(self) -> None:
+        """A uniform stream reads every shard throughout an epoch: when the set is larger than
+        the cache, a clip's shard is often gone again and is read whole once more."""
+        total = sum(shard.bytes for shard in self.manifest.shards)
+        assert self.cache_bytes is not None
+        if total <= self.cache_bytes:
+            return
+        miss = 1 - self.cache_bytes / total
+        per_batch = self.batch_size * miss * total / len(self.manifest.shards)
+        logger.warning(
+            "the uniform stream %d of %s reads clips from all %d shards (%.0f MiB) through a cache of %.0f MiB: "
+            "about %.0f%% of its clips will read their shard again, about %.0f MiB per batch of %d; raise "
+            "data.extra_cache_mb, write the set in smaller shards, or use method.pool=stream (docs/scaling.md)",
+            self.stream,
+            self.uri,
+            len(self.manifest.shards),
+            total / 2**20,
+            self.cache_bytes / 2**20,
+            100 * miss,
+            per_batch / 2**20,
+            self.batch_size,
+        )
 
     def _select_rows(self) -> list[np.ndarray]:
         """Per shard, the global indices of its rows in `split` (all rows when None), or of
@@ -203,7 +245,8 @@ class ClipReader:
             cache.expect(collections.Counter(shards.tolist()))
             _, first = np.unique(shards, return_index=True)
             arrival = shards[np.sort(first)].tolist()  # shards in the order the plan first needs them
-            following = dict(itertools.pairwise(arrival))
+            # A scattered (uniform) plan needs every shard at once: the decode window fetches them.
+            following = {} if self.uniform else dict(itertools.pairwise(arrival))
             for offset, (index, shard) in enumerate(zip(plan.tolist(), shards.tolist())):
                 if shard in following:  # first row of this shard: start fetching the next one
                     cache.prefetch(following.pop(shard))
@@ -229,6 +272,7 @@ class ClipReader:
                 start_epoch=self.cursor.epoch,
                 whole_epoch=self.cursor.position == 0,
                 rank=self.rank,
+                cache_bytes=self.cache_bytes,
             )
         batch = self._pipeline.next()
         if isinstance(batch, BaseException):
@@ -269,6 +313,16 @@ class ClipReader:
         if not states:
             raise ValueError("ClipReader.load_state_dict: no saved cursors given")
         where = f"{self.uri} (split {self.split!r})"
+        if self.uniform and all(state.get("data") == self._shard_plan_fingerprint for state in states):
+            # Saved by a version whose extra stream followed the shard plan: its positions mean
+            # other clips here. The stream starts over (candidates only: nothing else changes).
+            logger.warning(
+                "the reader cursor of %s was saved on the shard plan; this uniform stream starts over", where
+            )
+            self._stop_pipeline()
+            self._failure = None
+            self.cursor = Cursor.start(self.manifest.num_clips)
+            return
         for r, state in enumerate(states):
             check_state(
                 state, rank=r, world_size=len(states), seed=self.seed, fingerprint=self._fingerprint, where=where
@@ -313,7 +367,8 @@ def training_reader(
     """The reader a training run of `cfg` gives one rank: `batch_size` clips a step (default
     the run's per-rank batch), the recipe's frames, audio, shuffle buffer, decode threads,
     prefetch, `data.exclude_clips` and the run's storage retry budget. `stream` 1 is the
-    fresh candidate pool's extra clips. `data.decode` on the rank's `device` says whether
+    fresh candidate pool's extra clips: a uniform stream, its shard cache bounded by
+    `data.extra_cache_mb`. `data.decode` on the rank's `device` says whether
     the JPEG frames are decoded here or handed on encoded (`decode.decode_on_device`)."""
     return ClipReader(
         uri=uri,
@@ -334,6 +389,8 @@ def training_reader(
         note=note,
         stream=stream,
         decode="device" if decode_on_device(cfg.data.decode, device) else "cpu",
+        uniform=stream != 0,
+        cache_mb=cfg.data.extra_cache_mb,
     )
 
 

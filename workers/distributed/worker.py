@@ -185,7 +185,7 @@ def build_reader(
     device: torch.device | str = "cpu",
 ) -> ClipReader:
     """This rank's reader: the training stream (M / W clips a step) or, with `extra`, the
-    fresh pool's stream (E / W clips a step, independently shuffled); its JPEGs decoded on
+    fresh pool's stream (E / W clips a step, a uniform draw from the whole set); its JPEGs decoded on
     `device` or by the reader as `data.decode` says."""
     clips = cfg.num_extra_clips if extra else cfg.global_batch_size
     return training_reader(
