@@ -1,6 +1,6 @@
 """`cmacc bench train|reader|sampler|cli`: measure the parts that must be fast; each prints a
 table and can write JSON (docs/performance.md). `train`, `reader` and `sampler` are the
-benchmarks of `jobs.bench` (their arguments are defined there); `cli` times this command.
+benchmarks of `jobs.bench` (their arguments are defined in `jobs.bench.cli`); `cli` times this command.
 
 * `cli`: seconds `cmacc --help` takes in a fresh process (the CLI must answer at once, so
   it never imports torch or ray at load time).
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from jobs.bench import (
+from jobs.bench.cli import (
     add_reader_arguments,
     add_sampler_arguments,
     add_train_arguments,

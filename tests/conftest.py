@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3 endpoint on loopback, one local Ray per session, storage roots.
+"""Shared fixtures: a real S3 endpoint on loopback, one local Ray per test process, storage roots.
 
 Markers: `unit` (pure, fast), `integration` (Ray and/or S3 on loopback), `slow` (minutes),
 `gpu` (skipped without CUDA).
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -20,7 +22,32 @@ for _name, _value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("MLF
     os.environ.setdefault(_name, _value)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` runs the tests on several pytest-xdist workers, each with its own local Ray
+    (`ray_session`), started at about the same moment. A local Ray makes Ray's token file
+    (~/.ray/auth_token) when there is none, and two starting at once could each write their
+    own: the token is made here first, once, by the process that starts the workers."""
+    if hasattr(config, "workerinput"):
+        # A worker shares the cores with the others: torch's threads (one per core by
+        # default) of two workers on the same cores wait on each other in every operation,
+        # many times slower. Set before any test imports torch; Ray's workers get 1 anyway.
+        share = (os.cpu_count() or 1) // int(config.workerinput["workercount"])
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
+        return
+    if not getattr(config.option, "numprocesses", None):
+        return  # no workers
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    ray_cli = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray_cli), "get-auth-token", "--generate"], capture_output=True, check=True, timeout=120)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The slow tests first (in their order): with several workers the short ones then fill
+    # the gaps at the end, instead of one worker finishing a long module while the other idles.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return

@@ -230,7 +230,7 @@ def test_imports_go_one_way_down_the_layers():
     assert set(graph["cli"]) <= set(LAYERS) and set(graph["service"]) == {"service"}
 
 
-JOB_ENTRY_POINTS = ("jobs.pretrain", "jobs.evaluate", "jobs.finetune", "jobs.ablate", "jobs.bench")
+JOB_ENTRY_POINTS = ("jobs.pretrain", "jobs.evaluate", "jobs.finetune", "jobs.ablate", "jobs.bench", "jobs.bench.cli")
 
 
 def test_no_module_of_service_or_the_command_line_nor_a_job_entry_point_loads_torch_or_ray():

@@ -91,7 +91,7 @@ def test_bench_train_and_reader_refuse_bad_arguments_with_exit_2():
 
 
 def test_the_plain_step_variants_flip_each_speed_setting_the_device_has():
-    from jobs.benchmarks import variants
+    from jobs.bench.train import variants
     from service import config
 
     cfg = config.load_recipe("demo", [])

@@ -255,7 +255,7 @@ def test_encoded_batches_hold_each_stored_frame_once(dataset):
 
 
 def test_bench_reader_includes_the_device_decode_and_says_which_ran(dataset):
-    from jobs import bench
+    from jobs.bench import cli as bench
     from workers.bench.reader import table, time_reader
 
     overrides = ["train.batch_size=4", "model.video.frames=4", "data.num_decode_threads=1"]

@@ -115,7 +115,7 @@ def untrained(cfg, data):
 
 
 def pretrain(cfg, data) -> dict[str, float]:
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # 1 where a test worker shares the cores
     result = trainer.train(cfg, training_batches(cfg, data))
     return probe(cfg, data, result.state.query)
 

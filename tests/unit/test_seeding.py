@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from jobs.bench import parse_seedings
+from jobs.bench.cli import parse_seedings
 from service.config import ConfigError, from_dict
 from service.errors import UsageError
 from workers.enqueue import build_dictionary_set

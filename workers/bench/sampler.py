@@ -4,7 +4,7 @@
 global batch of M, on random unit keys: `--warmup` untimed runs, then the median of `--repeats` timed ones, with
 CUDA synchronised around each. Each case runs once per k-means++ seeding asked for
 (`method.seeding`), one after the other, so a comparison of seedings shares the machine's state. `cmacc bench sampler` and `python -m jobs.bench sampler` run
-`jobs.bench.run_sampler`.
+`jobs.bench.cli.run_sampler`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   forward, the cross-modal loss against a full dictionary, the optimiser step and the EMA of
   the key encoders. No data loading, no selection, no checks: the ceiling.
 * (b) `service_figures`: what a real pretraining run (Ray Train worker, dictionary actor,
-  shard reader, checkpoints; run by `jobs.bench`) logged in its metrics, reduced to the same
+  shard reader, checkpoints; run by `jobs.bench.train`) logged in its metrics, reduced to the same
   clips/s plus where the rest of the time went.
 
 Model FLOPs per step come from torch's FlopCounterMode on (a)'s step (convolutions and

@@ -3,8 +3,9 @@
 
 * `train`: the plain training step of a recipe against the whole service path (Ray Train,
   the dictionary actor, the reader, checkpoints), side by side on one device
-  (`jobs.benchmarks`);
-* `reader`: clips per second of the shard reader against what one GPU consumes;
+  (`jobs.bench.train`);
+* `reader`: clips per second of the shard reader against what one GPU consumes
+  (`jobs.bench.reader`);
 * `sampler`: milliseconds per dictionary selection (the sampler's cost against pool size N,
   global batch M and picks P; `workers.bench.sampler`).
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import typing
 
-from service import errors
 from service.config import Seeding
 from service.errors import UsageError
 
@@ -145,9 +145,9 @@ def check_train_arguments(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """The train benchmark of the parsed arguments (here and in `python -m jobs.bench`)."""
     check_train_arguments(args)
-    from jobs import benchmarks  # torch and ray load only now
+    from jobs.bench import train  # torch and ray load only now
 
-    return benchmarks.run_train(args)
+    return train.run_train(args)
 
 
 def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,9 +189,9 @@ def reader_threads(args: argparse.Namespace) -> list[int]:
 
 def run_reader(args: argparse.Namespace) -> int:
     threads = reader_threads(args)
-    from jobs import benchmarks  # torch loads only now
+    from jobs.bench import reader  # torch loads only now
 
-    return benchmarks.run_reader(args, threads)
+    return reader.run_reader(args, threads)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -210,7 +210,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark == "reader":
         return run_reader(args)
     return run_sampler(args)
-
-
-if __name__ == "__main__":
-    errors.run_main(main)

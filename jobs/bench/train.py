@@ -1,6 +1,6 @@
-"""The work of `cmacc bench train` and `cmacc bench reader` (and of `python -m jobs.bench`):
-(a) the plain step against (b) a real pretraining job, side by side; the reader over a data
-set (docs/performance.md). The arguments are parsed and checked in `jobs.bench`."""
+"""The train benchmark's work (`cmacc bench train`, `python -m jobs.bench train`): (a) the
+plain step of a recipe against (b) a real pretraining job, side by side on one device
+(docs/performance.md). Its arguments are parsed and checked in `jobs.bench.cli`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from service import config, layout, storage
 from service.errors import Failure
 from service.requests import PretrainRequest
 from workers.bench import check_device, device_name
-from workers.bench import reader as bench_reader
 from workers.bench import train as bench_train
 from workers.bench.train import service_figures
 from workers.data.decode import decode_on_device
@@ -154,46 +153,6 @@ def run_train(args: argparse.Namespace) -> int:
                 report["variants"].append({"name": name, "figures": None, "error": f"{type(err).__name__}: {err}"})
     text = json.dumps(report, indent=2)
     print(text if args.json else bench_train.table(report), flush=True)
-    if args.out:
-        storage.write_bytes(args.out, (text + "\n").encode())
-    return 0
-
-
-def run_reader(args: argparse.Namespace, threads: list[int]) -> int:
-    device = check_device(getattr(args, "device", "cpu"), command="reader")
-    cfg = config.load_recipe(args.recipe, list(args.overrides))
-    on_device = decode_on_device(cfg.data.decode, device)  # a setting no decoder here runs is refused first
-    endpoint = args.endpoint_url or cfg.storage.endpoint_url
-    results = []
-    for count in threads:
-        say(f"bench: reader with {count} decode thread(s) ...")
-        with_threads = config.load_recipe(args.recipe, [*args.overrides, f"data.num_decode_threads={count}"])
-        results.append(
-            bench_reader.time_reader(
-                with_threads,
-                uri=args.data,
-                batches=args.batches,
-                warmup=args.warmup,
-                endpoint_url=endpoint,
-                device=str(device),
-            )
-        )
-    report = {
-        "benchmark": "reader",
-        "data": args.data,
-        "recipe": args.recipe,
-        "batch_size": cfg.train.batch_size,
-        "frames": cfg.model.video.frames,
-        "decode": "device" if on_device else "cpu",
-        "device": str(device),
-        "batches": args.batches,
-        "warmup": args.warmup,
-        "target": args.target,
-        "date": time.strftime("%Y-%m-%d"),
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    print(text if args.json else bench_reader.table(report), flush=True)
     if args.out:
         storage.write_bytes(args.out, (text + "\n").encode())
     return 0
