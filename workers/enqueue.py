@@ -225,8 +225,8 @@ def update_dictionaries(dictionaries: Dictionaries, arrivals: Arrivals) -> dict[
             pool.push(keys, a.clip_ids, a.labels, steps, a.sources)
         counts[f"entered_{modality}"] = float(min(selection.ids.shape[0], dictionary.size))
         counts[f"picked_{modality}"] = float(rows.shape[0])
-        from_batch = (rows < a.num_clips).sum() if pool is None else rows.new_zeros(())  # the batch's rows lead
-        counts[f"picked_from_batch_{modality}"] = float(from_batch)
+        # With the fresh pool the batch's rows lead the candidates; the stream pool holds none.
+        counts[f"picked_from_batch_{modality}"] = float((rows < a.num_clips).sum()) if pool is None else 0.0
     return counts
 
 

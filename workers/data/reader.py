@@ -166,11 +166,12 @@ class ClipReader:
         shas = "".join(s.sha256 for s in self.manifest.shards)
         chosen = "" if self.clips is None else "|" + hashlib.sha256(self.clips.tobytes()).hexdigest()
         extra = "" if stream == 0 else f"|stream {stream}"
+        which = f"{shas}|{split}{chosen}{extra}"
+        self._shard_plan_fingerprint = hashlib.sha256(which.encode()).hexdigest()[:16]
         # A uniform plan orders the clips otherwise: a cursor saved on the shard plan is not its.
-        self._fingerprint = hashlib.sha256(
-            f"{shas}|{split}{chosen}{extra}{'|uniform' if uniform else ''}".encode()
-        ).hexdigest()[:16]
-        self._shard_plan_fingerprint = hashlib.sha256(f"{shas}|{split}{chosen}{extra}".encode()).hexdigest()[:16]
+        self._fingerprint = (
+            hashlib.sha256(f"{which}|uniform".encode()).hexdigest()[:16] if uniform else self._shard_plan_fingerprint
+        )
         self.planner = EpochPlanner(
             shard_indices=shard_indices,
             seed=seed,
